@@ -1,0 +1,1 @@
+"""A faithful local Adobe IMS, for tests, CI and `imsd demo`."""

@@ -1,0 +1,203 @@
+"""Value types shared by every part of imsd.
+
+Everything here is immutable and free of I/O. Secrets are wrapped in :class:`Secret`, whose
+``repr``/``str`` never show the value, so that a credential or token that ends up in a log
+line, an exception message or a traceback prints ``'**********'`` instead of the secret.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "AUTH_S2S",
+    "DEFAULT_IMS_URL",
+    "NAME_RE",
+    "OUTPUT_KINDS",
+    "Credential",
+    "CredentialError",
+    "CredentialState",
+    "Grant",
+    "HttpRequest",
+    "HttpResponse",
+    "ImsError",
+    "ImsErrorKind",
+    "Secret",
+]
+
+DEFAULT_IMS_URL: Final = "https://ims-na1.adobelogin.com"
+AUTH_S2S: Final = "oauth_server_to_server"
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Output kinds a credential may ask for; ``outputs`` defaults to all of them.
+OUTPUT_KINDS: Final = ("token", "json", "headers", "env")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or ``format``.
+
+    Call :meth:`reveal` at the one place the value must leave the process (an HTTP form body,
+    a token file). Equality compares values so that a changed secret is a changed credential.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> Any:  # pickling would bypass the redaction
+        raise TypeError("Secret cannot be pickled")
+
+
+class CredentialError(ValueError):
+    """A credential file that cannot be used. The message names the file and the field and
+    never contains a secret value."""
+
+    def __init__(self, path: Path | str, message: str, *, field: str | None = None) -> None:
+        self.path = str(path)
+        self.field = field
+        self.reason = message
+        where = f"{self.path}: {field}: " if field else f"{self.path}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One validated credential, ready to be exchanged for tokens.
+
+    ``options`` holds auth-method-specific fields (e.g. ``technical_account_id`` for JWT);
+    ``product_options`` the per-product tables (``[product.aep] sandbox = "dev"``).
+    ``digest`` is the content hash of everything that defines the credential, secret
+    included; the catalog compares digests to detect a change.
+    """
+
+    name: str
+    path: Path
+    auth: str
+    client_id: str
+    client_secret: Secret
+    org_id: str
+    scopes: tuple[str, ...]
+    ims_url: str = DEFAULT_IMS_URL
+    products: tuple[str, ...] = ("generic",)
+    outputs: tuple[str, ...] = OUTPUT_KINDS
+    product_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    digest: str = ""
+
+    @property
+    def identity(self) -> str:
+        """Hash of what determines which token IMS issues: a stored token minted under a
+        different identity must not be reused."""
+        h = hashlib.sha256()
+        for part in (self.auth, self.client_id, self.client_secret.reveal(), self.org_id,
+                     ",".join(self.scopes), self.ims_url.rstrip("/")):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+class CredentialState(enum.Enum):
+    """What a credential's current token is worth, as served and as exported in metrics."""
+
+    PENDING = "pending"  # no token yet, first fetch not finished
+    VALID = "valid"  # token fetched and not due for refresh failure
+    STALE = "stale"  # refresh failing, last token still valid
+    EXPIRED = "expired"  # refresh failing, last token expired (or none ever fetched)
+    INVALID = "invalid"  # the credential file itself is broken and there is no last good one
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An access token as obtained from IMS, with its lifetime resolved to wall-clock times
+    (Unix seconds, float)."""
+
+    access_token: Secret
+    token_type: str
+    issued_at: float
+    expires_at: float
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+
+class ImsErrorKind(enum.Enum):
+    PERMANENT = "permanent"  # needs a human: wrong secret, scope, grant; retried only slowly
+    TRANSIENT = "transient"  # 5xx, network, malformed answer: back off and retry
+    THROTTLED = "throttled"  # 429: wait Retry-After (or back off)
+
+
+class ImsError(Exception):
+    """A failed token request, classified. ``str()`` is safe to log: it holds the IMS error
+    code and description, never request parameters."""
+
+    def __init__(
+        self,
+        kind: ImsErrorKind,
+        code: str,
+        description: str = "",
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.code = code
+        self.description = description
+        self.status = status
+        self.retry_after = retry_after
+        msg = code if not description else f"{code}: {description}"
+        if status is not None:
+            msg = f"HTTP {status} {msg}"
+        super().__init__(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """An HTTP request as produced by an auth flow; the I/O driver sends it."""
+
+    method: str
+    url: str
+    form: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the form carries the client secret
+        return f"HttpRequest({self.method} {self.url})"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """An HTTP response handed back to an auth flow by the I/O driver."""
+
+    status: int
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+
+    def __repr__(self) -> str:  # the body carries the access token
+        return f"HttpResponse({self.status}, {len(self.body)} bytes)"
