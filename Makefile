@@ -21,8 +21,8 @@ demo: $(VENV)/.installed
 	$(BIN)/imsd demo
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check daemon plugins tests bench
-	$(BIN)/ruff format --check daemon plugins tests bench
+	$(BIN)/ruff check daemon plugins tests $(wildcard bench)
+	$(BIN)/ruff format --check daemon plugins tests $(wildcard bench)
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -1,0 +1,159 @@
+"""Daemon settings: defaults < config file < ``IMSD_*`` environment < command-line flags.
+
+The config file is TOML with the same keys as the fields of :class:`Settings`. Unknown keys
+are errors (a typo must not silently fall back to a default). Secrets never live here: they
+belong to credential files.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from imsd.model import DEFAULT_IMS_URL
+from imsd.schedule import RefreshPolicy
+
+__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
+
+DEFAULT_CONFIG: Final = Path("/etc/imsd/imsd.toml")
+ENV_PREFIX: Final = "IMSD_"
+
+
+class ConfigError(ValueError):
+    """The daemon configuration is unusable; the message names the source and the key."""
+
+
+def _octal(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return int(v, 8)
+        except ValueError:
+            raise ValueError("must be an octal mode such as 0600") from None
+    return v
+
+
+Mode = Annotated[int, BeforeValidator(_octal), Field(ge=0, le=0o777)]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    credentials_dir: Path = Path("/etc/imsd/credentials")
+    output_dir: Path = Path("/run/imsd/tokens")
+    state_dir: Path = Path("/var/lib/imsd")
+    socket: Path = Path("/run/imsd/imsd.sock")
+    metrics_address: str = "127.0.0.1:9464"
+    ims_url: str = DEFAULT_IMS_URL
+    log_format: str | None = None
+    log_level: str = "info"
+    file_mode: Mode = 0o600
+    file_group: str | None = None
+    # The refresh rule (README "Refresh rule").
+    refresh_fraction: float = Field(0.8, gt=0, lt=1)
+    jitter_fraction: float = Field(0.05, ge=0, lt=1)
+    min_margin: float = Field(600.0, ge=0)
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_cap: float = Field(300.0, gt=0)
+    recheck_interval: float = Field(30.0, gt=0, le=300)
+    # IMS traffic limits.
+    max_concurrent_requests: int = Field(8, ge=1, le=1024)
+    request_rate: float | None = Field(20.0, gt=0)
+    request_burst: int = Field(8, ge=1)
+    request_timeout: float = Field(30.0, gt=0)
+    # Watching.
+    debounce_ms: int = Field(200, ge=10, le=10_000)
+    rescan_interval: float = Field(60.0, gt=0)
+
+    def refresh_policy(self) -> RefreshPolicy:
+        return RefreshPolicy(
+            refresh_fraction=self.refresh_fraction,
+            jitter_fraction=self.jitter_fraction,
+            min_margin=self.min_margin,
+            backoff_initial=self.backoff_initial,
+            backoff_cap=self.backoff_cap,
+            recheck_interval=self.recheck_interval,
+        )
+
+    def file_gid(self) -> int | None:
+        """The numeric group for output files, or None to keep the daemon's group."""
+        if self.file_group is None or self.file_group == "":
+            return None
+        if self.file_group.isdigit():
+            return int(self.file_group)
+        try:
+            return grp.getgrnam(self.file_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"file_group: no such group {self.file_group!r}") from None
+
+
+FIELDS: Final = frozenset(Settings.model_fields)
+
+
+def _format(source: str, err: ValidationError) -> ConfigError:
+    lines = [
+        f"{source}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+        for e in err.errors(include_input=False, include_url=False)
+    ]
+    return ConfigError("\n".join(lines))
+
+
+def _read_file(path: Path, *, required: bool) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: config file not found") from None
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX) :].lower()
+        if field in FIELDS:
+            out[field] = None if value == "" and field in {"request_rate"} else value
+    return out
+
+
+def load_settings(
+    config: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers. *config* None means ``$IMSD_CONFIG`` or the default path, which may
+    be absent; an explicitly named file must exist."""
+    env = os.environ if env is None else env
+    required = config is not None or bool(env.get("IMSD_CONFIG"))
+    path = config or Path(env.get("IMSD_CONFIG") or DEFAULT_CONFIG)
+    layers: list[tuple[str, dict[str, Any]]] = [
+        (str(path), _read_file(path, required=required)),
+        ("environment (IMSD_*)", _from_env(env)),
+        ("command line", {k: v for k, v in (overrides or {}).items() if v is not None}),
+    ]
+    merged: dict[str, Any] = {}
+    for source, values in layers:
+        merged.update(values)
+        try:  # validate each layer as it lands so errors name their source
+            Settings.model_validate(merged)
+        except ValidationError as e:
+            raise _format(source, e) from None
+    settings = Settings.model_validate(merged)
+    if settings.backoff_initial > settings.backoff_cap:
+        raise ConfigError("backoff_initial must not exceed backoff_cap")
+    settings.file_gid()  # fail early on an unknown group
+    return settings
