@@ -1,0 +1,189 @@
+"""The ``imsd`` command line (argparse). No secret is ever accepted on argv."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from imsd import __version__, logs
+from imsd.config import ConfigError, Settings, load_settings
+from imsd.registry import Registry, load_registry
+
+__all__ = ["main"]
+
+log = structlog.get_logger("imsd.cli")
+
+_COMMON = ("credentials_dir", "output_dir", "state_dir", "socket", "metrics_address", "ims_url",
+           "log_format", "log_level")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options (flag > IMSD_* env > config file > default)")
+    g.add_argument("--config", type=Path, help="config file (default /etc/imsd/imsd.toml)")
+    g.add_argument("--credentials-dir", type=Path, help="directory of credential files")
+    g.add_argument("--output-dir", type=Path, help="where token files are written")
+    g.add_argument("--state-dir", type=Path, help="persistent state directory")
+    g.add_argument("--socket", type=Path, help="Unix socket path of the API")
+    g.add_argument("--metrics-address", metavar="HOST:PORT", help="metrics/health listener")
+    g.add_argument("--ims-url", metavar="URL", help="IMS host for credentials that name none")
+    g.add_argument("--log-format", choices=logs.FORMATS)
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imsd", description="Adobe IMS token daemon: obtains, refreshes and publishes "
+        "access tokens for the credential files in a directory.")
+    parser.add_argument("--version", action="version", version=f"imsd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _common(p)
+    p = sub.add_parser("once", help="fetch every credential once, write outputs, exit")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="give up retrying transient failures after this many seconds")
+    p = sub.add_parser("check", help="validate config and credential files (no network)")
+    _common(p)
+    p = sub.add_parser("demo", help="run the daemon against the embedded fake IMS")
+    _common(p)
+    p.add_argument("--token-lifetime", type=float, default=86400.0,
+                   help="lifetime of the fake IMS's tokens in seconds (default 86400)")
+    p = sub.add_parser("fake-ims", help="run the fake IMS and API gateway alone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p = sub.add_parser("plugins", help="list loaded plugins and products")
+    _common(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {k: getattr(args, k, None) for k in _COMMON}
+    overrides.update(extra)
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"imsd: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fake-ims":
+            logs.configure(args.log_level)
+            from imsd.fakeims.server import run_fake_ims
+
+            run_fake_ims(args.host, args.port)
+            return 0
+        if args.command == "demo":
+            return _demo(args)
+        settings = _settings(args)
+    except ConfigError as e:
+        return _fail(f"configuration error:\n{e}")
+    logs.configure(settings.log_level, settings.log_format)
+    registry = load_registry()
+    if args.command == "plugins":
+        return _plugins(registry)
+    if args.command == "check":
+        return _check(settings, registry)
+    if args.command == "once":
+        from imsd.daemon import run_once
+
+        return anyio.run(lambda: run_once(settings, registry, timeout=args.timeout))
+    if args.command == "run":
+        from imsd.daemon import Daemon
+
+        anyio.run(lambda: Daemon(settings, registry).run())
+        return 0
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _plugins(registry: Registry) -> int:
+    for info in registry.plugins:
+        status = "error: " + info.error if info.error else ", ".join(info.products) or "-"
+        print(f"{info.name:<16} {info.version:<10} {info.source:<40} {status}")
+    return 1 if registry.errors else 0
+
+
+def _check(settings: Settings, registry: Registry) -> int:
+    from imsd.daemon import check
+
+    problems = check(settings, registry)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"ok: {settings.credentials_dir}")
+    return 1 if problems else 0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+DEMO_ORG = "0123456789ABCDEF01234567@AdobeOrg"
+DEMO_SCOPES = ("openid", "AdobeID", "read_organizations",
+               "additional_info.projectedProductContext", "session")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imsd.daemon import Daemon
+    from imsd.fakeims.server import FakeIms
+
+    root = Path(tempfile.mkdtemp(prefix="imsd-demo-"))
+    creds, out, state = root / "credentials", root / "tokens", root / "state"
+    for d in (creds, out, state):
+        d.mkdir(mode=0o700)
+    settings = _settings(args, credentials_dir=args.credentials_dir or creds,
+                         output_dir=args.output_dir or out, state_dir=args.state_dir or state,
+                         metrics_address="")
+    logs.configure(settings.log_level, settings.log_format)
+    registry = load_registry()
+    with FakeIms.in_thread(token_lifetime=args.token_lifetime) as fake:
+        secret = secrets.token_urlsafe(24)
+        fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES,
+                              org_id=DEMO_ORG)
+        _write_private(creds / "demo.secret", secret + "\n")
+        scopes = ", ".join(f'"{s}"' for s in DEMO_SCOPES)
+        (creds / "demo.toml").write_text(
+            'auth = "oauth_server_to_server"\nclient_id = "demo-client"\n'
+            'client_secret_file = "demo.secret"\n'
+            f'org_id = "{DEMO_ORG}"\nscopes = [{scopes}]\nims_url = "{fake.url}"\n'
+        )
+        token_dir = settings.output_dir / "demo"
+
+        async def ready(_daemon: Daemon) -> None:
+            print(
+                f"\nimsd demo is running against the fake IMS at {fake.url}\n"
+                f"  credentials: {settings.credentials_dir}  (edit or add files: the daemon "
+                "reacts)\n"
+                f"  token files: {token_dir}/  (token, token.json, generic.headers, "
+                "generic.env)\n"
+                f"  try:  curl -sS -H @{token_dir}/generic.headers "
+                f"{fake.url}/gateway/generic/v1/ping\n"
+                "Press Ctrl-C to stop.\n",
+                flush=True,
+            )
+
+        anyio.run(lambda: Daemon(settings, registry).run(on_ready=ready))
+    print("imsd demo stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

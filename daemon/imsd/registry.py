@@ -1,0 +1,137 @@
+"""Loading plugins: the ``imsd`` entry point group into one pluggy ``PluginManager``.
+
+Each entry point is loaded in its own ``try``: a plugin that fails to import, registers a
+misspelled hook or returns a malformed product is recorded with its error and skipped, and
+every other plugin keeps working. Built-in products arrive through the same entry points as a
+third party's; nothing here knows their names.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+import structlog
+
+from imsd import hookspecs
+from imsd.plugin import PROJECT, Product
+
+__all__ = ["PluginInfo", "Registry", "load_registry"]
+
+log = structlog.get_logger("imsd.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What ``imsd plugins`` shows for one plugin; ``error`` is set when it was skipped."""
+
+    name: str
+    version: str
+    source: str
+    products: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Registry:
+    """The loaded plugins and the products they provide, by product name."""
+
+    manager: pluggy.PluginManager
+    products: dict[str, Product] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.error is not None]
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _valid_product(obj: object) -> str | None:
+    """Why *obj* is not a usable product, or None."""
+    if not isinstance(obj, Product):
+        return f"{type(obj).__name__} does not implement the Product protocol"
+    if not isinstance(obj.name, str) or not obj.name:
+        return "product name must be a non-empty string"
+    if not isinstance(obj.default_scopes, tuple):
+        return f"product {obj.name!r}: default_scopes must be a tuple of strings"
+    return None
+
+
+def _register(
+    reg: Registry, plugin: object, name: str, version: str, source: str
+) -> None:
+    pm = reg.manager
+    try:
+        pm.register(plugin, name=name)
+    except Exception as e:  # a hook with a wrong signature fails here
+        reg.plugins.append(PluginInfo(name, version, source, error=_describe(e)))
+        log.error("plugin.rejected", plugin=name, source=source, error=_describe(e))
+        return
+    try:
+        pm.check_pending()  # a misspelled hook name would otherwise be silently ignored
+        impls = [i for i in pm.hook.imsd_products.get_hookimpls() if i.plugin is plugin]
+        found: list[Product] = []
+        for impl in impls:
+            result: Any = impl.function()
+            for product in result or ():
+                why = _valid_product(product)
+                if why is not None:
+                    raise TypeError(why)
+                found.append(product)
+    except Exception as e:
+        pm.unregister(plugin)
+        reg.plugins.append(PluginInfo(name, version, source, error=_describe(e)))
+        log.error("plugin.rejected", plugin=name, source=source, error=_describe(e))
+        return
+    names: list[str] = []
+    for product in found:
+        if product.name in reg.products:
+            log.error("plugin.duplicate_product", plugin=name, product=product.name)
+            continue
+        reg.products[product.name] = product
+        names.append(product.name)
+    reg.plugins.append(PluginInfo(name, version, source, tuple(names)))
+    log.debug("plugin.loaded", plugin=name, products=names)
+
+
+def _entry_points() -> Iterable[md.EntryPoint]:
+    return sorted(md.entry_points(group=PROJECT), key=lambda ep: ep.name)
+
+
+def load_registry(
+    *,
+    entry_points: bool = True,
+    extra: Mapping[str, object] | None = None,
+) -> Registry:
+    """Load every ``imsd`` entry point (and *extra* plugin objects, by name), skipping broken
+    ones. Entry points load in name order so duplicate resolution is deterministic."""
+    reg = Registry(_new_manager())
+    if entry_points:
+        for ep in _entry_points():
+            dist = ep.dist
+            version = dist.version if dist is not None else "?"
+            source = f"{dist.name if dist is not None else '?'}:{ep.value}"
+            try:
+                plugin = ep.load()
+            except Exception as e:
+                reg.plugins.append(PluginInfo(ep.name, version, source, error=_describe(e)))
+                log.error("plugin.import_failed", plugin=ep.name, source=source, error=_describe(e))
+                continue
+            _register(reg, plugin, ep.name, version, source)
+    for name, plugin in (extra or {}).items():
+        source = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__name__
+        _register(reg, plugin, name, "local", source)
+    return reg

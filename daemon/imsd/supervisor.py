@@ -1,0 +1,323 @@
+"""The supervisor: one refresh loop per credential, driven by catalog events.
+
+Theory of operation
+-------------------
+The watcher hands :meth:`Supervisor.apply` the catalog's events. ``Added`` starts a worker
+task for the credential; ``Changed`` swaps the worker's credential and either fetches at once
+(the identity — client id, secret, scopes, IMS host — changed, or the last attempt failed) or
+only re-renders the files from the current token (products, outputs, headers changed);
+``Removed`` cancels the worker and removes the credential's output directory; ``Failed``
+records the file's error and, when the catalog kept a last good version, leaves that version
+running.
+
+A worker loops: when its wall-clock ``next_at`` has come it fetches a token through the IMS
+client (single-flight: a forced refresh arriving meanwhile waits for the same attempt), writes
+the files, and computes the next time with the pure functions of :mod:`imsd.schedule`. It
+never sleeps longer than the re-check interval, so a suspended machine or a clock jump is
+noticed within that interval. A failed attempt keeps the last token in the store and on disk
+(``stale``) until it expires (``expired``); a failed write is retried on its own schedule
+without a new IMS request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import structlog
+
+from imsd.catalog import Added, Changed, Event, Failed, Removed
+from imsd.flows import Flow, flow_for
+from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
+from imsd.plugin import Product
+from imsd.render import RenderError, render_outputs, rfc3339
+from imsd.schedule import RefreshPolicy, backoff_delay, next_refresh_at, retry_at, sleep_for
+from imsd.sinks import SinkError
+from imsd.store import Entry, TokenStore
+
+__all__ = ["Sink", "Supervisor", "TokenClient", "validate_products"]
+
+log = structlog.get_logger("imsd.supervisor")
+
+
+class TokenClient(Protocol):
+    async def run(self, flow: Flow) -> Grant: ...
+
+
+class Sink(Protocol):
+    def write(self, name: str, files: Mapping[str, bytes]) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+
+def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
+    """Check the credential's products exist and their options are valid; return the
+    credential with normalized options. Errors name the file and the option."""
+    options: dict[str, Mapping[str, Any]] = {}
+    for name in cred.products:
+        product = products.get(name)
+        if product is None:
+            known = ", ".join(sorted(products)) or "none loaded"
+            raise CredentialError(cred.path, f"unknown product {name!r} (known: {known})",
+                                  field="products")
+        try:
+            options[name] = product.validate_options(cred.product_options.get(name, {}))
+        except (ValueError, TypeError) as e:
+            raise CredentialError(cred.path, str(e), field=f"product.{name}") from None
+    return _with_options(cred, options)
+
+
+def _with_options(cred: Credential, options: Mapping[str, Mapping[str, Any]]) -> Credential:
+    from dataclasses import replace
+
+    return replace(cred, product_options=options)
+
+
+@dataclass(eq=False, slots=True)
+class _Worker:
+    cred: Credential
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    next_at: float = 0.0  # wall clock; 0 = fetch now
+    write_pending: bool = False  # the current grant is not on disk yet
+    write_attempt: int = 0
+    flight: anyio.Event | None = None  # set when the in-flight fetch ends
+    last_kind: ImsErrorKind | None = None  # kind of the last failed attempt
+    done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        client: TokenClient,
+        sink: Sink,
+        products: Mapping[str, Product],
+        policy: RefreshPolicy | None = None,
+        store: TokenStore | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = client
+        self.sink = sink
+        self.products = products
+        self.policy = policy or RefreshPolicy()
+        self.store = store or TokenStore()
+        self._clock = clock
+        self._rand = rand
+        self._workers: dict[str, _Worker] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the workers' task group until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+
+    async def wait_first_attempts(self) -> None:
+        """Return once every current credential has finished its first fetch attempt."""
+        for worker in list(self._workers.values()):
+            await worker.done.wait()
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if isinstance(event, Added):
+                await self._added(event.cred)
+            elif isinstance(event, Changed):
+                await self._changed(event.old, event.new)
+            elif isinstance(event, Removed):
+                await self._removed(event.cred.name)
+            elif isinstance(event, Failed):
+                self._failed(event)
+
+    async def _added(self, cred: Credential) -> None:
+        entry = self.store.upsert(cred.name, cred.path)
+        try:
+            cred = validate_products(cred, self.products)
+        except CredentialError as e:
+            entry.file_error = str(e)
+            log.error("credential.invalid", credential=cred.name, error=str(e))
+            return
+        entry.credential, entry.file_error = cred, None
+        log.info("credential.added", credential=cred.name, path=str(cred.path),
+                 products=list(cred.products))
+        self._start(cred)
+
+    async def _changed(self, old: Credential, new: Credential) -> None:
+        worker = self._workers.get(old.name)
+        entry = self.store.upsert(new.name, new.path)
+        try:
+            new = validate_products(new, self.products)
+        except CredentialError as e:
+            entry.file_error = str(e)
+            log.error("credential.invalid", credential=new.name, error=str(e),
+                      kept=worker is not None)
+            return
+        entry.file_error = None
+        entry.credential = new
+        log.info("credential.changed", credential=new.name)
+        if worker is None:
+            self._start(new)
+            return
+        refetch = new.identity != worker.cred.identity or entry.consecutive_failures > 0
+        worker.cred = new
+        if refetch or entry.grant is None:
+            worker.next_at = 0.0
+        else:
+            worker.write_pending = True
+        worker.wake.set()
+
+    async def _removed(self, name: str) -> None:
+        worker = self._workers.pop(name, None)
+        if worker is not None:
+            worker.scope.cancel()
+        self.store.remove(name)
+        try:
+            await anyio.to_thread.run_sync(self.sink.remove, name)
+        except (SinkError, OSError) as e:
+            log.error("sink.remove_failed", credential=name, error=str(e))
+        log.info("credential.removed", credential=name)
+
+    def _failed(self, event: Failed) -> None:
+        key = event.name or event.path.name
+        entry = self.store.upsert(key, event.path)
+        entry.file_error = str(event.error)
+        kept = event.kept is not None and key in self._workers
+        log.error("credential.invalid", credential=key, error=str(event.error), kept=kept)
+
+    def _start(self, cred: Credential) -> None:
+        if self._tg is None:
+            raise RuntimeError("Supervisor.run() is not running")
+        old = self._workers.pop(cred.name, None)
+        if old is not None:
+            old.scope.cancel()
+        worker = self._workers[cred.name] = _Worker(cred)
+        self._tg.start_soon(self._loop, worker, name=f"imsd-credential-{cred.name}")
+
+    # -- forced refresh ----------------------------------------------------------------------
+
+    async def refresh(self, name: str) -> Entry:
+        """Fetch a new token for *name* now (single-flight) and return its entry afterwards.
+        Raises KeyError for an unknown or never-valid credential."""
+        worker = self._workers.get(name)
+        if worker is None:
+            raise KeyError(name)
+        await self._fetch(worker)
+        entry = self.store.get(name)
+        if entry is None:
+            raise KeyError(name)
+        return entry
+
+    # -- the worker loop ---------------------------------------------------------------------
+
+    async def _loop(self, w: _Worker) -> None:
+        with w.scope:
+            while True:
+                now = self._clock()
+                if now >= w.next_at:
+                    await self._fetch(w)
+                    w.done.set()
+                elif w.write_pending:
+                    await self._publish(w)
+                wake_at = w.next_at
+                if w.write_pending:
+                    wake_at = min(wake_at, self._write_retry_at(w))
+                with anyio.move_on_after(sleep_for(self._clock(), wake_at, self.policy)):
+                    await w.wake.wait()
+                if w.wake.is_set():
+                    w.wake = anyio.Event()
+
+    def _write_retry_at(self, w: _Worker) -> float:
+        if w.write_attempt == 0:
+            return 0.0
+        return self._clock() + backoff_delay(w.write_attempt, self.policy, self._rand())
+
+    async def _fetch(self, w: _Worker) -> None:
+        if w.flight is not None:  # single-flight: share the attempt in progress
+            await w.flight.wait()
+            return
+        w.flight = anyio.Event()
+        try:
+            await self._attempt(w)
+        finally:
+            w.flight.set()
+            w.flight = None
+
+    async def _attempt(self, w: _Worker) -> None:
+        cred = w.cred
+        entry = self.store.upsert(cred.name, cred.path)
+        started = self._clock()
+        try:
+            grant = await self.client.run(flow_for(cred, now=started))
+        except ImsError as e:
+            entry.consecutive_failures += 1
+            entry.last_error = str(e)
+            w.last_kind = e.kind
+            expires = entry.grant.expires_at if entry.grant else None
+            w.next_at = retry_at(self._clock(), e, entry.consecutive_failures, self.policy,
+                                 self._rand(), expires)
+            level = log.error if e.kind is ImsErrorKind.PERMANENT else log.warning
+            level("token.refresh_failed", credential=cred.name, error=str(e), kind=e.kind.value,
+                  failures=entry.consecutive_failures, state=entry.state(self._clock()).value,
+                  retry_in=round(max(0.0, w.next_at - self._clock()), 1))
+            return
+        entry.grant = grant
+        w.last_kind = None
+        entry.consecutive_failures = 0
+        entry.last_error = None
+        entry.last_refresh = self._clock()
+        w.next_at = next_refresh_at(grant, self.policy, self._rand())
+        log.info("token.refreshed", credential=cred.name, expires_at=rfc3339(grant.expires_at),
+                 next_refresh_in=round(max(0.0, w.next_at - self._clock()), 1),
+                 duration_ms=round((self._clock() - started) * 1000, 1))
+        w.write_pending = True
+        w.write_attempt = 0
+        await self._publish(w)
+
+    async def _publish(self, w: _Worker) -> None:
+        """Write the current grant's files; on failure keep ``write_pending`` for a retry."""
+        entry = self.store.get(w.cred.name)
+        if entry is None or entry.grant is None:
+            w.write_pending = False
+            return
+        try:
+            files = render_outputs(w.cred, entry.grant, self.products)
+            await anyio.to_thread.run_sync(self.sink.write, w.cred.name, files)
+        except (RenderError, SinkError, OSError) as e:
+            w.write_attempt += 1
+            entry.last_error = f"writing outputs: {e}"
+            log.error("sink.write_failed", credential=w.cred.name, error=str(e),
+                      attempt=w.write_attempt)
+            return
+        w.write_pending = False
+        w.write_attempt = 0
+        if entry.last_error and entry.last_error.startswith("writing outputs"):
+            entry.last_error = None
+        log.debug("sink.written", credential=w.cred.name, files=sorted(files))
+
+    def write_pending(self, name: str) -> bool:
+        worker = self._workers.get(name)
+        return worker is not None and worker.write_pending
+
+    def last_error_kind(self, name: str) -> ImsErrorKind | None:
+        worker = self._workers.get(name)
+        return None if worker is None else worker.last_kind
+
+    def next_refresh(self, name: str) -> float | None:
+        worker = self._workers.get(name)
+        return None if worker is None or math.isinf(worker.next_at) else worker.next_at
