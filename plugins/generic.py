@@ -6,38 +6,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from imsd.plugin import Product, TokenView, hookimpl
-
-DEFAULT_SCOPES = (
-    "openid",
-    "AdobeID",
-    "read_organizations",
-    "additional_info.projectedProductContext",
-    "session",
-)
+from imsd_plugins._conventions import PLATFORM_SCOPES, check_known, trio, trio_env
 
 
 class Generic:
     name = "generic"
-    default_scopes = DEFAULT_SCOPES
+    default_scopes = PLATFORM_SCOPES
 
     def validate_options(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
-        if options:
-            raise ValueError(f"takes no options (got {', '.join(sorted(options))})")
+        check_known(options, ())
         return {}
 
     def headers(self, view: TokenView) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {view.access_token}",
-            "x-api-key": view.client_id,
-            "x-gw-ims-org-id": view.org_id,
-        }
+        return trio(view)
 
     def env(self, view: TokenView) -> dict[str, str]:
-        return {
-            "ADOBE_ACCESS_TOKEN": view.access_token,
-            "ADOBE_API_KEY": view.client_id,
-            "ADOBE_ORG_ID": view.org_id,
-        }
+        return trio_env(view)
 
     def base_url(self, options: Mapping[str, Any]) -> str | None:
         return None

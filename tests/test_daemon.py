@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio
 import pytest
-
 from imsd import logs
 from imsd.config import Settings
 from imsd.daemon import Daemon, run_once
@@ -70,8 +69,13 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def write_cred(
-    directory: Path, name: str, fake: FakeIms, *, client_id: str = "client-a",
-    secret: str = SECRET, extra: str = "",
+    directory: Path,
+    name: str,
+    fake: FakeIms,
+    *,
+    client_id: str = "client-a",
+    secret: str = SECRET,
+    extra: str = "",
 ) -> Path:
     secret_file = directory / f"{name}.secret"
     secret_file.write_text(secret + "\n")
@@ -80,14 +84,14 @@ def write_cred(
     tmp.write_text(
         f'auth = "oauth_server_to_server"\nclient_id = "{client_id}"\n'
         f'client_secret_file = "{secret_file}"\norg_id = "{ORG}"\n'
-        f"scopes = {json.dumps(SCOPES)}\nims_url = \"{fake.url}\"\n{extra}"
+        f'scopes = {json.dumps(SCOPES)}\nims_url = "{fake.url}"\n{extra}'
     )
     os.replace(tmp, path)  # the way editors and config management save
     return path
 
 
-async def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
+async def wait_for(predicate: Callable[[], object], limit: float = 10.0) -> None:
+    with anyio.fail_after(limit):
         while not predicate():
             await anyio.sleep(0.02)
 
@@ -131,8 +135,11 @@ async def test_add_change_remove(tmp_path: Path, fake: FakeIms, daemon: Any) -> 
     assert doc["credential"] == "alpha"
     assert doc["headers"]["generic"]["Authorization"] == f"Bearer {token}"
     headers = (out / "generic.headers").read_text().splitlines()
-    assert headers == [f"Authorization: Bearer {token}", "x-api-key: client-a",
-                       f"x-gw-ims-org-id: {ORG}"]
+    assert headers == [
+        f"Authorization: Bearer {token}",
+        "x-api-key: client-a",
+        f"x-gw-ims-org-id: {ORG}",
+    ]
     assert f"ADOBE_ACCESS_TOKEN={token}" in (out / "generic.env").read_text().splitlines()
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o600
@@ -193,7 +200,8 @@ async def test_invalid_file_beside_valid_and_last_good_kept(
     d = await daemon(s)
     token = (s.output_dir / "good" / "token").read_text()
     broken = sup(d).store.get("broken")
-    assert broken is not None and broken.state(0) is CredentialState.INVALID
+    assert broken is not None
+    assert broken.state(0) is CredentialState.INVALID
     assert "broken.toml" in (broken.error() or "")
 
     (s.credentials_dir / "good.toml").write_text('auth = "oauth_server_to_server"\n')
@@ -202,7 +210,8 @@ async def test_invalid_file_beside_valid_and_last_good_kept(
     await wait_for(lambda: entry.file_error is not None)
     assert "good.toml" in entry.file_error
     assert (s.output_dir / "good" / "token").read_text() == token
-    assert entry.credential is not None and entry.grant is not None
+    assert entry.credential is not None
+    assert entry.grant is not None
 
 
 async def test_outage_serves_last_token_until_expiry_then_recovers(
@@ -218,8 +227,7 @@ async def test_outage_serves_last_token_until_expiry_then_recovers(
     assert entry is not None
     fake.state.fail_next(10_000, status=503)
     await wait_for(lambda: entry.consecutive_failures >= 2)
-    assert entry.state(time.time()) in (
-        CredentialState.STALE, CredentialState.EXPIRED)
+    assert entry.state(time.time()) in (CredentialState.STALE, CredentialState.EXPIRED)
     assert out.read_text() == first  # never replaced by nothing
     await wait_for(lambda: entry.state(time.time()) is CredentialState.EXPIRED)
     assert out.read_text() == first
@@ -244,7 +252,8 @@ async def test_permanent_error_is_not_hammered(tmp_path: Path, fake: FakeIms, da
     write_cred(s.credentials_dir, "alpha", fake, secret="p8e-wrong-secret-000000000000")
     d = await daemon(s)
     entry = sup(d).store.get("alpha")
-    assert entry is not None and entry.last_error is not None
+    assert entry is not None
+    assert entry.last_error is not None
     assert "invalid_client" in entry.last_error
     await anyio.sleep(0.5)
     assert fake.state.request_count("client-a") == 1
@@ -256,10 +265,10 @@ async def test_permanent_error_is_not_hammered(tmp_path: Path, fake: FakeIms, da
 async def test_once_exit_codes(tmp_path: Path, fake: FakeIms) -> None:
     s = make_settings(tmp_path)
     write_cred(s.credentials_dir, "alpha", fake)
-    assert await run_once(s, load_registry(), timeout=10) == 0
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
     assert (s.output_dir / "alpha" / "token").exists()
     write_cred(s.credentials_dir, "beta", fake, secret="p8e-wrong-secret-000000000000")
-    assert await run_once(s, load_registry(), timeout=10) == 1
+    assert await run_once(s, load_registry(), give_up_after=10) == 1
 
 
 async def test_no_secret_in_logs(
@@ -278,6 +287,7 @@ async def test_no_secret_in_logs(
     assert entry is not None
     await wait_for(lambda: entry.file_error is not None)
     captured = log_stream.getvalue()
-    assert "token.refreshed" in captured and "invalid_client" in captured
+    assert "token.refreshed" in captured
+    assert "invalid_client" in captured
     for secret in (SECRET, SECRET2, *tokens):
         assert secret not in captured

@@ -22,8 +22,16 @@ __all__ = ["main"]
 
 log = structlog.get_logger("imsd.cli")
 
-_COMMON = ("credentials_dir", "output_dir", "state_dir", "socket", "metrics_address", "ims_url",
-           "log_format", "log_level")
+_COMMON = (
+    "credentials_dir",
+    "output_dir",
+    "state_dir",
+    "socket",
+    "metrics_address",
+    "ims_url",
+    "log_format",
+    "log_level",
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,8 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="imsd", description="Adobe IMS token daemon: obtains, refreshes and publishes "
-        "access tokens for the credential files in a directory.")
+        prog="imsd",
+        description="Adobe IMS token daemon: obtains, refreshes and publishes "
+        "access tokens for the credential files in a directory.",
+    )
     parser.add_argument("--version", action="version", version=f"imsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -50,14 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("once", help="fetch every credential once, write outputs, exit")
     _common(p)
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="give up retrying transient failures after this many seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="give up retrying transient failures after this many seconds",
+    )
     p = sub.add_parser("check", help="validate config and credential files (no network)")
     _common(p)
     p = sub.add_parser("demo", help="run the daemon against the embedded fake IMS")
     _common(p)
-    p.add_argument("--token-lifetime", type=float, default=86400.0,
-                   help="lifetime of the fake IMS's tokens in seconds (default 86400)")
+    p.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=86400.0,
+        help="lifetime of the fake IMS's tokens in seconds (default 86400)",
+    )
     p = sub.add_parser("fake-ims", help="run the fake IMS and API gateway alone")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
@@ -101,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "once":
         from imsd.daemon import run_once
 
-        return anyio.run(lambda: run_once(settings, registry, timeout=args.timeout))
+        return anyio.run(lambda: run_once(settings, registry, give_up_after=args.timeout))
     if args.command == "run":
         from imsd.daemon import Daemon
 
@@ -131,8 +149,13 @@ def _check(settings: Settings, registry: Registry) -> int:
 # -- demo ---------------------------------------------------------------------------------------
 
 DEMO_ORG = "0123456789ABCDEF01234567@AdobeOrg"
-DEMO_SCOPES = ("openid", "AdobeID", "read_organizations",
-               "additional_info.projectedProductContext", "session")
+DEMO_SCOPES = (
+    "openid",
+    "AdobeID",
+    "read_organizations",
+    "additional_info.projectedProductContext",
+    "session",
+)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -149,15 +172,18 @@ def _demo(args: argparse.Namespace) -> int:
     creds, out, state = root / "credentials", root / "tokens", root / "state"
     for d in (creds, out, state):
         d.mkdir(mode=0o700)
-    settings = _settings(args, credentials_dir=args.credentials_dir or creds,
-                         output_dir=args.output_dir or out, state_dir=args.state_dir or state,
-                         metrics_address="")
+    settings = _settings(
+        args,
+        credentials_dir=args.credentials_dir or creds,
+        output_dir=args.output_dir or out,
+        state_dir=args.state_dir or state,
+        metrics_address="",
+    )
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry()
     with FakeIms.in_thread(token_lifetime=args.token_lifetime) as fake:
         secret = secrets.token_urlsafe(24)
-        fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES,
-                              org_id=DEMO_ORG)
+        fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES, org_id=DEMO_ORG)
         _write_private(creds / "demo.secret", secret + "\n")
         scopes = ", ".join(f'"{s}"' for s in DEMO_SCOPES)
         (creds / "demo.toml").write_text(

@@ -51,8 +51,9 @@ def _client(settings: Settings) -> ImsClient:
 
 
 def _sink(settings: Settings) -> FileSink:
-    return FileSink(settings.output_dir, file_mode=settings.file_mode,
-                    file_group=settings.file_gid())
+    return FileSink(
+        settings.output_dir, file_mode=settings.file_mode, file_group=settings.file_gid()
+    )
 
 
 class Daemon:
@@ -75,8 +76,12 @@ class Daemon:
         sink = _sink(s)
         async with _client(s) as client, anyio.create_task_group() as tg:
             sup = self.supervisor = Supervisor(
-                client=client, sink=sink, products=self.registry.products,
+                client=client,
+                sink=sink,
+                products=self.registry.products,
                 policy=s.refresh_policy(),
+                notify=self.registry.notify,
+                output_dir=str(s.output_dir),
             )
             await tg.start(sup.run)
             if handle_signals:
@@ -92,8 +97,12 @@ class Daemon:
             keep = {e.name for e in sup.store}
             await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
             await sup.wait_first_attempts()
-            log.info("daemon.ready", credentials=len(sup.store),
-                     credentials_dir=str(s.credentials_dir), output_dir=str(s.output_dir))
+            log.info(
+                "daemon.ready",
+                credentials=len(sup.store),
+                credentials_dir=str(s.credentials_dir),
+                output_dir=str(s.output_dir),
+            )
             task_status.started()
             if on_ready is not None:
                 await on_ready(self)
@@ -118,8 +127,8 @@ def _initial_events(settings: Settings) -> list[Event]:
 
 def check(settings: Settings, registry: Registry) -> list[str]:
     """``imsd check``: every problem with the credential files, no network. Empty = valid."""
-    from imsd.supervisor import validate_products
     from imsd.model import CredentialError
+    from imsd.registry import validate_products
 
     problems: list[str] = []
     if not settings.credentials_dir.is_dir():
@@ -136,20 +145,21 @@ def check(settings: Settings, registry: Registry) -> list[str]:
     return problems
 
 
-async def run_once(settings: Settings, registry: Registry, *, timeout: float = 60.0) -> int:
+async def run_once(settings: Settings, registry: Registry, *, give_up_after: float = 60.0) -> int:
     """``imsd once``: fetch and write every credential, retrying transient failures until
-    *timeout*. Returns the exit code: 0 when every credential was written, else 1."""
+    *give_up_after* seconds. Returns the exit code: 0 when every credential was written, else 1."""
     events = _initial_events(settings)
     invalid = [e for e in events if isinstance(e, Failed)]
     for event in invalid:
         log.error("credential.invalid", path=str(event.path), error=str(event.error))
     sink = _sink(settings)
     async with _client(settings) as client, anyio.create_task_group() as tg:
-        sup = Supervisor(client=client, sink=sink, products=registry.products,
-                         policy=settings.refresh_policy())
+        sup = Supervisor(
+            client=client, sink=sink, products=registry.products, policy=settings.refresh_policy()
+        )
         await tg.start(sup.run)
         await sup.apply(events)
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(give_up_after):
             while True:
                 await sup.wait_first_attempts()
                 outcomes = {e.name: _outcome(sup, e.name) for e in sup.store}
@@ -162,8 +172,12 @@ async def run_once(settings: Settings, registry: Registry, *, timeout: float = 6
     for name in failed:
         entry = sup.store.get(name)
         log.error("once.failed", credential=name, error=entry.error() if entry else None)
-    log.info("once.done", written=len(outcomes) - len(failed), failed=len(failed),
-             invalid_files=len(invalid))
+    log.info(
+        "once.done",
+        written=len(outcomes) - len(failed),
+        failed=len(failed),
+        invalid_files=len(invalid),
+    )
     return 1 if failed or invalid else 0
 
 

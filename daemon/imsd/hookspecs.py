@@ -1,4 +1,11 @@
-"""Hook specifications of the ``imsd`` pluggy project (API version 1)."""
+"""Hook specifications of the ``imsd`` pluggy project (plugin API version 1).
+
+Every hook is synchronous and called with keyword arguments; an implementation may accept any
+subset of the arguments (pluggy passes only those it names), so adding an argument later is
+not a breaking change. Implementations must not block: notification hooks run in a worker
+thread, one implementation at a time, and an exception is logged with the plugin's name and
+otherwise ignored.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,31 @@ from imsd.plugin import Product, hookspec
 def imsd_products() -> list[Product]:  # type: ignore[empty-body]
     """Return the products this plugin provides.
 
-    Called once at start-up and on reload. Each product's ``name`` must be unique across all
-    plugins; a duplicate is reported and the later one is skipped.
+    Called once at start-up. Each product's ``name`` must be unique across all plugins; a
+    duplicate is reported and the later one (in entry-point name order) is skipped. A product
+    may carry an optional ``notice: str`` attribute (e.g. a retirement warning) that the
+    daemon logs once for each credential using it.
 
-    .. versionadded:: 0.1
+    .. versionadded:: API 1
+    """
+
+
+@hookspec
+def imsd_token_refreshed(credential: str, expires_at: float, output_dir: str) -> None:
+    """A new token for *credential* was obtained and its files are written in *output_dir*.
+
+    *expires_at* is Unix time. The token itself is in the files; read it from there if the
+    plugin must forward it (and never log it).
+
+    .. versionadded:: API 1
+    """
+
+
+@hookspec
+def imsd_credential_failed(credential: str, error: str, state: str) -> None:
+    """Obtaining or writing a token for *credential* failed. *error* is safe to log (it never
+    contains a secret); *state* is the credential's state afterwards (``stale``, ``expired``,
+    ``invalid``...).
+
+    .. versionadded:: API 1
     """

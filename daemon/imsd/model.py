@@ -116,8 +116,14 @@ class Credential:
         """Hash of what determines which token IMS issues: a stored token minted under a
         different identity must not be reused."""
         h = hashlib.sha256()
-        for part in (self.auth, self.client_id, self.client_secret.reveal(), self.org_id,
-                     ",".join(self.scopes), self.ims_url.rstrip("/")):
+        for part in (
+            self.auth,
+            self.client_id,
+            self.client_secret.reveal(),
+            self.org_id,
+            ",".join(self.scopes),
+            self.ims_url.rstrip("/"),
+        ):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -18,9 +18,10 @@ import pluggy
 import structlog
 
 from imsd import hookspecs
+from imsd.model import Credential, CredentialError
 from imsd.plugin import PROJECT, Product
 
-__all__ = ["PluginInfo", "Registry", "load_registry"]
+__all__ = ["PluginInfo", "Registry", "load_registry", "validate_products"]
 
 log = structlog.get_logger("imsd.registry")
 
@@ -48,6 +49,17 @@ class Registry:
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error is not None]
 
+    def notify(self, hook: str, **kwargs: Any) -> None:
+        """Call every implementation of notification *hook*, isolating each: a plugin that
+        raises is logged by name and the others still run. Blocking; call it in a thread."""
+        for impl in getattr(self.manager.hook, hook).get_hookimpls():
+            try:
+                impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            except Exception as e:
+                log.error(
+                    "plugin.hook_failed", plugin=impl.plugin_name, hook=hook, error=_describe(e)
+                )
+
 
 def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
@@ -70,9 +82,7 @@ def _valid_product(obj: object) -> str | None:
     return None
 
 
-def _register(
-    reg: Registry, plugin: object, name: str, version: str, source: str
-) -> None:
+def _register(reg: Registry, plugin: object, name: str, version: str, source: str) -> None:
     pm = reg.manager
     try:
         pm.register(plugin, name=name)
@@ -135,3 +145,21 @@ def load_registry(
         source = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__name__
         _register(reg, plugin, name, "local", source)
     return reg
+
+
+def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
+    """Check the credential's products exist and their options are valid; return the
+    credential with normalized options. Errors name the file and the option."""
+    options: dict[str, Mapping[str, Any]] = {}
+    for name in cred.products:
+        product = products.get(name)
+        if product is None:
+            known = ", ".join(sorted(products)) or "none loaded"
+            raise CredentialError(
+                cred.path, f"unknown product {name!r} (known: {known})", field="products"
+            )
+        try:
+            options[name] = product.validate_options(cred.product_options.get(name, {}))
+        except (ValueError, TypeError) as e:
+            raise CredentialError(cred.path, str(e), field=f"product.{name}") from None
+    return replace(cred, product_options=options)

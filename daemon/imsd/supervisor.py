@@ -26,6 +26,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -36,12 +37,13 @@ from imsd.catalog import Added, Changed, Event, Failed, Removed
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.plugin import Product
+from imsd.registry import validate_products
 from imsd.render import RenderError, render_outputs, rfc3339
 from imsd.schedule import RefreshPolicy, backoff_delay, next_refresh_at, retry_at, sleep_for
 from imsd.sinks import SinkError
 from imsd.store import Entry, TokenStore
 
-__all__ = ["Sink", "Supervisor", "TokenClient", "validate_products"]
+__all__ = ["Notify", "Sink", "Supervisor", "TokenClient"]
 
 log = structlog.get_logger("imsd.supervisor")
 
@@ -50,33 +52,16 @@ class TokenClient(Protocol):
     async def run(self, flow: Flow) -> Grant: ...
 
 
+class Notify(Protocol):
+    """Blocking notification fan-out (plugins); called in a worker thread."""
+
+    def __call__(self, hook: str, /, **kwargs: Any) -> None: ...
+
+
 class Sink(Protocol):
     def write(self, name: str, files: Mapping[str, bytes]) -> None: ...
 
     def remove(self, name: str) -> None: ...
-
-
-def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
-    """Check the credential's products exist and their options are valid; return the
-    credential with normalized options. Errors name the file and the option."""
-    options: dict[str, Mapping[str, Any]] = {}
-    for name in cred.products:
-        product = products.get(name)
-        if product is None:
-            known = ", ".join(sorted(products)) or "none loaded"
-            raise CredentialError(cred.path, f"unknown product {name!r} (known: {known})",
-                                  field="products")
-        try:
-            options[name] = product.validate_options(cred.product_options.get(name, {}))
-        except (ValueError, TypeError) as e:
-            raise CredentialError(cred.path, str(e), field=f"product.{name}") from None
-    return _with_options(cred, options)
-
-
-def _with_options(cred: Credential, options: Mapping[str, Mapping[str, Any]]) -> Credential:
-    from dataclasses import replace
-
-    return replace(cred, product_options=options)
 
 
 @dataclass(eq=False, slots=True)
@@ -89,6 +74,7 @@ class _Worker:
     write_attempt: int = 0
     flight: anyio.Event | None = None  # set when the in-flight fetch ends
     last_kind: ImsErrorKind | None = None  # kind of the last failed attempt
+    announced: Grant | None = None  # the last grant plugins were told about
     done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
 
 
@@ -103,6 +89,8 @@ class Supervisor:
         store: TokenStore | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        notify: Notify | None = None,
+        output_dir: str = "",
     ) -> None:
         self.client = client
         self.sink = sink
@@ -111,13 +99,16 @@ class Supervisor:
         self.store = store or TokenStore()
         self._clock = clock
         self._rand = rand
+        self._notify = notify
+        self._output_dir = output_dir
         self._workers: dict[str, _Worker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Own the workers' task group until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -143,7 +134,7 @@ class Supervisor:
             elif isinstance(event, Removed):
                 await self._removed(event.cred.name)
             elif isinstance(event, Failed):
-                self._failed(event)
+                await self._failed(event)
 
     async def _added(self, cred: Credential) -> None:
         entry = self.store.upsert(cred.name, cred.path)
@@ -154,8 +145,18 @@ class Supervisor:
             log.error("credential.invalid", credential=cred.name, error=str(e))
             return
         entry.credential, entry.file_error = cred, None
-        log.info("credential.added", credential=cred.name, path=str(cred.path),
-                 products=list(cred.products))
+        for product in cred.products:
+            notice = getattr(self.products[product], "notice", None)
+            if notice:
+                log.warning(
+                    "product.notice", credential=cred.name, product=product, notice=str(notice)
+                )
+        log.info(
+            "credential.added",
+            credential=cred.name,
+            path=str(cred.path),
+            products=list(cred.products),
+        )
         self._start(cred)
 
     async def _changed(self, old: Credential, new: Credential) -> None:
@@ -165,8 +166,9 @@ class Supervisor:
             new = validate_products(new, self.products)
         except CredentialError as e:
             entry.file_error = str(e)
-            log.error("credential.invalid", credential=new.name, error=str(e),
-                      kept=worker is not None)
+            log.error(
+                "credential.invalid", credential=new.name, error=str(e), kept=worker is not None
+            )
             return
         entry.file_error = None
         entry.credential = new
@@ -193,12 +195,13 @@ class Supervisor:
             log.error("sink.remove_failed", credential=name, error=str(e))
         log.info("credential.removed", credential=name)
 
-    def _failed(self, event: Failed) -> None:
+    async def _failed(self, event: Failed) -> None:
         key = event.name or event.path.name
         entry = self.store.upsert(key, event.path)
         entry.file_error = str(event.error)
         kept = event.kept is not None and key in self._workers
         log.error("credential.invalid", credential=key, error=str(event.error), kept=kept)
+        await self._announce_failure(key, str(event.error))
 
     def _start(self, cred: Credential) -> None:
         if self._tg is None:
@@ -269,12 +272,20 @@ class Supervisor:
             entry.last_error = str(e)
             w.last_kind = e.kind
             expires = entry.grant.expires_at if entry.grant else None
-            w.next_at = retry_at(self._clock(), e, entry.consecutive_failures, self.policy,
-                                 self._rand(), expires)
+            w.next_at = retry_at(
+                self._clock(), e, entry.consecutive_failures, self.policy, self._rand(), expires
+            )
             level = log.error if e.kind is ImsErrorKind.PERMANENT else log.warning
-            level("token.refresh_failed", credential=cred.name, error=str(e), kind=e.kind.value,
-                  failures=entry.consecutive_failures, state=entry.state(self._clock()).value,
-                  retry_in=round(max(0.0, w.next_at - self._clock()), 1))
+            level(
+                "token.refresh_failed",
+                credential=cred.name,
+                error=str(e),
+                kind=e.kind.value,
+                failures=entry.consecutive_failures,
+                state=entry.state(self._clock()).value,
+                retry_in=round(max(0.0, w.next_at - self._clock()), 1),
+            )
+            await self._announce_failure(cred.name, str(e))
             return
         entry.grant = grant
         w.last_kind = None
@@ -282,9 +293,13 @@ class Supervisor:
         entry.last_error = None
         entry.last_refresh = self._clock()
         w.next_at = next_refresh_at(grant, self.policy, self._rand())
-        log.info("token.refreshed", credential=cred.name, expires_at=rfc3339(grant.expires_at),
-                 next_refresh_in=round(max(0.0, w.next_at - self._clock()), 1),
-                 duration_ms=round((self._clock() - started) * 1000, 1))
+        log.info(
+            "token.refreshed",
+            credential=cred.name,
+            expires_at=rfc3339(grant.expires_at),
+            next_refresh_in=round(max(0.0, w.next_at - self._clock()), 1),
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
         w.write_pending = True
         w.write_attempt = 0
         await self._publish(w)
@@ -301,14 +316,36 @@ class Supervisor:
         except (RenderError, SinkError, OSError) as e:
             w.write_attempt += 1
             entry.last_error = f"writing outputs: {e}"
-            log.error("sink.write_failed", credential=w.cred.name, error=str(e),
-                      attempt=w.write_attempt)
+            log.error(
+                "sink.write_failed", credential=w.cred.name, error=str(e), attempt=w.write_attempt
+            )
+            await self._announce_failure(w.cred.name, entry.last_error)
             return
         w.write_pending = False
         w.write_attempt = 0
         if entry.last_error and entry.last_error.startswith("writing outputs"):
             entry.last_error = None
         log.debug("sink.written", credential=w.cred.name, files=sorted(files))
+        if w.announced is not entry.grant:
+            w.announced = entry.grant
+            await self._call_plugins(
+                "imsd_token_refreshed",
+                credential=w.cred.name,
+                expires_at=entry.grant.expires_at,
+                output_dir=str(Path(self._output_dir) / w.cred.name),
+            )
+
+    async def _announce_failure(self, name: str, error: str) -> None:
+        entry = self.store.get(name)
+        state = entry.state(self._clock()).value if entry else "invalid"
+        await self._call_plugins(
+            "imsd_credential_failed", credential=name, error=error, state=state
+        )
+
+    async def _call_plugins(self, hook: str, **kwargs: Any) -> None:
+        if self._notify is not None:
+            notify = self._notify
+            await anyio.to_thread.run_sync(lambda: notify(hook, **kwargs))
 
     def write_pending(self, name: str) -> bool:
         worker = self._workers.get(name)
