@@ -43,7 +43,7 @@ from imsd.schedule import RefreshPolicy, backoff_delay, next_refresh_at, retry_a
 from imsd.sinks import SinkError
 from imsd.store import Entry, TokenStore
 
-__all__ = ["Notify", "Sink", "Supervisor", "TokenClient"]
+__all__ = ["Notify", "Observer", "Sink", "Supervisor", "TokenClient"]
 
 log = structlog.get_logger("imsd.supervisor")
 
@@ -56,6 +56,16 @@ class Notify(Protocol):
     """Blocking notification fan-out (plugins); called in a worker thread."""
 
     def __call__(self, hook: str, /, **kwargs: Any) -> None: ...
+
+
+class Observer(Protocol):
+    """Where refresh outcomes are counted (:class:`imsd.metrics.Metrics`)."""
+
+    def added(self, credential: str) -> None: ...
+
+    def refreshed(self, credential: str, result: str, duration: float) -> None: ...
+
+    def forget(self, credential: str) -> None: ...
 
 
 class Sink(Protocol):
@@ -90,6 +100,7 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         notify: Notify | None = None,
+        observer: Observer | None = None,
         output_dir: str = "",
     ) -> None:
         self.client = client
@@ -100,6 +111,7 @@ class Supervisor:
         self._clock = clock
         self._rand = rand
         self._notify = notify
+        self._observer = observer
         self._output_dir = output_dir
         self._workers: dict[str, _Worker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -189,6 +201,8 @@ class Supervisor:
         if worker is not None:
             worker.scope.cancel()
         self.store.remove(name)
+        if self._observer is not None:
+            self._observer.forget(name)
         try:
             await anyio.to_thread.run_sync(self.sink.remove, name)
         except (SinkError, OSError) as e:
@@ -210,6 +224,8 @@ class Supervisor:
         if old is not None:
             old.scope.cancel()
         worker = self._workers[cred.name] = _Worker(cred)
+        if self._observer is not None:
+            self._observer.added(cred.name)
         self._tg.start_soon(self._loop, worker, name=f"imsd-credential-{cred.name}")
 
     # -- forced refresh ----------------------------------------------------------------------
@@ -271,6 +287,8 @@ class Supervisor:
             entry.consecutive_failures += 1
             entry.last_error = str(e)
             w.last_kind = e.kind
+            if self._observer is not None:
+                self._observer.refreshed(cred.name, e.kind.value, self._clock() - started)
             expires = entry.grant.expires_at if entry.grant else None
             w.next_at = retry_at(
                 self._clock(), e, entry.consecutive_failures, self.policy, self._rand(), expires
@@ -288,6 +306,8 @@ class Supervisor:
             await self._announce_failure(cred.name, str(e))
             return
         entry.grant = grant
+        if self._observer is not None:
+            self._observer.refreshed(cred.name, "success", self._clock() - started)
         w.last_kind = None
         entry.consecutive_failures = 0
         entry.last_error = None

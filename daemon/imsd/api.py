@@ -1,0 +1,233 @@
+"""The HTTP handlers: the socket API (credentials, tokens, headers, forced refresh, health)
+and the metrics listener (``/metrics``, ``/livez``, ``/readyz``).
+
+They read the token store; the only thing that reaches back is a forced refresh, which goes
+through the supervisor's single-flight and a per-credential minimum interval, so a thousand
+callers cost IMS at most one request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Final
+
+import structlog
+
+from imsd.httpserver import Request, Response
+from imsd.metrics import Metrics
+from imsd.model import CredentialState
+from imsd.plugin import Product
+from imsd.render import RenderError, document, rfc3339, token_view
+from imsd.store import Entry, TokenStore
+from imsd.supervisor import Supervisor
+
+__all__ = ["Api", "HealthApi", "default_allowed_uids", "readiness"]
+
+log = structlog.get_logger("imsd.api")
+
+_CRED = re.compile(r"^/v1/credentials/([A-Za-z0-9._-]{1,64})/(token|headers|refresh)$")
+_SERVING: Final = (CredentialState.VALID, CredentialState.STALE)
+
+
+def default_allowed_uids() -> frozenset[int]:
+    return frozenset({0, os.getuid()})
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> Response:
+    return Response.json(
+        {"error": code, "message": message}, status=status, headers=list(headers.items()) or None
+    )
+
+
+def readiness(store: TokenStore, now: float) -> tuple[bool, dict[str, str]]:
+    """Ready when every credential with a usable file has a token that is still valid."""
+    failing: dict[str, str] = {}
+    for entry in store:
+        state = entry.state(now)
+        if entry.credential is not None and state not in _SERVING:
+            failing[entry.name] = f"{state.value}: {entry.error() or 'no token yet'}"
+    return not failing, failing
+
+
+def _health(path: str, store: TokenStore, clock: Callable[[], float]) -> Response | None:
+    if path == "/livez":
+        return Response.json({"status": "ok"})
+    if path == "/readyz":
+        ready, failing = readiness(store, clock())
+        return Response.json(
+            {"status": "ready" if ready else "not ready", "failing": failing},
+            status=200 if ready else 503,
+        )
+    return None
+
+
+class Api:
+    """The socket API. Every connection's peer credentials are checked before routing."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        products: Mapping[str, Product],
+        *,
+        metrics: Metrics | None = None,
+        allowed_uids: Collection[int] | None = None,
+        allowed_gids: Collection[int] = (),
+        min_refresh_interval: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.supervisor = supervisor
+        self.store = supervisor.store
+        self.products = products
+        self.metrics = metrics
+        self.allowed_uids = frozenset(
+            default_allowed_uids() if allowed_uids is None else allowed_uids
+        )
+        self.allowed_gids = frozenset(allowed_gids)
+        self.min_refresh_interval = min_refresh_interval
+        self._clock = clock
+
+    async def handle(self, req: Request) -> Response:
+        resp, endpoint = await self._route(req)
+        if self.metrics is not None:
+            self.metrics.socket_requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    def _allowed(self, req: Request) -> bool:
+        peer = req.peer
+        if peer is None:
+            return False  # the socket API is Unix-only; no peer means no identity
+        return peer.uid in self.allowed_uids or peer.gid in self.allowed_gids
+
+    async def _route(self, req: Request) -> tuple[Response, str]:
+        if not self._allowed(req):
+            peer = req.peer
+            log.warning(
+                "api.peer_refused",
+                uid=peer.uid if peer else None,
+                gid=peer.gid if peer else None,
+                pid=peer.pid if peer else None,
+                path=req.path,
+            )
+            return _error(403, "forbidden", "this user may not use the imsd socket"), "refused"
+        health = _health(req.path, self.store, self._clock)
+        if health is not None:
+            return health, req.path.lstrip("/")
+        if req.path == "/v1/credentials":
+            if req.method != "GET":
+                return _error(405, "method_not_allowed", "use GET", Allow="GET"), "credentials"
+            return self._list(), "credentials"
+        m = _CRED.match(req.path)
+        if m is None:
+            return _error(404, "not_found", f"no such endpoint: {req.path}"), "unknown"
+        name, action = m.groups()
+        want = "POST" if action == "refresh" else "GET"
+        if req.method != want:
+            return _error(405, "method_not_allowed", f"use {want}", Allow=want), action
+        entry = self.store.get(name)
+        if entry is None:
+            return _error(404, "unknown_credential", f"no credential named {name!r}"), action
+        if action == "token":
+            return self._token(entry), action
+        if action == "headers":
+            return self._headers(entry, req.query.get("product", [None])[0]), action
+        return await self._refresh(entry), action
+
+    def _list(self) -> Response:
+        now = self._clock()
+        items: list[dict[str, Any]] = []
+        for e in self.store.snapshot():
+            items.append(
+                {
+                    "name": e.name,
+                    "state": e.state(now).value,
+                    "products": list(e.credential.products) if e.credential else [],
+                    "expires_at": rfc3339(e.grant.expires_at) if e.grant else None,
+                    "last_refresh": rfc3339(e.last_refresh) if e.last_refresh else None,
+                    "last_error": e.error(),
+                }
+            )
+        return Response.json({"credentials": items})
+
+    def _unavailable(self, entry: Entry) -> Response | None:
+        state = entry.state(self._clock())
+        if state in _SERVING and entry.credential is not None and entry.grant is not None:
+            return None
+        reason = entry.error() or "the first token has not been fetched yet"
+        code = {CredentialState.EXPIRED: "expired", CredentialState.INVALID: "invalid"}.get(
+            state, "not_ready"
+        )
+        return _error(503, code, f"{entry.name}: {state.value}: {reason}", **{"Retry-After": "5"})
+
+    def _token(self, entry: Entry) -> Response:
+        unavailable = self._unavailable(entry)
+        if unavailable is not None:
+            return unavailable
+        assert entry.credential is not None and entry.grant is not None
+        try:
+            return Response.json(document(entry.credential, entry.grant, self.products))
+        except RenderError as e:
+            return _error(500, "render_failed", str(e))
+
+    def _headers(self, entry: Entry, product: str | None) -> Response:
+        unavailable = self._unavailable(entry)
+        if unavailable is not None:
+            return unavailable
+        cred, grant = entry.credential, entry.grant
+        assert cred is not None and grant is not None
+        product = product or cred.products[0]
+        if product not in cred.products:
+            return _error(
+                404,
+                "unknown_product",
+                f"{entry.name} has no product {product!r} (it has: {', '.join(cred.products)})",
+            )
+        doc = document(cred, grant, self.products)
+        return Response.json({"product": product, "headers": doc["headers"][product]})
+
+    async def _refresh(self, entry: Entry) -> Response:
+        if entry.credential is None:
+            return self._unavailable(entry) or _error(503, "invalid", "credential is invalid")
+        now = self._clock()
+        last = entry.last_refresh
+        if last is not None and now - last < self.min_refresh_interval:
+            wait = math.ceil(self.min_refresh_interval - (now - last))
+            resp = self._token(entry)
+            resp.headers.append(("Retry-After", str(wait)))
+            return resp
+        try:
+            await self.supervisor.refresh(entry.name)
+        except KeyError:
+            return _error(404, "unknown_credential", f"no credential named {entry.name!r}")
+        current = self.store.get(entry.name)
+        if current is None:
+            return _error(404, "unknown_credential", f"no credential named {entry.name!r}")
+        if current.last_refresh == last and current.consecutive_failures:
+            # The attempt failed; the old token (if any) is still served by GET .../token.
+            return _error(502, "refresh_failed", f"{entry.name}: {current.error()}")
+        return self._token(current)
+
+
+class HealthApi:
+    """The TCP listener: ``/metrics``, ``/livez``, ``/readyz``. No credential data."""
+
+    def __init__(
+        self, store: TokenStore, metrics: Metrics, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._clock = clock
+
+    async def handle(self, req: Request) -> Response:
+        if req.method not in ("GET", "HEAD"):
+            return _error(405, "method_not_allowed", "use GET", Allow="GET, HEAD")
+        if req.path == "/metrics":
+            body, content_type = self.metrics.render(req.header("accept"))
+            return Response(200, body, [("Content-Type", content_type)])
+        health = _health(req.path, self.store, self._clock)
+        if health is not None:
+            return health
+        return _error(404, "not_found", f"no such endpoint: {req.path}")

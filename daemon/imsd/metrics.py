@@ -1,0 +1,120 @@
+"""Prometheus metrics, on a registry owned by one daemon (never the global one).
+
+Per-credential gauges are not stored: a collector reads the token store at scrape time, so
+a removed credential's gauges disappear with it and can never go stale. Per-credential
+counters are removed explicitly by :meth:`Metrics.forget`. Labels hold only credential names
+(bounded by the operator's files), results, states and HTTP codes — never a token, URL or
+error string.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from imsd import __version__
+from imsd.model import CredentialState
+from imsd.store import TokenStore
+
+__all__ = ["RESULTS", "Metrics"]
+
+#: ``result`` label values of ``imsd_token_refresh_total``.
+RESULTS = ("success", "permanent", "transient", "throttled")
+
+# IMS answers in tens to hundreds of milliseconds; a hung request ends at the 30 s timeout.
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+prometheus_client.disable_created_metrics()  # halves the series; nobody reads _created
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: TokenStore, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "imsd_token_expiry_timestamp_seconds",
+            "When the current token of a credential expires (Unix time).",
+            labels=["credential"],
+        )
+        success = GaugeMetricFamily(
+            "imsd_token_last_success_timestamp_seconds",
+            "When a credential's token was last obtained (Unix time).",
+            labels=["credential"],
+        )
+        failures = GaugeMetricFamily(
+            "imsd_credential_consecutive_failures",
+            "Failed refresh attempts since the last success.",
+            labels=["credential"],
+        )
+        states = GaugeMetricFamily(
+            "imsd_credentials", "Credentials by state.", labels=["state"]
+        )
+        now = self._clock()
+        for entry in self._store:
+            if entry.grant is not None:
+                expiry.add_metric([entry.name], entry.grant.expires_at)
+            if entry.last_refresh is not None:
+                success.add_metric([entry.name], entry.last_refresh)
+            if entry.credential is not None:
+                failures.add_metric([entry.name], entry.consecutive_failures)
+        for state, count in self._store.counts(now).items():
+            states.add_metric([state.value], count)
+        yield from (expiry, success, failures, states)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # dynamic: nothing to check for duplicates at registration
+
+
+class Metrics:
+    def __init__(self, store: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.registry = r = CollectorRegistry()
+        self.refreshes = Counter(
+            "token_refresh", "Token refresh attempts by result.", ["credential", "result"],
+            namespace="imsd", registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "token_refresh_duration_seconds", "Duration of token requests to IMS.",
+            namespace="imsd", buckets=_BUCKETS, registry=r,
+        )
+        self.ims_requests = Counter(
+            "ims_requests", "HTTP requests to IMS by status code (or network_error).",
+            ["code"], namespace="imsd", registry=r,
+        )
+        self.socket_requests = Counter(
+            "socket_requests", "Requests served on the API socket by endpoint and status.",
+            ["endpoint", "code"], namespace="imsd", registry=r,
+        )
+        build = Gauge("build_info", "imsd version.", ["version"], namespace="imsd", registry=r)
+        build.labels(__version__).set(1)
+        r.register(_StoreCollector(store, clock))
+
+    def added(self, credential: str) -> None:
+        for result in RESULTS:  # rates start at zero instead of appearing on first failure
+            self.refreshes.labels(credential, result)
+
+    def refreshed(self, credential: str, result: str, duration: float) -> None:
+        self.refreshes.labels(credential, result).inc()
+        self.refresh_duration.observe(duration)
+
+    def forget(self, credential: str) -> None:
+        for result in RESULTS:
+            try:
+                self.refreshes.remove(credential, result)
+            except KeyError:
+                pass
+
+    def ims_response(self, code: int | str) -> None:
+        self.ims_requests.labels(str(code)).inc()
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for a scrape, OpenMetrics when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
