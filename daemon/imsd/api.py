@@ -21,7 +21,7 @@ from imsd.httpserver import Request, Response
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
-from imsd.render import RenderError, document, rfc3339, token_view
+from imsd.render import RenderError, document, rfc3339
 from imsd.store import Entry, TokenStore
 from imsd.supervisor import Supervisor
 
@@ -166,7 +166,8 @@ class Api:
         unavailable = self._unavailable(entry)
         if unavailable is not None:
             return unavailable
-        assert entry.credential is not None and entry.grant is not None
+        assert entry.credential is not None
+        assert entry.grant is not None
         try:
             return Response.json(document(entry.credential, entry.grant, self.products))
         except RenderError as e:
@@ -177,7 +178,8 @@ class Api:
         if unavailable is not None:
             return unavailable
         cred, grant = entry.credential, entry.grant
-        assert cred is not None and grant is not None
+        assert cred is not None
+        assert grant is not None
         product = product or cred.products[0]
         if product not in cred.products:
             return _error(
@@ -186,7 +188,8 @@ class Api:
                 f"{entry.name} has no product {product!r} (it has: {', '.join(cred.products)})",
             )
         doc = document(cred, grant, self.products)
-        return Response.json({"product": product, "headers": doc["headers"][product]})
+        env = self.products[product].env(token_view(cred, grant, self.products[product]))
+        return Response.json({"product": product, "headers": doc["headers"][product], "env": env})
 
     async def _refresh(self, entry: Entry) -> Response:
         if entry.credential is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p = sub.add_parser("plugins", help="list loaded plugins and products")
     _common(p)
+    p = sub.add_parser("status", help="credentials, states and expiry (from the daemon)")
+    _common(p)
+    p = sub.add_parser("token", help="print a credential's access token (from the daemon)")
+    _common(p)
+    p.add_argument("name")
+    p = sub.add_parser("headers", help="print a credential's request headers (from the daemon)")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--product", help="product (default: the credential's first)")
+    p.add_argument(
+        "--format",
+        choices=("json", "curl", "env"),
+        default="curl",
+        help="json object, curl -H arguments' lines, or env lines",
+    )
     return parser
 
 
@@ -110,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as e:
         return _fail(f"configuration error:\n{e}")
+    if args.command in ("status", "token", "headers"):
+        return _query(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry()
     if args.command == "plugins":
@@ -126,6 +144,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         anyio.run(lambda: Daemon(settings, registry).run())
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _query(args: argparse.Namespace, settings: Settings) -> int:
+    from imsd.client import ImsdUnavailable, request
+
+    try:
+        if args.command == "status":
+            rows = request("GET", "/v1/credentials", socket=settings.socket)["credentials"]
+            print(f"{'NAME':<24} {'STATE':<8} {'EXPIRES':<21} LAST ERROR")
+            for row in rows:
+                print(
+                    f"{row['name']:<24} {row['state']:<8} {row['expires_at'] or '-':<21} "
+                    f"{row['last_error'] or ''}"
+                )
+            return 0
+        if args.command == "token":
+            doc = request("GET", f"/v1/credentials/{args.name}/token", socket=settings.socket)
+            sys.stdout.write(doc["access_token"])
+            if sys.stdout.isatty():
+                sys.stdout.write("\n")
+            return 0
+        query = f"?product={args.product}" if args.product else ""
+        doc = request("GET", f"/v1/credentials/{args.name}/headers{query}", socket=settings.socket)
+    except ImsdUnavailable as e:
+        return _fail(str(e), 1)
+    hdrs: dict[str, str] = doc["headers"]
+    if args.format == "json":
+        print(json.dumps(hdrs, indent=2))
+    elif args.format == "curl":
+        print("\n".join(f"{k}: {v}" for k, v in hdrs.items()))
+    else:
+        print("\n".join(f"{k}={v}" for k, v in doc["env"].items()))
+    return 0
 
 
 def _plugins(registry: Registry) -> int:

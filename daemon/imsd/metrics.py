@@ -9,6 +9,7 @@ error string.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,7 +20,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from imsd import __version__
-from imsd.model import CredentialState
 from imsd.store import TokenStore
 
 __all__ = ["RESULTS", "Metrics"]
@@ -54,9 +54,7 @@ class _StoreCollector(Collector):
             "Failed refresh attempts since the last success.",
             labels=["credential"],
         )
-        states = GaugeMetricFamily(
-            "imsd_credentials", "Credentials by state.", labels=["state"]
-        )
+        states = GaugeMetricFamily("imsd_credentials", "Credentials by state.", labels=["state"])
         now = self._clock()
         for entry in self._store:
             if entry.grant is not None:
@@ -77,20 +75,32 @@ class Metrics:
     def __init__(self, store: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
         self.registry = r = CollectorRegistry()
         self.refreshes = Counter(
-            "token_refresh", "Token refresh attempts by result.", ["credential", "result"],
-            namespace="imsd", registry=r,
+            "token_refresh",
+            "Token refresh attempts by result.",
+            ["credential", "result"],
+            namespace="imsd",
+            registry=r,
         )
         self.refresh_duration = Histogram(
-            "token_refresh_duration_seconds", "Duration of token requests to IMS.",
-            namespace="imsd", buckets=_BUCKETS, registry=r,
+            "token_refresh_duration_seconds",
+            "Duration of token requests to IMS.",
+            namespace="imsd",
+            buckets=_BUCKETS,
+            registry=r,
         )
         self.ims_requests = Counter(
-            "ims_requests", "HTTP requests to IMS by status code (or network_error).",
-            ["code"], namespace="imsd", registry=r,
+            "ims_requests",
+            "HTTP requests to IMS by status code (or network_error).",
+            ["code"],
+            namespace="imsd",
+            registry=r,
         )
         self.socket_requests = Counter(
-            "socket_requests", "Requests served on the API socket by endpoint and status.",
-            ["endpoint", "code"], namespace="imsd", registry=r,
+            "socket_requests",
+            "Requests served on the API socket by endpoint and status.",
+            ["endpoint", "code"],
+            namespace="imsd",
+            registry=r,
         )
         build = Gauge("build_info", "imsd version.", ["version"], namespace="imsd", registry=r)
         build.labels(__version__).set(1)
@@ -106,10 +116,8 @@ class Metrics:
 
     def forget(self, credential: str) -> None:
         for result in RESULTS:
-            try:
+            with contextlib.suppress(KeyError):
                 self.refreshes.remove(credential, result)
-            except KeyError:
-                pass
 
     def ims_response(self, code: int | str) -> None:
         self.ims_requests.labels(str(code)).inc()
