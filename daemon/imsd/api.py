@@ -21,7 +21,7 @@ from imsd.httpserver import Request, Response
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
-from imsd.render import RenderError, document, rfc3339
+from imsd.render import RenderError, document, rfc3339, token_view
 from imsd.store import Entry, TokenStore
 from imsd.supervisor import Supervisor
 

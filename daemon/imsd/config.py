@@ -54,6 +54,12 @@ class Settings(BaseModel):
     log_level: str = "info"
     file_mode: Mode = 0o600
     file_group: str | None = None
+    # The socket API (README "Socket API").
+    socket_mode: Mode = 0o660
+    socket_group: str | None = None
+    allowed_uids: list[int] | None = None  # None: the daemon's own uid and root
+    allowed_gids: list[int] = Field(default_factory=list)
+    min_refresh_interval: float = Field(30.0, ge=0)
     # The refresh rule (README "Refresh rule").
     refresh_fraction: float = Field(0.8, gt=0, lt=1)
     jitter_fraction: float = Field(0.05, ge=0, lt=1)
@@ -82,14 +88,21 @@ class Settings(BaseModel):
 
     def file_gid(self) -> int | None:
         """The numeric group for output files, or None to keep the daemon's group."""
-        if self.file_group is None or self.file_group == "":
-            return None
-        if self.file_group.isdigit():
-            return int(self.file_group)
-        try:
-            return grp.getgrnam(self.file_group).gr_gid
-        except KeyError:
-            raise ConfigError(f"file_group: no such group {self.file_group!r}") from None
+        return _gid("file_group", self.file_group)
+
+    def socket_gid(self) -> int | None:
+        return _gid("socket_group", self.socket_group)
+
+
+def _gid(key: str, group: str | None) -> int | None:
+    if group is None or group == "":
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{key}: no such group {group!r}") from None
 
 
 FIELDS: Final = frozenset(Settings.model_fields)
@@ -124,9 +137,19 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         field = key[len(ENV_PREFIX) :].lower()
-        if field in FIELDS:
-            out[field] = None if value == "" and field in {"request_rate"} else value
+        if field not in FIELDS:
+            continue
+        if field in _LISTS:
+            out[field] = [v.strip() for v in value.split(",") if v.strip()]
+        elif value == "" and field in _NULLABLE:
+            out[field] = None
+        else:
+            out[field] = value
     return out
+
+
+_LISTS: Final = frozenset({"allowed_uids", "allowed_gids"})
+_NULLABLE: Final = frozenset({"request_rate", "allowed_uids", "file_group", "socket_group"})
 
 
 def load_settings(
@@ -156,4 +179,5 @@ def load_settings(
     if settings.backoff_initial > settings.backoff_cap:
         raise ConfigError("backoff_initial must not exceed backoff_cap")
     settings.file_gid()  # fail early on an unknown group
+    settings.socket_gid()
     return settings

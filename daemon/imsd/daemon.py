@@ -3,23 +3,31 @@ group. Shutdown is cancellation of that group; nothing outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 import structlog
 
+from imsd import sdnotify
+from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed
-from imsd.config import Settings
+from imsd.config import ConfigError, Settings
 from imsd.credentials import parse_credential
+from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
 from imsd.imsclient import ImsClient
+from imsd.metrics import Metrics
 from imsd.model import Credential, ImsErrorKind
 from imsd.registry import Registry
 from imsd.sinks import FileSink
+from imsd.store import TokenStore
 from imsd.supervisor import Supervisor
 from imsd.watcher import DirectoryWatcher, scan_directory
 
@@ -41,12 +49,13 @@ def credential_parser(
     )
 
 
-def _client(settings: Settings) -> ImsClient:
+def _client(settings: Settings, metrics: Metrics | None = None) -> ImsClient:
     return ImsClient(
         max_concurrent=settings.max_concurrent_requests,
         rate=settings.request_rate,
         burst=settings.request_burst,
         timeout=settings.request_timeout,
+        on_response=metrics.ims_response if metrics is not None else None,
     )
 
 
@@ -57,13 +66,33 @@ def _sink(settings: Settings) -> FileSink:
 
 
 class Daemon:
-    """``imsd run``: watch, refresh and write until cancelled or signalled."""
+    """``imsd run``: watch, refresh, write and serve until cancelled or signalled.
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    *reload* re-reads the settings on SIGHUP; a failing reload keeps the running settings.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        reload: Callable[[], Settings] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self._reload = reload
+        self._env = os.environ if env is None else env
+        self.store = TokenStore()
+        self.metrics = Metrics(self.store)
         self.supervisor: Supervisor | None = None
         self.watcher: DirectoryWatcher | None = None
+        self._api_scope: anyio.CancelScope | None = None
+        self._health_scope: anyio.CancelScope | None = None
+        self._reload_requested = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.socket_address: Path | None = None
+        self.metrics_port: int | None = None
 
     async def run(
         self,
@@ -74,50 +103,231 @@ class Daemon:
     ) -> None:
         s = self.settings
         sink = _sink(s)
-        async with _client(s) as client, anyio.create_task_group() as tg:
-            sup = self.supervisor = Supervisor(
-                client=client,
-                sink=sink,
-                products=self.registry.products,
-                policy=s.refresh_policy(),
-                notify=self.registry.notify,
-                output_dir=str(s.output_dir),
+        try:
+            async with _client(s, self.metrics) as client, anyio.create_task_group() as tg:
+                self._tg = tg
+                sup = self.supervisor = Supervisor(
+                    client=client,
+                    sink=sink,
+                    products=self.registry.products,
+                    policy=s.refresh_policy(),
+                    store=self.store,
+                    notify=self.registry.notify,
+                    observer=self.metrics,
+                    output_dir=str(s.output_dir),
+                )
+                await tg.start(sup.run)
+                if handle_signals:
+                    tg.start_soon(self._signals, tg.cancel_scope)
+                tg.start_soon(self._reloader)
+                watcher = self.watcher = DirectoryWatcher(
+                    s.credentials_dir,
+                    parse=credential_parser(s, self._env),
+                    on_events=sup.apply,
+                    debounce_ms=s.debounce_ms,
+                    rescan_interval=s.rescan_interval,
+                )
+                await tg.start(watcher.run)
+                keep = {e.name for e in sup.store}
+                await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
+                await self._bind_api(tg, s, activation=True)
+                await self._bind_health(tg, s)
+                await sup.wait_first_attempts()
+                log.info(
+                    "daemon.ready",
+                    credentials=len(sup.store),
+                    credentials_dir=str(s.credentials_dir),
+                    output_dir=str(s.output_dir),
+                    socket=str(self.socket_address),
+                    metrics_port=self.metrics_port,
+                )
+                sdnotify.notify("READY=1", f"STATUS={self.status_line()}", env=self._env)
+                tg.start_soon(self._watchdog)
+                task_status.started()
+                if on_ready is not None:
+                    await on_ready(self)
+        finally:
+            self._tg = None
+            sdnotify.notify("STOPPING=1", env=self._env)
+            self._unlink_socket()
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def _bind_api(self, tg: anyio.abc.TaskGroup, s: Settings, *, activation: bool) -> None:
+        if self._api_scope is not None:
+            self._api_scope.cancel()
+            self._unlink_socket()
+        assert self.supervisor is not None
+        api = Api(
+            self.supervisor,
+            self.registry.products,
+            metrics=self.metrics,
+            allowed_uids=s.allowed_uids,
+            allowed_gids=s.allowed_gids,
+            min_refresh_interval=s.min_refresh_interval,
+        )
+        inherited = sdnotify.listen_fds(self._env) if activation else []
+        if inherited:
+            listener: anyio.abc.Listener[Any] = await anyio.abc.SocketListener.from_socket(
+                inherited[0]
             )
-            await tg.start(sup.run)
-            if handle_signals:
-                tg.start_soon(self._signals, tg.cancel_scope)
-            watcher = self.watcher = DirectoryWatcher(
-                s.credentials_dir,
-                parse=credential_parser(s),
-                on_events=sup.apply,
-                debounce_ms=s.debounce_ms,
-                rescan_interval=s.rescan_interval,
-            )
-            await tg.start(watcher.run)
-            keep = {e.name for e in sup.store}
-            await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
-            await sup.wait_first_attempts()
-            log.info(
-                "daemon.ready",
-                credentials=len(sup.store),
-                credentials_dir=str(s.credentials_dir),
-                output_dir=str(s.output_dir),
-            )
-            task_status.started()
-            if on_ready is not None:
-                await on_ready(self)
+            self.socket_address = None  # systemd owns the file
+            log.info("api.socket_activated")
+        else:
+            s.socket.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            listener = await unix_listener(s.socket, mode=s.socket_mode, gid=s.socket_gid())
+            self.socket_address = s.socket
+        self._api_scope = await tg.start(self._serve, HttpServer(api.handle), listener)
+
+    async def _bind_health(self, tg: anyio.abc.TaskGroup, s: Settings) -> None:
+        if self._health_scope is not None:
+            self._health_scope.cancel()
+            self._health_scope, self.metrics_port = None, None
+        if not s.metrics_address:
+            return
+        host, port = parse_address(s.metrics_address)
+        listener = await tcp_listener(host, port)
+        self.metrics_port = bound_port(listener)
+        health = HealthApi(self.store, self.metrics)
+        self._health_scope = await tg.start(self._serve, HttpServer(health.handle), listener)
+
+    @staticmethod
+    async def _serve(
+        server: HttpServer,
+        listener: anyio.abc.Listener[Any],
+        *,
+        task_status: anyio.abc.TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                await server.serve([listener])
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    def _unlink_socket(self) -> None:
+        if self.socket_address is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_address.unlink()
+            self.socket_address = None
+
+    # -- signals, reload, watchdog -----------------------------------------------------------
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
-                    log.info("daemon.rescan", reason="SIGHUP")
-                    if self.watcher is not None:
-                        await self.watcher.rescan()
+                    self.request_reload()
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 scope.cancel()
                 return
+
+    def request_reload(self) -> None:
+        """Ask for a reload; requests arriving during one coalesce into one more."""
+        self._reload_requested.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested = anyio.Event()
+            await self.reload()
+
+    async def reload(self) -> None:
+        sdnotify.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", env=self._env
+        )
+        try:
+            await self._apply_reload()
+        finally:
+            sdnotify.notify("READY=1", f"STATUS={self.status_line()}", env=self._env)
+
+    async def _apply_reload(self) -> None:
+        old = self.settings
+        if self._reload is not None:
+            try:
+                new = self._reload()
+            except ConfigError as e:
+                log.error("daemon.reload_failed", error=str(e), kept="previous configuration")
+                return
+        else:
+            new = old
+        fixed = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
+        if fixed:
+            log.warning("daemon.reload_needs_restart", settings=fixed)
+            new = new.model_copy(update={f: getattr(old, f) for f in fixed})
+        self.settings = new
+        sup = self.supervisor
+        if sup is not None:
+            sup.policy = new.refresh_policy()
+        tg = self._tg
+        if tg is not None:
+            if _api_changed(old, new):
+                await self._bind_api(tg, new, activation=False)
+            if new.metrics_address != old.metrics_address:
+                await self._bind_health(tg, new)
+        if self.watcher is not None:
+            await self.watcher.rescan()
+        log.info(
+            "daemon.reloaded",
+            rebound_api=_api_changed(old, new),
+            rebound_metrics=new.metrics_address != old.metrics_address,
+        )
+
+    def status_line(self) -> str:
+        counts = self.store.counts(time.time())
+        parts = [f"{n} {state.value}" for state, n in counts.items() if n]
+        return f"{len(self.store)} credentials" + (": " + ", ".join(parts) if parts else "")
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval(self._env)
+        last_status = ""
+        while True:
+            await anyio.sleep(interval or 5.0)
+            status = self.status_line()
+            fields = []
+            if status != last_status:
+                fields.append(f"STATUS={status}")
+                last_status = status
+            sup = self.supervisor
+            if interval and sup is not None and not sup.stuck(time.time(), grace=60.0):
+                fields.append("WATCHDOG=1")  # only while the scheduler makes progress
+            if fields:
+                sdnotify.notify(*fields, env=self._env)
+
+
+#: Settings that only take effect on restart (the watcher and sinks are built around them).
+_RESTART_ONLY: Final = (
+    "credentials_dir",
+    "output_dir",
+    "state_dir",
+    "file_mode",
+    "file_group",
+    "max_concurrent_requests",
+    "request_rate",
+    "request_burst",
+    "request_timeout",
+    "debounce_ms",
+    "rescan_interval",
+    "log_format",
+)
+
+
+def _api_changed(old: Settings, new: Settings) -> bool:
+    return (old.socket, old.socket_mode, old.socket_group) != (
+        new.socket,
+        new.socket_mode,
+        new.socket_group,
+    )
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[v6]:PORT`` → (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"metrics_address: expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _initial_events(settings: Settings) -> list[Event]:

@@ -367,6 +367,15 @@ class Supervisor:
             notify = self._notify
             await anyio.to_thread.run_sync(lambda: notify(hook, **kwargs))
 
+    def stuck(self, now: float, grace: float) -> list[str]:
+        """Credentials whose refresh is overdue by more than *grace* with nothing in flight:
+        the watchdog stops pinging systemd when the scheduler stops making progress."""
+        return [
+            name
+            for name, w in self._workers.items()
+            if w.flight is None and w.next_at and now > w.next_at + grace
+        ]
+
     def write_pending(self, name: str) -> bool:
         worker = self._workers.get(name)
         return worker is not None and worker.write_pending
