@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         from imsd.daemon import Daemon
 
-        anyio.run(lambda: Daemon(settings, registry).run())
+        daemon = Daemon(settings, registry, reload=lambda: _settings(args))
+        anyio.run(daemon.run)
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
@@ -228,10 +229,12 @@ def _demo(args: argparse.Namespace) -> int:
         credentials_dir=args.credentials_dir or creds,
         output_dir=args.output_dir or out,
         state_dir=args.state_dir or state,
-        metrics_address="",
+        socket=args.socket or root / "imsd.sock",
+        metrics_address=args.metrics_address or "127.0.0.1:0",
     )
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry()
+    creds = settings.credentials_dir
     with FakeIms.in_thread(token_lifetime=args.token_lifetime) as fake:
         secret = secrets.token_urlsafe(24)
         fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES, org_id=DEMO_ORG)
@@ -241,16 +244,25 @@ def _demo(args: argparse.Namespace) -> int:
             'auth = "oauth_server_to_server"\nclient_id = "demo-client"\n'
             'client_secret_file = "demo.secret"\n'
             f'org_id = "{DEMO_ORG}"\nscopes = [{scopes}]\nims_url = "{fake.url}"\n'
+            'products = ["generic", "aep"]\n[product.aep]\nsandbox = "dev"\n'
         )
         token_dir = settings.output_dir / "demo"
 
-        async def ready(_daemon: Daemon) -> None:
+        async def ready(daemon: Daemon) -> None:
+            metrics = (
+                f"  metrics:     http://127.0.0.1:{daemon.metrics_port}/metrics\n"
+                if daemon.metrics_port
+                else ""
+            )
             print(
                 f"\nimsd demo is running against the fake IMS at {fake.url}\n"
-                f"  credentials: {settings.credentials_dir}  (edit or add files: the daemon "
-                "reacts)\n"
+                f"  credentials: {creds}  (edit, add or remove files: the daemon reacts)\n"
                 f"  token files: {token_dir}/  (token, token.json, generic.headers, "
-                "generic.env)\n"
+                "generic.env, aep.headers, aep.env)\n"
+                f"  socket:      imsd status --socket {settings.socket}\n"
+                f"{metrics}"
+                f"  aep:  curl -sS -H @{token_dir}/aep.headers "
+                f"{fake.url}/gateway/aep/data/foundation/catalog/datasets\n"
                 f"  try:  curl -sS -H @{token_dir}/generic.headers "
                 f"{fake.url}/gateway/generic/v1/ping\n"
                 "Press Ctrl-C to stop.\n",
