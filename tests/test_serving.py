@@ -1,0 +1,225 @@
+"""The daemon as operators see it: the socket API with peer checks, forced refresh, metrics
+and health on TCP, sd_notify, and SIGHUP reload. Real sockets, the real fake IMS."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from imsd import logs
+from imsd.config import Settings, load_settings
+from imsd.daemon import Daemon
+from imsd.fakeims.server import FakeIms
+from imsd.registry import load_registry
+
+from tests.test_daemon import SECRET, make_settings, wait_for, write_cred
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    with FakeIms.in_thread() as f:
+        f.state.add_client(
+            "client-a",
+            secrets=[SECRET],
+            scopes=["openid", "AdobeID", "read_organizations"],
+            org_id="0123456789ABCDEF01234567@AdobeOrg",
+        )
+        yield f
+
+
+@pytest.fixture
+async def running(tmp_path: Path, fake: FakeIms) -> AsyncIterator[Any]:
+    """Start a daemon (settings overrides as keywords); stopped at the end of the test."""
+    async with anyio.create_task_group() as tg:
+
+        async def start(
+            env: dict[str, str] | None = None,
+            reload: Any = None,
+            handle_signals: bool = False,
+            **overrides: Any,
+        ) -> Daemon:
+            s = make_settings(tmp_path, metrics_address="127.0.0.1:0", **overrides)
+            d = Daemon(s, load_registry(), env=env or {}, reload=reload)
+            await tg.start(functools.partial(d.run, handle_signals=handle_signals))
+            return d
+
+        yield start
+        tg.cancel_scope.cancel()
+
+
+def uds(d: Daemon) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(d.settings.socket)),
+        base_url="http://imsd",
+        timeout=30,
+    )
+
+
+async def test_socket_api(tmp_path: Path, fake: FakeIms, running: Any) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake, extra='products = ["aep"]\n')
+    write_cred(tmp_path / "creds", "bad", fake, secret="p8e-wrong-00000000000000000")
+    d = await running()
+    mode = os.stat(d.settings.socket).st_mode & 0o777
+    assert mode == 0o660
+    async with uds(d) as c:
+        listing = (await c.get("/v1/credentials")).json()["credentials"]
+        assert [(x["name"], x["state"]) for x in listing] == [
+            ("alpha", "valid"),
+            ("bad", "expired"),
+        ]
+        assert "invalid_client" in listing[1]["last_error"]
+        assert SECRET not in str(listing)
+        doc = (await c.get("/v1/credentials/alpha/token")).json()
+        assert doc["access_token"] == (tmp_path / "tokens" / "alpha" / "token").read_text()
+        h = (await c.get("/v1/credentials/alpha/headers", params={"product": "aep"})).json()
+        assert h["headers"]["x-sandbox-name"] == "prod"
+        r = await c.get("/v1/credentials/alpha/headers", params={"product": "cja"})
+        assert (r.status_code, r.json()["error"]) == (404, "unknown_product")
+        r = await c.get("/v1/credentials/nope/token")
+        assert (r.status_code, r.json()["error"]) == (404, "unknown_credential")
+        r = await c.get("/v1/credentials/bad/token")
+        assert r.status_code == 503
+        assert r.json()["error"] == "expired"
+        assert "invalid_client" in r.json()["message"]
+        r = await c.delete("/v1/credentials/alpha/token")
+        assert r.status_code == 405
+        assert (await c.get("/livez")).status_code == 200
+        r = await c.get("/readyz")
+        assert r.status_code == 503
+        assert "bad" in r.json()["failing"]
+
+
+async def test_disallowed_peer_is_refused(tmp_path: Path, fake: FakeIms, running: Any) -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    write_cred(tmp_path / "creds", "alpha", fake)
+    d = await running(allowed_uids=[65534], allowed_gids=[])
+    async with uds(d) as c:
+        r = await c.get("/v1/credentials/alpha/token")
+    assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+    line = next(x for x in stream.getvalue().splitlines() if "api.peer_refused" in x)
+    assert f'"uid": {os.getuid()}' in line
+    assert f'"pid": {os.getpid()}' in line
+    logs.configure("warning", "json")
+
+
+async def test_thousand_forced_refreshes_one_ims_request(
+    tmp_path: Path, fake: FakeIms, running: Any
+) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    d = await running(min_refresh_interval=2.0)
+    old = (tmp_path / "tokens" / "alpha" / "token").read_text()
+    assert fake.state.request_count("client-a") == 1
+    await anyio.sleep(2.1)  # past the minimum interval
+    fake.state.hang(1.0)  # keep the single flight open while the callers arrive
+    results: list[tuple[int, str]] = []
+    limits = httpx.Limits(max_connections=100)
+    transport = httpx.AsyncHTTPTransport(uds=str(d.settings.socket), limits=limits)
+    async with httpx.AsyncClient(transport=transport, base_url="http://imsd", timeout=60) as c:
+
+        async def call() -> None:
+            r = await c.post("/v1/credentials/alpha/refresh")
+            results.append((r.status_code, r.json()["access_token"]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(1000):
+                tg.start_soon(call)
+    fake.state.hang(0)
+    assert fake.state.request_count("client-a") == 2
+    assert {status for status, _ in results} == {200}
+    tokens = {t for _, t in results}
+    assert old not in tokens
+    assert tokens == {(tmp_path / "tokens" / "alpha" / "token").read_text()}
+
+
+async def test_metrics_and_health(tmp_path: Path, fake: FakeIms, running: Any) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    d = await running()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metrics_port}") as c:
+        text = (await c.get("/metrics")).text
+        om = await c.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert (await c.get("/readyz")).status_code == 200
+        assert (await c.get("/livez")).json() == {"status": "ok"}
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    for name in (
+        'imsd_token_refresh_total{credential="alpha",result="success"} 1.0',
+        'imsd_token_expiry_timestamp_seconds{credential="alpha"}',
+        'imsd_token_last_success_timestamp_seconds{credential="alpha"}',
+        'imsd_credential_consecutive_failures{credential="alpha"} 0.0',
+        "imsd_token_refresh_duration_seconds_bucket",
+        'imsd_credentials{state="valid"} 1.0',
+        'imsd_ims_requests_total{code="200"} 1.0',
+        'imsd_build_info{version="',
+    ):
+        assert name in text
+    assert "_created" not in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: apt-get install prometheus (.ci/run does)"
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, text=True, capture_output=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    # A removed credential's series go with it.
+    (tmp_path / "creds" / "alpha.toml").unlink()
+    await wait_for(lambda: "alpha" not in d.store)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metrics_port}") as c:
+        assert 'credential="alpha"' not in (await c.get("/metrics")).text
+
+
+async def test_sd_notify_sequence(tmp_path: Path, fake: FakeIms, running: Any) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+        d = await running(env=env)
+        got = [sock.recv(4096).decode() for _ in range(3)]
+        assert got[0].startswith("READY=1\nSTATUS=1 credentials: 1 valid")
+        assert any("WATCHDOG=1" in g for g in got[1:])
+        await d.reload()
+        messages: list[str] = []
+        while not any(m.startswith("READY=1") for m in messages):
+            messages.append(sock.recv(4096).decode())
+        reloading = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
+        assert "MONOTONIC_USEC=" in messages[reloading]
+        assert reloading < next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+
+
+async def test_sighup_with_broken_config_keeps_serving(
+    tmp_path: Path, fake: FakeIms, running: Any
+) -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    write_cred(tmp_path / "creds", "alpha", fake)
+    config = tmp_path / "imsd.toml"
+    config.write_text("bogus_key = 1\n")
+    d = await running(reload=lambda: load_settings(config, env={}), handle_signals=True)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await wait_for(lambda: "daemon.reload_failed" in stream.getvalue())
+    assert "bogus_key" in stream.getvalue()
+    async with uds(d) as c:
+        assert (await c.get("/v1/credentials/alpha/token")).status_code == 200
+    # A good reload applies; unchanged listeners are not rebound.
+    old_port = d.metrics_port
+    socket_inode = os.stat(d.settings.socket).st_ino
+    current: Settings = d.settings
+    d._reload = lambda: current.model_copy(update={"min_refresh_interval": 5.0})
+    os.kill(os.getpid(), signal.SIGHUP)
+    await wait_for(lambda: d.settings.min_refresh_interval == 5.0)
+    assert os.stat(d.settings.socket).st_ino == socket_inode
+    assert d.metrics_port == old_port
+    logs.configure("warning", "json")
