@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,10 +167,10 @@ async def test_metrics_and_health(tmp_path: Path, fake: FakeIms, running: Any) -
     assert "_created" not in text
     promtool = shutil.which("promtool")
     assert promtool, "promtool not found: apt-get install prometheus (.ci/run does)"
-    check = subprocess.run(
-        [promtool, "check", "metrics"], input=text, text=True, capture_output=True, check=False
+    check = await anyio.run_process(
+        [promtool, "check", "metrics"], input=text.encode(), check=False
     )
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.returncode == 0, (check.stdout + check.stderr).decode()
     # A removed credential's series go with it.
     (tmp_path / "creds" / "alpha.toml").unlink()
     await wait_for(lambda: "alpha" not in d.store)
