@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="curl",
         help="json object, curl -H arguments' lines, or env lines",
     )
+    p = sub.add_parser("exec", help="run CMD with a credential's token in its environment")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--product", help="whose env variables (default: the credential's first)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--signal",
+        dest="rotate_signal",
+        metavar="SIG",
+        help="on token rotation send CMD this signal (e.g. HUP)",
+    )
+    how.add_argument("--restart", action="store_true", help="on token rotation restart CMD")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run")
     return parser
 
 
@@ -128,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"configuration error:\n{e}")
     if args.command in ("status", "token", "headers"):
         return _query(args, settings)
+    if args.command == "exec":
+        return _exec(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry()
     if args.command == "plugins":
@@ -178,6 +193,35 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("\n".join(f"{k}={v}" for k, v in doc["env"].items()))
     return 0
+
+
+def _exec(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from imsd.execmode import ExecError, run_exec
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    sig = None
+    if args.rotate_signal:
+        name = args.rotate_signal.upper()
+        try:
+            sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        except KeyError:
+            return _fail(f"unknown signal {args.rotate_signal!r}")
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        return anyio.run(
+            lambda: run_exec(
+                args.name,
+                command,
+                output_dir=settings.output_dir,
+                product=args.product,
+                rotate_signal=sig,
+                restart=args.restart,
+            )
+        )
+    except ExecError as e:
+        return _fail(str(e), 1)
 
 
 def _plugins(registry: Registry) -> int:
