@@ -1,0 +1,134 @@
+"""The refresh rule, as pure functions of wall-clock times (Unix seconds) and random draws.
+
+Theory of operation
+-------------------
+After a success the next refresh is due at ``issued + fraction × lifetime``, pulled earlier
+by up to ``jitter × lifetime`` (so that credentials minted together spread out) and never
+later than ``expires − min_margin``. For a token so short-lived that the margin would put the
+refresh before it was issued, the margin gives way to half the lifetime.
+
+After a failure the wait is exponential backoff with full jitter (AWS-style: a uniform draw
+in ``[0, min(cap, initial × 2^(attempt−1))]``), a ``Retry-After`` when IMS sent one, the cap
+for permanent errors (a human must fix the file; its change wakes the worker at once), and
+never past the current token's expiry while that token is still good.
+
+The driver never sleeps in one piece: :func:`sleep_for` caps every sleep at the re-check
+interval, so a suspended laptop or a clock jump is noticed within that interval. The random
+draws are arguments, so every function here is deterministic under test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from imsd.model import CredentialState, Grant, ImsError, ImsErrorKind
+
+__all__ = [
+    "RateLimiter",
+    "RefreshPolicy",
+    "backoff_delay",
+    "next_refresh_at",
+    "retry_at",
+    "sleep_for",
+    "token_state",
+]
+
+#: Shortest wait between attempts, so a zero draw or a zero Retry-After never spins.
+MIN_WAIT = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPolicy:
+    refresh_fraction: float = 0.8
+    jitter_fraction: float = 0.05
+    min_margin: float = 600.0
+    backoff_initial: float = 1.0
+    backoff_cap: float = 300.0
+    recheck_interval: float = 30.0
+
+
+def next_refresh_at(grant: Grant, policy: RefreshPolicy, rand: float) -> float:
+    """When to refresh a token obtained successfully; *rand* is a draw in [0, 1)."""
+    life = max(grant.lifetime, 0.0)
+    due = grant.issued_at + policy.refresh_fraction * life - rand * policy.jitter_fraction * life
+    latest = grant.expires_at - policy.min_margin
+    if latest <= grant.issued_at:  # the margin is longer than the token lives
+        latest = grant.issued_at + life / 2
+    return max(grant.issued_at, min(due, latest))
+
+
+def backoff_delay(attempt: int, policy: RefreshPolicy, rand: float) -> float:
+    """Full-jitter exponential backoff for the *attempt*-th consecutive failure (1-based)."""
+    exponent = min(max(attempt, 1) - 1, 62)  # 2**62 × initial exceeds any sane cap
+    ceiling = min(policy.backoff_cap, policy.backoff_initial * math.ldexp(1.0, exponent))
+    return max(MIN_WAIT, rand * ceiling)
+
+
+def retry_at(
+    now: float,
+    error: ImsError,
+    attempt: int,
+    policy: RefreshPolicy,
+    rand: float,
+    expires_at: float | None,
+) -> float:
+    """When to try again after *error*.
+
+    A ``Retry-After`` is honoured exactly (it is IMS telling us when it will answer); when it
+    or the backoff would run past the expiry of the token still being served, the retry
+    moves to just before that expiry instead, the last chance to keep a valid token.
+    """
+    if error.kind is ImsErrorKind.PERMANENT:
+        wait = policy.backoff_cap
+    elif error.kind is ImsErrorKind.THROTTLED and error.retry_after is not None:
+        wait = max(MIN_WAIT, error.retry_after)
+    else:
+        wait = backoff_delay(attempt, policy, rand)
+    wake = now + wait
+    if expires_at is not None and now < expires_at and error.kind is not ImsErrorKind.PERMANENT:
+        last_chance = max(now + MIN_WAIT, expires_at - min(policy.backoff_initial, 1.0))
+        wake = min(wake, last_chance)
+    return wake
+
+
+def sleep_for(now: float, wake_at: float, policy: RefreshPolicy) -> float:
+    """How long the driver may sleep before looking at the wall clock again."""
+    return min(max(0.0, wake_at - now), policy.recheck_interval)
+
+
+def token_state(grant: Grant | None, now: float, *, failing: bool) -> CredentialState:
+    if grant is None:
+        return CredentialState.EXPIRED if failing else CredentialState.PENDING
+    if now >= grant.expires_at:
+        return CredentialState.EXPIRED
+    return CredentialState.STALE if failing else CredentialState.VALID
+
+
+class RateLimiter:
+    """A token bucket (pure: the caller passes the time and sleeps the returned delay).
+
+    ``reserve`` books the next slot even when it lies in the future, so concurrent callers
+    queue up in order instead of all waking at once.
+    """
+
+    def __init__(self, rate: float | None, burst: int = 1) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive (or None for no limit)")
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._stamp: float | None = None
+
+    def reserve(self, now: float) -> float:
+        if self.rate is None:
+            return 0.0
+        if self._stamp is None:
+            self._stamp = now
+        elapsed = max(0.0, now - self._stamp)
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._stamp = max(self._stamp, now)
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return 0.0
+        return -self._tokens / self.rate

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from imsd.model import CredentialState, Grant, ImsError, ImsErrorKind, Secret
+from imsd.schedule import (
+    MIN_WAIT,
+    RateLimiter,
+    RefreshPolicy,
+    backoff_delay,
+    next_refresh_at,
+    retry_at,
+    sleep_for,
+    token_state,
+)
+
+P = RefreshPolicy()
+DAY = 86400.0
+
+
+def grant(issued: float = 1000.0, life: float = DAY) -> Grant:
+    return Grant(Secret("t"), "bearer", issued, issued + life)
+
+
+@pytest.mark.parametrize(
+    ("life", "rand", "expected"),
+    [
+        (DAY, 0.0, 1000 + 0.8 * DAY),  # no jitter drawn
+        (DAY, 0.999999, 1000 + 0.8 * DAY - 0.999999 * 0.05 * DAY),
+        (1800.0, 0.0, 1000 + 1200.0),  # 0.8 × 30 min = 24 min > expires − 10 min = 20 min
+        (600.0, 0.0, 1000 + 300.0),  # margin ≥ lifetime: half the lifetime
+        (0.0, 0.5, 1000.0),
+    ],
+)
+def test_next_refresh_table(life: float, rand: float, expected: float) -> None:
+    assert next_refresh_at(grant(life=life), P, rand) == pytest.approx(expected)
+
+
+@given(
+    issued=st.floats(0, 2e9),
+    life=st.floats(1, 10 * DAY),
+    rand=st.floats(0, 1, exclude_max=True),
+)
+def test_next_refresh_invariants(issued: float, life: float, rand: float) -> None:
+    g = grant(issued, life)
+    at = next_refresh_at(g, P, rand)
+    assert g.issued_at <= at < g.expires_at
+    if life > P.min_margin:
+        assert at <= g.expires_at - P.min_margin + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [
+        (1, 0.5, 0.5),
+        (2, 0.5, 1.0),
+        (4, 1.0, 8.0),
+        (10, 1.0, 300.0),
+        (10**6, 1.0, 300.0),
+        (1, 0.0, MIN_WAIT),
+    ],
+)
+def test_backoff_table(attempt: int, rand: float, expected: float) -> None:
+    assert backoff_delay(attempt, P, rand) == expected
+
+
+@given(st.integers(1, 10**9), st.floats(0, 1, exclude_max=True))
+def test_backoff_bounded(attempt: int, rand: float) -> None:
+    assert MIN_WAIT <= backoff_delay(attempt, P, rand) <= P.backoff_cap
+
+
+def test_retry_after_is_honoured() -> None:
+    e = ImsError(ImsErrorKind.THROTTLED, "too_many_requests", status=429, retry_after=42)
+    assert retry_at(100.0, e, 1, P, 0.9, None) == 142.0
+
+
+def test_permanent_waits_the_cap() -> None:
+    e = ImsError(ImsErrorKind.PERMANENT, "invalid_client", status=401)
+    assert retry_at(100.0, e, 1, P, 0.1, 150.0) == 100.0 + P.backoff_cap
+
+
+@given(
+    now=st.floats(0, 1e9),
+    left=st.floats(0.1, DAY),
+    attempt=st.integers(1, 100),
+    rand=st.floats(0, 1, exclude_max=True),
+    kind=st.sampled_from([ImsErrorKind.TRANSIENT, ImsErrorKind.THROTTLED]),
+    retry_after=st.one_of(st.none(), st.floats(0, 10 * DAY)),
+)
+def test_retry_never_past_expiry(
+    now: float,
+    left: float,
+    attempt: int,
+    rand: float,
+    kind: ImsErrorKind,
+    retry_after: float | None,
+) -> None:
+    e = ImsError(kind, "x", retry_after=retry_after)
+    wake = retry_at(now, e, attempt, P, rand, now + left)
+    assert now < wake <= max(now + left, now + MIN_WAIT) + 1e-6
+
+
+@given(st.floats(0, 1e9), st.floats(-1e9, 1e9))
+def test_sleep_is_capped_by_recheck(now: float, delta: float) -> None:
+    s = sleep_for(now, now + delta, P)
+    assert 0 <= s <= P.recheck_interval
+
+
+def test_token_states() -> None:
+    g = grant(issued=0, life=100)
+    assert token_state(None, 0, failing=False) is CredentialState.PENDING
+    assert token_state(None, 0, failing=True) is CredentialState.EXPIRED
+    assert token_state(g, 50, failing=False) is CredentialState.VALID
+    assert token_state(g, 50, failing=True) is CredentialState.STALE
+    assert token_state(g, 100, failing=True) is CredentialState.EXPIRED
+
+
+def test_rate_limiter_books_future_slots() -> None:
+    rl = RateLimiter(rate=2.0, burst=2)
+    assert [rl.reserve(0.0) for _ in range(4)] == [0.0, 0.0, 0.5, 1.0]
+    assert rl.reserve(10.0) == 0.0
+    assert RateLimiter(None).reserve(0.0) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        RateLimiter(0)
+
+
+@given(st.lists(st.floats(0, 0.01), min_size=1, max_size=200))
+def test_rate_limiter_never_exceeds_rate(gaps: list[float]) -> None:
+    rl = RateLimiter(rate=10.0, burst=3)
+    now, starts = 0.0, []
+    for gap in gaps:
+        now += gap
+        starts.append(now + rl.reserve(now))
+    # Over any run of requests, the span covers (n - burst) / rate seconds.
+    starts.sort()
+    for i in range(len(starts)):
+        for j in range(i + 3, len(starts)):
+            assert starts[j] - starts[i] >= (j - i - 3 + 1) / 10.0 - 1e-9
