@@ -1,0 +1,212 @@
+"""Auth flows as plain generators, free of I/O (the httpx "auth flow" shape).
+
+A flow yields the :class:`~imsd.model.HttpRequest` it needs sent, receives the
+:class:`~imsd.model.HttpResponse` through ``send()``, and finally returns a
+:class:`~imsd.model.Grant` (or raises :class:`~imsd.model.ImsError`). The thin driver in
+:mod:`imsd.imsclient` does the HTTP; tests drive flows with canned responses.
+
+Expiry comes from the token's own claims (``created_at`` + ``expires_in``, both milliseconds,
+IMS sends them as strings), falling back to the response's ``expires_in`` in the endpoint's
+unit: seconds for ``/ims/token/v2`` and ``v3``, milliseconds for ``v1`` and
+``/ims/exchange/jwt``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Callable, Generator, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+
+from imsd.model import (
+    AUTH_S2S,
+    Credential,
+    CredentialError,
+    Grant,
+    HttpRequest,
+    HttpResponse,
+    ImsError,
+    ImsErrorKind,
+    Secret,
+)
+
+__all__ = [
+    "FLOWS",
+    "Flow",
+    "FlowFactory",
+    "classify_error",
+    "client_credentials_flow",
+    "expires_in_unit",
+    "flow_for",
+    "parse_token_response",
+    "register_flow",
+]
+
+Flow = Generator[HttpRequest, HttpResponse, Grant]
+FlowFactory = Callable[[Credential, float], Flow]
+
+#: Errors that retrying cannot fix: the credential file must change.
+PERMANENT_CODES: Final = frozenset(
+    {
+        "invalid_client",
+        "invalid_scope",
+        "unauthorized_client",
+        "invalid_grant",
+        "unsupported_grant_type",
+        "invalid_request",
+        "invalid_signature",
+        "bad_request",
+    }
+)
+_MAX_LIFETIME: Final = 366 * 86400.0  # IMS tokens live a day; a year is certainly wrong
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_FORM: Final = {"Accept": "application/json"}
+
+
+def expires_in_unit(path: str) -> str:
+    """``"ms"`` for ``/ims/token/v1`` and ``/ims/exchange/jwt``, else ``"s"``."""
+    p = path.rstrip("/")
+    return "ms" if p.endswith(("/ims/token/v1", "/ims/exchange/jwt")) else "s"
+
+
+def _clean(text: Any, limit: int = 200) -> str:
+    return _CONTROL.sub(" ", str(text))[:limit].strip()
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _json(resp: HttpResponse) -> Any:
+    try:
+        return json.loads(resp.body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def classify_error(resp: HttpResponse, *, now: float = 0.0) -> ImsError:
+    """Turn a non-2xx IMS answer into a classified error (never quoting the request)."""
+    body = _json(resp)
+    code, description = "", ""
+    if isinstance(body, dict):
+        code = _clean(body.get("error") or body.get("error_code") or "", 64)
+        description = _clean(body.get("error_description") or body.get("message") or "")
+    if resp.status == 429:
+        return ImsError(
+            ImsErrorKind.THROTTLED,
+            code or "too_many_requests",
+            description,
+            status=resp.status,
+            retry_after=_retry_after(resp.headers.get("retry-after"), now),
+        )
+    if code in PERMANENT_CODES and resp.status < 500:
+        return ImsError(ImsErrorKind.PERMANENT, code, description, status=resp.status)
+    if resp.status in (401, 403) and not code:
+        return ImsError(ImsErrorKind.PERMANENT, "unauthorized", description, status=resp.status)
+    return ImsError(
+        ImsErrorKind.TRANSIENT, code or f"http_{resp.status}", description, status=resp.status
+    )
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT-shaped token, unverified (IMS tokens are checked by IMS)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and re.fullmatch(r"\d{1,16}(\.\d+)?", value.strip()):
+        return float(value)
+    return None
+
+
+def _invalid(why: str, status: int) -> ImsError:
+    return ImsError(ImsErrorKind.TRANSIENT, "invalid_response", why, status=status)
+
+
+def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> Grant:
+    """A Grant from a 2xx token response, or ImsError. Never echoes the body."""
+    if not 200 <= resp.status < 300:
+        raise classify_error(resp, now=now)
+    body = _json(resp)
+    if not isinstance(body, dict):
+        raise _invalid("response is not a JSON object", resp.status)
+    token = body.get("access_token")
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise _invalid("response has no usable access_token", resp.status)
+    token_type = body.get("token_type", "bearer")
+    if not isinstance(token_type, str) or not token_type.isalpha():
+        token_type = "bearer"
+    claims = _claims(token)
+    created, lifetime_ms = _number(claims.get("created_at")), _number(claims.get("expires_in"))
+    if created is not None and lifetime_ms is not None and 0 < lifetime_ms <= _MAX_LIFETIME * 1e3:
+        issued, expires = created / 1000.0, (created + lifetime_ms) / 1000.0
+        # A token minted by a clock far from ours: trust its lifetime, anchor it on our clock.
+        if abs(issued - now) > 300:
+            issued, expires = now, now + lifetime_ms / 1000.0
+    else:
+        expires_in = _number(body.get("expires_in"))
+        if expires_in is None:
+            raise _invalid("response has no usable expires_in", resp.status)
+        seconds = expires_in / 1000.0 if unit == "ms" else expires_in
+        if not 0 < seconds <= _MAX_LIFETIME:
+            raise _invalid("expires_in is out of range", resp.status)
+        issued, expires = now, now + seconds
+    if expires <= now:
+        raise _invalid("token is already expired", resp.status)
+    return Grant(Secret(token), token_type.lower(), issued, expires)
+
+
+def client_credentials_flow(cred: Credential, now: float, *, version: str = "v3") -> Flow:
+    """OAuth Server-to-Server: one POST to ``/ims/token/{version}``."""
+    path = f"/ims/token/{version}"
+    request = HttpRequest(
+        "POST",
+        cred.ims_url.rstrip("/") + path,
+        form={
+            "grant_type": "client_credentials",
+            "client_id": cred.client_id,
+            "client_secret": cred.client_secret.reveal(),
+            "scope": ",".join(s.strip() for s in cred.scopes),
+        },
+        headers=_FORM,
+    )
+    response = yield request
+    return parse_token_response(response, now=now, unit=expires_in_unit(path))
+
+
+FLOWS: dict[str, FlowFactory] = {AUTH_S2S: client_credentials_flow}
+
+
+def register_flow(auth: str, factory: FlowFactory) -> None:
+    FLOWS[auth] = factory
+
+
+def flow_for(
+    cred: Credential, *, now: float, flows: Mapping[str, FlowFactory] | None = None
+) -> Flow:
+    factory = (flows or FLOWS).get(cred.auth)
+    if factory is None:
+        raise CredentialError(cred.path, f"unsupported auth method {cred.auth!r}", field="auth")
+    return factory(cred, now)

@@ -1,0 +1,151 @@
+"""The thin I/O driver for auth flows: httpx, a global concurrency cap and a rate limit.
+
+TLS verification is always on. Plain ``http://`` is refused except to loopback (the fake
+IMS). Response bodies are read with a size cap, and every transport failure becomes a
+TRANSIENT :class:`~imsd.model.ImsError` whose message holds no request content.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from imsd import __version__
+from imsd.flows import Flow
+from imsd.model import Grant, HttpRequest, HttpResponse, ImsError, ImsErrorKind
+from imsd.schedule import RateLimiter
+
+__all__ = ["ImsClient", "check_url"]
+
+MAX_BODY: Final = 1 << 20
+USER_AGENT: Final = f"imsd/{__version__}"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+        return
+    raise ImsError(
+        ImsErrorKind.PERMANENT, "insecure_url", "IMS URLs must be https (http only to loopback)"
+    )
+
+
+class ImsClient:
+    def __init__(
+        self,
+        *,
+        max_concurrent: int = 8,
+        rate: float | None = 20.0,
+        burst: int = 8,
+        timeout: float = 30.0,
+        max_body: int = MAX_BODY,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_response: Callable[[int | str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._limiter = anyio.CapacityLimiter(max_concurrent)
+        self._rate = RateLimiter(rate, burst)
+        self._timeout = timeout
+        self._max_body = max_body
+        self._transport = transport
+        self._on_response = on_response
+        self._clock = clock
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> ImsClient:
+        self._http = httpx.AsyncClient(
+            transport=self._transport,
+            timeout=httpx.Timeout(self._timeout),
+            verify=True,
+            follow_redirects=False,
+            trust_env=False,  # no proxy or netrc surprises for secret-bearing requests
+            headers={"User-Agent": USER_AGENT},
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def run(self, flow: Flow) -> Grant:
+        """Drive *flow* to its Grant, sending each request it yields."""
+        try:
+            request = next(flow)
+            while True:
+                response = await self.send(request)
+                request = flow.send(response)
+        except StopIteration as stop:
+            grant: Grant = stop.value
+            return grant
+        finally:
+            flow.close()
+
+    def _note(self, code: int | str) -> None:
+        if self._on_response is not None:
+            self._on_response(code)
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        if self._http is None:
+            raise RuntimeError("ImsClient is not open (use 'async with')")
+        check_url(request.url)
+        async with self._limiter:
+            delay = self._rate.reserve(time.monotonic())
+            if delay > 0:
+                await anyio.sleep(delay)
+            try:
+                async with self._http.stream(
+                    request.method,
+                    request.url,
+                    data=dict(request.form) or None,
+                    headers=dict(request.headers),
+                ) as resp:
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > self._max_body:
+                            self._note(resp.status_code)
+                            raise ImsError(
+                                ImsErrorKind.TRANSIENT,
+                                "response_too_large",
+                                f"IMS response exceeds {self._max_body} bytes",
+                                status=resp.status_code,
+                            )
+            except httpx.TimeoutException:
+                self._note("network_error")
+                raise ImsError(
+                    ImsErrorKind.TRANSIENT, "timeout", f"no answer within {self._timeout}s"
+                ) from None
+            except httpx.HTTPError as e:
+                self._note("network_error")
+                host = urlsplit(request.url).netloc
+                raise ImsError(
+                    ImsErrorKind.TRANSIENT, "network_error", f"{type(e).__name__} ({host})"
+                ) from None
+        self._note(resp.status_code)
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        return HttpResponse(resp.status_code, headers, bytes(body))
