@@ -63,6 +63,7 @@ PERMANENT_CODES: Final = frozenset(
 _MAX_LIFETIME: Final = 366 * 86400.0  # IMS tokens live a day; a year is certainly wrong
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _FORM: Final = {"Accept": "application/json"}
+_BEARER: Final = "bearer"
 
 
 def expires_in_unit(path: str) -> str:
@@ -155,9 +156,8 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
     token = body.get("access_token")
     if not isinstance(token, str) or not token or any(c.isspace() for c in token):
         raise _invalid("response has no usable access_token", resp.status)
-    token_type = body.get("token_type", "bearer")
-    if not isinstance(token_type, str) or not token_type.isalpha():
-        token_type = "bearer"
+    kind = body.get("token_type")
+    token_type = kind.lower() if isinstance(kind, str) and kind.isalpha() else _BEARER
     claims = _claims(token)
     created, lifetime_ms = _number(claims.get("created_at")), _number(claims.get("expires_in"))
     if created is not None and lifetime_ms is not None and 0 < lifetime_ms <= _MAX_LIFETIME * 1e3:
@@ -175,7 +175,7 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
         issued, expires = now, now + seconds
     if expires <= now:
         raise _invalid("token is already expired", resp.status)
-    return Grant(Secret(token), token_type.lower(), issued, expires)
+    return Grant(Secret(token), token_type, issued, expires)
 
 
 def client_credentials_flow(cred: Credential, now: float, *, version: str = "v3") -> Flow:
