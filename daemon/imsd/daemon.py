@@ -20,7 +20,7 @@ from imsd import sdnotify
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed
 from imsd.config import ConfigError, Settings
-from imsd.credentials import parse_credential
+from imsd.credentials import parse_credentials
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
 from imsd.imsclient import ImsClient
 from imsd.metrics import Metrics
@@ -38,11 +38,11 @@ log = structlog.get_logger("imsd.daemon")
 
 def credential_parser(
     settings: Settings, env: Mapping[str, str] | None = None
-) -> Callable[[Path, bytes], Credential]:
+) -> Callable[[Path, bytes], list[Credential]]:
     env = dict(os.environ if env is None else env)
     creds_dir = env.get("CREDENTIALS_DIRECTORY")
     return functools.partial(
-        parse_credential,
+        parse_credentials,
         default_ims_url=settings.ims_url,
         env=env,
         credentials_directory=Path(creds_dir) if creds_dir else None,

@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from imsd.catalog import Added, Changed, Event, Failed, Removed
+from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.plugin import Product
@@ -147,6 +147,8 @@ class Supervisor:
                 await self._removed(event.cred.name)
             elif isinstance(event, Failed):
                 await self._failed(event)
+            elif isinstance(event, Resolved):
+                self._resolved(event)
 
     async def _added(self, cred: Credential) -> None:
         entry = self.store.upsert(cred.name, cred.path)
@@ -210,12 +212,24 @@ class Supervisor:
         log.info("credential.removed", credential=name)
 
     async def _failed(self, event: Failed) -> None:
-        key = event.name or event.path.name
+        key = event.name or event.path.stem
+        other = self.store.get(key)
+        if event.name is None and other is not None and other.path != event.path:
+            key = event.path.name  # don't pin this file's error on another file's credential
         entry = self.store.upsert(key, event.path)
         entry.file_error = str(event.error)
         kept = event.kept is not None and key in self._workers
         log.error("credential.invalid", credential=key, error=str(event.error), kept=kept)
         await self._announce_failure(key, str(event.error))
+
+    def _resolved(self, event: Resolved) -> None:
+        for entry in self.store:
+            if entry.path != event.path:
+                continue
+            if entry.credential is None:
+                self.store.remove(entry.name)  # an invalid file that is gone or fixed
+            else:
+                entry.file_error = None
 
     def _start(self, cred: Credential) -> None:
         if self._tg is None:

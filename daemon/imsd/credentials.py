@@ -1,0 +1,374 @@
+"""Credential files → validated :class:`~imsd.model.Credential` values.
+
+Parsing is pure apart from reading secret files, which goes through an injected callable.
+Native files are TOML or JSON with the fields of the contract; Developer Console downloads
+(see :mod:`imsd.console`) are converted to the same native fields first, so one validator
+checks everything. Every error is a :class:`~imsd.model.CredentialError` naming the file and
+the field; pydantic runs with ``hide_input_in_errors`` so no value (least of all a secret)
+is ever echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imsd import console
+from imsd.model import (
+    AUTH_S2S,
+    DEFAULT_IMS_URL,
+    NAME_RE,
+    OUTPUT_KINDS,
+    Credential,
+    CredentialError,
+    Secret,
+)
+
+__all__ = ["EXTENSIONS", "MAX_FILE_SIZE", "parse_credentials", "read_secret_file"]
+
+EXTENSIONS: Final = (".toml", ".json")
+MAX_FILE_SIZE: Final = 1 << 20
+AUTH_JWT: Final = "jwt"
+AUTH_REFRESH: Final = "refresh_token"
+
+ReadSecret = Callable[[Path], str]
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret file's content without its trailing newline (``echo secret > file``)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_SIZE + 1)
+    if len(data) > MAX_FILE_SIZE:
+        raise ValueError("file is larger than 1 MiB")
+    return data.decode("utf-8").rstrip("\r\n")
+
+
+class _Native(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, strict=False)
+
+    name: str | None = None
+    auth: Literal["oauth_server_to_server", "jwt", "refresh_token"] = AUTH_S2S
+    client_id: str = Field(min_length=1, max_length=256)
+    client_secret: str | None = None
+    client_secret_file: str | None = None
+    client_secret_env: str | None = None
+    org_id: str
+    scopes: list[str] = Field(default_factory=list)
+    ims_url: str | None = None
+    products: list[str] = Field(default_factory=lambda: ["generic"], min_length=1)
+    outputs: list[Literal["token", "json", "headers", "env"]] = Field(
+        default_factory=lambda: list(OUTPUT_KINDS), min_length=1
+    )
+    product: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    # jwt
+    technical_account_id: str | None = None
+    metascopes: list[str] = Field(default_factory=list)
+    private_key_file: str | None = None
+    private_key: str | None = None  # AEM downloads carry the key inline
+    private_key_passphrase_file: str | None = None
+    private_key_passphrase_env: str | None = None
+    # refresh_token
+    refresh_token_file: str | None = None
+
+    @field_validator("scopes", "metascopes", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("scopes", "metascopes")
+    @classmethod
+    def _scope_names(cls, v: list[str]) -> list[str]:
+        v = [s.strip() for s in v]
+        if any(not s or "," in s or any(c.isspace() for c in s) for s in v):
+            raise ValueError("scope names must be non-empty and contain no commas or spaces")
+        return v
+
+    @field_validator("org_id")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        if not v.endswith("@AdobeOrg") or len(v) <= len("@AdobeOrg"):
+            raise ValueError("must be an IMS org id ending with @AdobeOrg")
+        return v
+
+    @field_validator("products")
+    @classmethod
+    def _products(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a product twice")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists an output twice")
+        return v
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _ims_url(url: str, path: Path) -> str:
+    parts = urlsplit(url)
+    ok = (
+        parts.hostname
+        and not parts.query
+        and not parts.fragment
+        and (parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname)))
+    )
+    if not ok:
+        raise CredentialError(
+            path, "must be an https:// URL (http:// only to a loopback host)", field="ims_url"
+        )
+    return url.rstrip("/")
+
+
+def _decode(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) > MAX_FILE_SIZE:
+        raise CredentialError(path, "file is larger than 1 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CredentialError(path, "file is not UTF-8 text") from None
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise CredentialError(path, f"invalid TOML: {e}") from None
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise CredentialError(path, f"invalid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise CredentialError(path, "the JSON top level must be an object")
+        return obj
+    raise CredentialError(path, f"unsupported file type {path.suffix!r} (use .toml or .json)")
+
+
+def _validation_error(path: Path, err: ValidationError) -> CredentialError:
+    first = err.errors(include_input=False, include_url=False)
+    loc = ".".join(str(p) for p in first[0]["loc"]) or None
+    msgs = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in first[1:]]
+    message = first[0]["msg"] + ("" if not msgs else f" (also: {'; '.join(msgs)})")
+    if first[0]["type"] == "extra_forbidden":
+        message = "unknown field (a typo?)" + ("" if not msgs else f" (also: {'; '.join(msgs)})")
+    return CredentialError(path, message, field=loc)
+
+
+class _Resolver:
+    """Reads the secrets a credential names, recording them for the digest."""
+
+    def __init__(
+        self,
+        path: Path,
+        env: Mapping[str, str],
+        read: ReadSecret,
+        credentials_directory: Path | None,
+    ) -> None:
+        self.path = path
+        self.env = env
+        self.read = read
+        self.creds_dir = credentials_directory
+        self.seen: list[str] = []
+
+    def _locate(self, name: str) -> Path:
+        p = Path(name)
+        if p.is_absolute():
+            return p
+        if self.creds_dir is not None and (self.creds_dir / p).exists():
+            return self.creds_dir / p
+        return self.path.parent / p
+
+    def file(self, name: str, field: str) -> str:
+        where = self._locate(name)
+        try:
+            value = self.read(where)
+        except FileNotFoundError:
+            raise CredentialError(self.path, f"file not found: {where}", field=field) from None
+        except PermissionError:
+            raise CredentialError(self.path, f"permission denied: {where}", field=field) from None
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CredentialError(
+                self.path, f"cannot read {where}: {reason}", field=field
+            ) from None
+        return self._keep(value, field)
+
+    def var(self, name: str, field: str) -> str:
+        if name not in self.env:
+            raise CredentialError(self.path, f"environment variable {name} is not set", field=field)
+        return self._keep(self.env[name], field)
+
+    def _keep(self, value: str, field: str) -> str:
+        if not value.strip():
+            raise CredentialError(self.path, "the secret is empty", field=field)
+        self.seen.append(value)
+        return value
+
+
+def _client_secret(m: _Native, r: _Resolver) -> Secret:
+    given = [
+        f for f in ("client_secret", "client_secret_file", "client_secret_env") if getattr(m, f)
+    ]
+    if len(given) != 1:
+        raise CredentialError(
+            r.path,
+            "exactly one of client_secret, client_secret_file, client_secret_env is required"
+            + (f" (found {', '.join(given)})" if given else ""),
+            field="client_secret",
+        )
+    if m.client_secret is not None:
+        return Secret(r._keep(m.client_secret, "client_secret"))
+    if m.client_secret_file is not None:
+        return Secret(r.file(m.client_secret_file, "client_secret_file"))
+    assert m.client_secret_env is not None
+    return Secret(r.var(m.client_secret_env, "client_secret_env"))
+
+
+def _auth_options(m: _Native, r: _Resolver) -> dict[str, Any]:
+    if m.auth == AUTH_JWT:
+        missing = [f for f in ("technical_account_id",) if not getattr(m, f)]
+        if not m.metascopes:
+            missing.append("metascopes")
+        if not (m.private_key_file or m.private_key):
+            missing.append("private_key_file")
+        if missing:
+            raise CredentialError(r.path, 'required for auth = "jwt"', field=missing[0])
+        key = (
+            m.private_key if m.private_key else r.file(m.private_key_file or "", "private_key_file")
+        )
+        if m.private_key:
+            r._keep(m.private_key, "private_key")
+        options: dict[str, Any] = {
+            "technical_account_id": m.technical_account_id,
+            "metascopes": tuple(m.metascopes),
+            "private_key": Secret(key),
+        }
+        if m.private_key_passphrase_file:
+            options["passphrase"] = Secret(
+                r.file(m.private_key_passphrase_file, "private_key_passphrase_file")
+            )
+        elif m.private_key_passphrase_env:
+            options["passphrase"] = Secret(
+                r.var(m.private_key_passphrase_env, "private_key_passphrase_env")
+            )
+        return options
+    if m.auth == AUTH_REFRESH:
+        if not m.refresh_token_file:
+            raise CredentialError(
+                r.path, 'required for auth = "refresh_token"', field="refresh_token_file"
+            )
+        return {
+            "refresh_token": Secret(r.file(m.refresh_token_file, "refresh_token_file")),
+        }
+    stray = [
+        f
+        for f in ("technical_account_id", "private_key_file", "refresh_token_file")
+        if getattr(m, f)
+    ]
+    if stray:
+        raise CredentialError(r.path, f"does not apply to auth = {m.auth!r}", field=stray[0])
+    return {}
+
+
+def _build(
+    path: Path,
+    name: str,
+    table: Mapping[str, Any],
+    *,
+    raw: bytes,
+    default_ims_url: str,
+    resolver: _Resolver,
+) -> Credential:
+    try:
+        m = _Native.model_validate(dict(table))
+    except ValidationError as e:
+        raise _validation_error(path, e) from None
+    name = m.name or name
+    if not NAME_RE.match(name):
+        raise CredentialError(path, "must be 1-64 of A-Z a-z 0-9 . _ -", field="name")
+    if m.auth == AUTH_S2S and not m.scopes:
+        raise CredentialError(path, "at least one scope is required", field="scopes")
+    for product in m.product:
+        if product not in m.products:
+            raise CredentialError(
+                path, f"options for a product not in products: {product!r}", field="product"
+            )
+    for header, value in m.extra_headers.items():
+        if not header or any(c in header for c in ":\r\n\0 ") or any(c in value for c in "\r\n\0"):
+            raise CredentialError(
+                path, "header names and values must be single-line", field="extra_headers"
+            )
+    secret = _client_secret(m, resolver)
+    options = _auth_options(m, resolver)
+    ims_url = _ims_url(m.ims_url or default_ims_url, path)
+    h = hashlib.sha256(raw)
+    for part in (name, ims_url, *resolver.seen):
+        h.update(b"\0" + part.encode())
+    return Credential(
+        name=name,
+        path=path,
+        auth=m.auth,
+        client_id=m.client_id,
+        client_secret=secret,
+        org_id=m.org_id,
+        scopes=tuple(m.scopes),
+        ims_url=ims_url,
+        products=tuple(m.products),
+        outputs=tuple(m.outputs),
+        product_options={k: dict(v) for k, v in m.product.items()},
+        options=options,
+        extra_headers=dict(m.extra_headers),
+        digest=h.hexdigest(),
+    )
+
+
+def parse_credentials(
+    path: Path,
+    data: bytes,
+    *,
+    default_ims_url: str = DEFAULT_IMS_URL,
+    env: Mapping[str, str] | None = None,
+    read_secret: ReadSecret = read_secret_file,
+    credentials_directory: Path | None = None,
+) -> list[Credential]:
+    """Every credential in the file at *path* (one for native files, one or more for a
+    Developer Console project). Raises CredentialError naming the file and the field."""
+    obj = _decode(path, data)
+    resolver = _Resolver(
+        path, os.environ if env is None else env, read_secret, credentials_directory
+    )
+    kind = console.detect(obj)
+    if kind is None:
+        tables = [(path.stem, obj)]
+    else:
+        try:
+            tables = console.convert(obj, stem=path.stem)
+        except console.ConsoleError as e:
+            raise CredentialError(path, str(e), field=e.field) from None
+    out: list[Credential] = []
+    for name, table in tables:
+        resolver.seen.clear()
+        out.append(
+            _build(path, name, table, raw=data, default_ims_url=default_ims_url, resolver=resolver)
+        )
+    return out

@@ -1,0 +1,161 @@
+"""Watching the credentials directory (watchfiles) and turning changes into catalog events.
+
+Theory of operation
+-------------------
+The directory is watched, never single files: editors save by renaming over the file, and a
+Kubernetes Secret volume updates by swapping its ``..data`` symlink, both of which a watch on
+a file would miss. Every batch of changes is only a hint: it triggers a full re-scan, and the
+catalog diffs by content digest, so nothing depends on which events the kernel reported. A
+periodic re-scan is the safety net for changes no event announces (a secret file outside the
+directory, an NFS mount). When the directory itself is replaced (renamed away, deleted and
+re-created) its inode changes: the watch is restarted on the new directory. A missing
+directory keeps the current credentials (a transient unmount must not remove every token)
+and is polled until it returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import structlog
+from watchfiles import awatch
+
+from imsd.catalog import Catalog, Event, ScanResult
+from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE
+from imsd.model import Credential, CredentialError
+
+__all__ = ["DirectoryWatcher", "Parse", "scan_directory"]
+
+log = structlog.get_logger("imsd.watcher")
+
+Parse = Callable[[Path, bytes], Sequence[Credential]]
+OnEvents = Callable[[list[Event]], Awaitable[None]]
+
+
+def _candidate(name: str) -> bool:
+    return not name.startswith(".") and name.endswith(EXTENSIONS)
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_SIZE + 1)
+    return data
+
+
+def scan_directory(root: Path, *, parse: Parse) -> dict[Path, ScanResult] | None:
+    """Parse every credential file under *root* (not recursive; symlinks followed).
+    None when *root* is not a readable directory."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as e:
+        log.error("watcher.root_unavailable", root=str(root), error=e.strerror)
+        return None
+    out: dict[Path, ScanResult] = {}
+    for entry in entries:
+        if not _candidate(entry.name):
+            continue
+        path = Path(root, entry.name)
+        try:
+            if not entry.is_file():  # follows the ..data symlinks of Secret volumes
+                continue
+            data = _read(path)
+        except OSError as e:
+            out[path] = CredentialError(path, f"cannot read: {e.strerror or e}")
+            continue
+        try:
+            out[path] = list(parse(path, data))
+        except CredentialError as e:
+            out[path] = e
+    return out
+
+
+def _identity(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class DirectoryWatcher:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        parse: Parse,
+        on_events: OnEvents,
+        debounce_ms: int = 200,
+        rescan_interval: float = 60.0,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.root = root
+        self.parse = parse
+        self.on_events = on_events
+        self.debounce_ms = debounce_ms
+        self.rescan_interval = rescan_interval
+        self.catalog = catalog or Catalog()
+        self._lock = anyio.Lock()
+        self.scans = 0
+
+    async def rescan(self) -> None:
+        """Scan now and deliver the resulting events (serialized with other scans)."""
+        async with self._lock:
+            scan = await anyio.to_thread.run_sync(
+                lambda: scan_directory(self.root, parse=self.parse)
+            )
+            self.scans += 1
+            if scan is None:
+                return
+            events = self.catalog.apply(scan)
+            if events:
+                log.debug("watcher.events", count=len(events))
+                await self.on_events(events)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.rescan()  # the initial state is delivered before we report started
+        task_status.started()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._periodic)
+            await self._watch()
+
+    async def _periodic(self) -> None:
+        while True:
+            await anyio.sleep(self.rescan_interval)
+            await self.rescan()
+
+    async def _watch(self) -> None:
+        while True:
+            ident = _identity(self.root)
+            if ident is None:
+                await anyio.sleep(1.0)
+                if _identity(self.root) is not None:
+                    log.info("watcher.root_back", root=str(self.root))
+                    await self.rescan()
+                continue
+            try:
+                async for changes in awatch(
+                    self.root,
+                    watch_filter=None,
+                    debounce=self.debounce_ms,
+                    step=min(50, self.debounce_ms),
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                    recursive=False,
+                    ignore_permission_denied=True,
+                ):
+                    if changes:
+                        await self.rescan()
+                    if _identity(self.root) != ident:
+                        log.info("watcher.root_replaced", root=str(self.root))
+                        await self.rescan()
+                        break
+            except (OSError, RuntimeError) as e:  # the watched directory vanished
+                log.warning("watcher.watch_lost", root=str(self.root), error=str(e))
+                await anyio.sleep(0.2)
+                await self.rescan()
