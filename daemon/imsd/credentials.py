@@ -41,6 +41,9 @@ AUTH_JWT: Final = "jwt"
 AUTH_REFRESH: Final = "refresh_token"
 
 ReadSecret = Callable[[Path], str]
+Output = Literal["token", "json", "headers", "env"]
+_OUTPUTS: Final[tuple[Output, ...]] = ("token", "json", "headers", "env")
+assert _OUTPUTS == OUTPUT_KINDS
 
 
 def read_secret_file(path: Path) -> str:
@@ -65,9 +68,7 @@ class _Native(BaseModel):
     scopes: list[str] = Field(default_factory=list)
     ims_url: str | None = None
     products: list[str] = Field(default_factory=lambda: ["generic"], min_length=1)
-    outputs: list[Literal["token", "json", "headers", "env"]] = Field(
-        default_factory=lambda: list(OUTPUT_KINDS), min_length=1
-    )
+    outputs: list[Output] = Field(default_factory=lambda: list(_OUTPUTS), min_length=1)
     product: dict[str, dict[str, Any]] = Field(default_factory=dict)
     extra_headers: dict[str, str] = Field(default_factory=dict)
     # jwt

@@ -31,7 +31,7 @@ _TMP: Final = re.compile(r"^\..+\.tmp-[0-9a-f]{16}$")
 _OURS: Final = re.compile(r"^(token|token\.json|[A-Za-z0-9._-]+\.(headers|env))$")
 
 #: The write seam: tests inject ENOSPC here.
-write_fn: Callable[[int, bytes], int] = os.write
+write_fn: Callable[[int, bytes | memoryview], int] = os.write
 
 
 class SinkError(OSError):
@@ -114,10 +114,8 @@ class FileSink:
             raise SinkError(errno.EINVAL, f"invalid credential name {name!r}")
 
     def _credential_fd(self, root: int, name: str) -> int:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(name, self.dir_mode, dir_fd=root)
-        except FileExistsError:
-            pass
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=root)
         except OSError as e:
