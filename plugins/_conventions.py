@@ -10,7 +10,7 @@ from typing import Any, Final
 from imsd.plugin import TokenView
 
 #: The scope set of the Developer Console's OAuth Server-to-Server "Try it" credential.
-PLATFORM_SCOPES: Final = (
+PLATFORM_SCOPES: Final[tuple[str, ...]] = (
     "openid",
     "AdobeID",
     "read_organizations",

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from imsd.plugin import Product, TokenView, hookimpl
-from imsd_plugins._conventions import PLATFORM_SCOPES, check_known, slug, trio, trio_env
+
+from ._conventions import PLATFORM_SCOPES, check_known, slug, trio, trio_env
 
 
 class Analytics:

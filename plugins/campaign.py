@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from imsd.plugin import Product, TokenView, hookimpl
-from imsd_plugins._conventions import check_known, slug, trio_env
 
-SCOPES: Final = (
+from ._conventions import check_known, slug, trio_env
+
+SCOPES: Final[tuple[str, ...]] = (
     "openid",
     "AdobeID",
     "campaign_sdk",

@@ -332,7 +332,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def _initial_events(settings: Settings) -> list[Event]:
     scan = scan_directory(settings.credentials_dir, parse=credential_parser(settings))
-    return Catalog().apply(scan)
+    return [] if scan is None else Catalog().apply(scan)
 
 
 def check(settings: Settings, registry: Registry) -> list[str]:

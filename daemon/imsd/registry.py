@@ -49,7 +49,7 @@ class Registry:
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error is not None]
 
-    def notify(self, hook: str, **kwargs: Any) -> None:
+    def notify(self, hook: str, /, **kwargs: Any) -> None:
         """Call every implementation of notification *hook*, isolating each: a plugin that
         raises is logged by name and the others still run. Blocking; call it in a thread."""
         for impl in getattr(self.manager.hook, hook).get_hookimpls():

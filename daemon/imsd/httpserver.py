@@ -1,0 +1,318 @@
+"""A small HTTP/1.1 server: h11 for the protocol, anyio listeners for the I/O.
+
+Theory of operation
+-------------------
+Each accepted connection runs in its own task: read one request under a deadline (idle
+keep-alive clients and slow-loris senders time out and never hold anything but their own
+task), call the handler, write the response, and loop while keep-alive allows. Protocol
+errors get their status (400 malformed, 413 body too large, 431 headers too large) with a
+JSON body and ``Connection: close``; a handler exception becomes a 500 and is logged without
+the request body. On cancellation every connection task unwinds; :meth:`HttpServer.shutdown`
+first stops accepting and lets in-flight requests finish within a grace period, answering
+them with ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import anyio.abc
+import h11
+import structlog
+from anyio.abc import SocketAttribute
+
+__all__ = [
+    "Handler",
+    "HttpServer",
+    "PeerCred",
+    "Request",
+    "Response",
+    "bound_port",
+    "peer_cred",
+    "tcp_listener",
+    "unix_listener",
+]
+
+log = structlog.get_logger("imsd.httpserver")
+
+_REASONS: Final = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large"}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, list[str]]
+    headers: list[tuple[str, str]]  # names lower-cased
+    body: bytes
+    peer: PeerCred | None
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+    def __repr__(self) -> str:
+        return f"Request({self.method} {self.path})"
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def json(
+        cls, obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] | None = None
+    ) -> Response:
+        body = (json.dumps(obj, indent=1) + "\n").encode()
+        return cls(status, body, [("Content-Type", "application/json"), *(headers or ())])
+
+    @classmethod
+    def text(
+        cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8"
+    ) -> Response:
+        return cls(status, text.encode(), [("Content-Type", content_type)])
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def peer_cred(stream: anyio.abc.ByteStream) -> PeerCred | None:
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+class HttpServer:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        idle_timeout: float = 10.0,
+        max_body: int = 64 * 1024,
+        max_header_bytes: int = 16 * 1024,
+        max_requests_per_connection: int = 1000,
+    ) -> None:
+        self._handler = handler
+        self._idle = idle_timeout
+        self._max_body = max_body
+        self._max_hdr = max_header_bytes
+        self._max_requests = max_requests_per_connection
+        self._draining = False
+        self._accepting: anyio.CancelScope | None = None
+        self._conns: anyio.abc.TaskGroup | None = None
+
+    async def serve(
+        self,
+        listeners: Sequence[anyio.abc.Listener[Any]],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled (or until :meth:`shutdown` finishes draining)."""
+        async with anyio.create_task_group() as conns:
+            self._conns = conns
+            with anyio.CancelScope() as accepting:
+                self._accepting = accepting
+                async with anyio.create_task_group() as accept:
+                    for listener in listeners:
+                        accept.start_soon(listener.serve, self._connection, conns)
+                    task_status.started()
+            # Accepting stopped by shutdown(): in-flight connections finish under its deadline.
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting; let in-flight requests finish for at most *grace* seconds."""
+        self._draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._conns is not None:
+            self._conns.cancel_scope.deadline = anyio.current_time() + grace
+
+    async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_hdr)
+        try:
+            peer = peer_cred(stream)
+        except OSError:
+            peer = None
+        async with stream:
+            for _ in range(self._max_requests):
+                try:
+                    event, body = await self._read(conn, stream)
+                except _Reject as e:
+                    await self._reject(conn, stream, e)
+                    return
+                except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    return
+                if event is None:
+                    return
+                req = self._request(event, body, peer)
+                try:
+                    resp = await self._handler(req)
+                except Exception:  # a handler bug must not take the server down
+                    log.exception("http.handler_failed", method=req.method, path=req.path)
+                    resp = Response.json(
+                        {"error": "internal_error", "message": "internal server error"}, 500
+                    )
+                if not await self._send(conn, stream, resp, head=req.method == "HEAD"):
+                    return
+                if conn.our_state is h11.MUST_CLOSE or self._draining:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+
+    @staticmethod
+    def _request(event: h11.Request, body: bytes, peer: PeerCred | None) -> Request:
+        target = event.target.decode("latin-1")
+        parts = urlsplit(target)
+        return Request(
+            method=event.method.decode("ascii"),
+            target=target,
+            path=parts.path,
+            query=parse_qs(parts.query),
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+            body=body,
+            peer=peer,
+        )
+
+    async def _read(
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream
+    ) -> tuple[h11.Request | None, bytes]:
+        request: h11.Request | None = None
+        body = bytearray()
+        with anyio.fail_after(self._idle):
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as e:
+                    raise _Reject(e.error_status_hint, str(e) or "malformed request") from None
+                if event is h11.NEED_DATA:
+                    data = await stream.receive(65536)
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                    length = dict(event.headers).get(b"content-length")
+                    if length is not None and length.isdigit() and int(length) > self._max_body:
+                        raise _Reject(413, f"body larger than {self._max_body} bytes")
+                    if any(k == b"expect" for k, _ in event.headers):
+                        raise _Reject(400, "Expect is not supported")
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > self._max_body:
+                        raise _Reject(413, f"body larger than {self._max_body} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    return request, bytes(body)
+                else:  # ConnectionClosed, or PAUSED after a protocol switch
+                    return None, b""
+
+    async def _send(
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream, resp: Response, *, head: bool
+    ) -> bool:
+        headers = [(k, v) for k, v in resp.headers if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(resp.body))))
+        if self._draining:
+            headers.append(("Connection", "close"))
+        try:
+            data = conn.send(h11.Response(status_code=resp.status, headers=headers))
+            if not head and resp.body:
+                data = (data or b"") + (conn.send(h11.Data(data=resp.body)) or b"")
+            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+            await stream.send(data)
+        except (
+            h11.LocalProtocolError,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+        ):
+            return False
+        return True
+
+    async def _reject(self, conn: h11.Connection, stream: anyio.abc.ByteStream, e: _Reject) -> None:
+        body = (
+            json.dumps({"error": _REASONS.get(e.status, "bad_request"), "message": str(e)[:200]})
+            + "\n"
+        ).encode()
+        head = (
+            f"HTTP/1.1 {e.status} {'Bad Request' if e.status == 400 else 'Error'}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            with anyio.fail_after(self._idle):
+                await stream.send(head + body)
+
+
+# -- listeners --------------------------------------------------------------------------------
+
+
+async def tcp_listener(host: str, port: int) -> anyio.abc.Listener[Any]:
+    return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+
+
+def bound_port(listener: anyio.abc.Listener[Any]) -> int:
+    inner = getattr(listener, "listeners", [listener])
+    port: int = inner[0].extra(SocketAttribute.local_port)
+    return port
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+async def unix_listener(
+    path: Path, *, mode: int = 0o660, gid: int | None = None
+) -> anyio.abc.Listener[Any]:
+    """Listen on *path*: a stale socket from a crashed run is replaced; a live one (another
+    daemon) or a non-socket file at the path is an error, never deleted."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(
+                errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it"
+            )
+        if await anyio.to_thread.run_sync(_alive, path):
+            raise OSError(errno.EADDRINUSE, f"{path}: another process is listening (imsd running?)")
+        await anyio.Path(path).unlink()
+    listener = await anyio.create_unix_listener(path, mode=mode)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    return listener
