@@ -34,6 +34,7 @@ import structlog
 from anyio.abc import SocketAttribute
 
 __all__ = [
+    "AbortConnection",
     "Handler",
     "HttpServer",
     "PeerCred",
@@ -96,6 +97,10 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class AbortConnection(Exception):
+    """Raised by a handler to drop the connection without any answer (fault injection)."""
 
 
 class _Reject(Exception):
@@ -177,6 +182,8 @@ class HttpServer:
                 req = self._request(event, body, peer)
                 try:
                     resp = await self._handler(req)
+                except AbortConnection:
+                    return
                 except Exception:  # a handler bug must not take the server down
                     log.exception("http.handler_failed", method=req.method, path=req.path)
                     resp = Response.json(

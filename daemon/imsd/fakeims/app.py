@@ -1,0 +1,214 @@
+"""HTTP routing of the fake IMS and the fake API gateway (a handler for
+:class:`imsd.httpserver.HttpServer`).
+
+IMS endpoints accept their parameters as ``application/x-www-form-urlencoded`` or
+``multipart/form-data`` bodies, in the query string, and client credentials as HTTP Basic,
+with or without a trailing slash. ``/gateway/PRODUCT/...`` plays Adobe's API gateway: it
+checks the bearer token against this fake's own tokens, ``x-api-key`` against the token's
+client, and each product's required headers, answering in the gateway's error format.
+``/_fake/...`` lets another process drive the test controls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.parser
+import email.policy
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import anyio
+
+from imsd.fakeims.state import FakeImsState
+from imsd.httpserver import AbortConnection, Request, Response
+
+__all__ = ["GATEWAY_RULES", "FakeImsApp", "GatewayRule"]
+
+_TOKEN_PATHS: Final = frozenset({"/ims/token/v3", "/ims/token/v2", "/ims/token/v1", "/ims/token"})
+_JSON_UTF8: Final = "application/json;charset=UTF-8"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRule:
+    """What the gateway in front of one product requires beyond Bearer + x-api-key."""
+
+    org_header: str | None = "x-gw-ims-org-id"
+    required: tuple[str, ...] = ()
+    defaults: Mapping[str, str] | None = None  # header → value assumed when absent
+    path_prefix: str | None = None  # e.g. "{company}" segments checked by tests
+
+
+GATEWAY_RULES: Final[dict[str, GatewayRule]] = {
+    "generic": GatewayRule(),
+    "cja": GatewayRule(),
+    # AEP routes a request without x-sandbox-name to the prod sandbox.
+    "aep": GatewayRule(defaults={"x-sandbox-name": "prod"}),
+    "ajo": GatewayRule(required=("x-sandbox-name",)),
+    "analytics": GatewayRule(required=("x-proxy-global-company-id",)),
+    "analytics-1.4": GatewayRule(org_header=None),
+    "campaign": GatewayRule(org_header=None, required=("cache-control",)),
+}
+
+
+def _gateway_error(status: int, code: str, message: str) -> Response:
+    return Response.json({"error_code": code, "message": message}, status=status)
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, str]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    out: dict[str, str] = {}
+    if not msg.is_multipart():
+        return out
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            out[name] = payload.decode("utf-8", "replace")
+    return out
+
+
+def params_of(req: Request) -> dict[str, str]:
+    """Query string, then body, then Basic auth: later sources win."""
+    params = {k: v[-1] for k, v in req.query.items()}
+    ctype = (req.header("content-type") or "").lower()
+    if ctype.startswith("multipart/form-data"):
+        params.update(_multipart(req.header("content-type") or "", req.body))
+    elif req.body:
+        params.update(parse_qsl(req.body.decode("utf-8", "replace"), keep_blank_values=True))
+    auth = req.header("authorization") or ""
+    if auth[:6].lower() == "basic ":
+        try:
+            user, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+        else:
+            params["client_id"], params["client_secret"] = user, password
+    return params
+
+
+class FakeImsApp:
+    def __init__(self, state: FakeImsState) -> None:
+        self.state = state
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if path in _TOKEN_PATHS:
+            return await self._token(req, path)
+        if path == "/ims/validate_token/v1":
+            return self._validate(req)
+        if path.startswith("/gateway/"):
+            return self._gateway(req, path)
+        if path.startswith("/_fake/"):
+            return self._control(req, path)
+        if path == "/":
+            return Response.json({"service": "imsd fake IMS", "clients": len(self.state.clients)})
+        return Response.json({"error": "not_found", "error_description": path[:100]}, 404)
+
+    async def _token(self, req: Request, path: str) -> Response:
+        if req.method != "POST":
+            return Response.json({"error": "invalid_request", "error_description": "use POST"}, 405)
+        if self.state.take_reset():
+            raise AbortConnection
+        hang = self.state.hang_seconds()
+        if hang > 0:
+            await anyio.sleep(hang)
+        status, body, headers = self.state.token_request(path, params_of(req))
+        out = Response(
+            status,
+            (json.dumps(body) + "\n").encode(),
+            [("Content-Type", _JSON_UTF8), ("x-debug-id", secrets.token_hex(8))],
+        )
+        out.headers.extend(headers.items())
+        return out
+
+    def _validate(self, req: Request) -> Response:
+        params = params_of(req)
+        auth = req.header("authorization") or ""
+        token = auth[7:] if auth[:7].lower() == "bearer " else params.get("token", "")
+        claims = self.state.validate_token(token)
+        if claims is None:
+            return Response.json({"valid": False, "reason": "bad_signature_or_expired"})
+        expires = int(claims["created_at"]) + int(claims["expires_in"])
+        return Response.json({"valid": True, "token": claims, "expires_at": expires})
+
+    def _gateway(self, req: Request, path: str) -> Response:
+        product = path.split("/")[2]
+        rule = GATEWAY_RULES.get(product)
+        if rule is None:
+            return _gateway_error(404, "404000", f"no such API: {product}")
+        auth = req.header("authorization")
+        if not auth:
+            return _gateway_error(403, "403010", "Oauth token is missing.")
+        claims = None
+        if auth[:7].lower() == "bearer ":
+            claims = self.state.validate_token(auth[7:].strip())
+        if claims is None:
+            return _gateway_error(401, "401013", "Oauth token is not valid")
+        api_key = req.header("x-api-key")
+        if not api_key:
+            return _gateway_error(403, "403000", "Api Key is required")
+        if api_key != claims.get("client_id"):
+            return _gateway_error(403, "403003", "Api Key is invalid")
+        if rule.org_header is not None:
+            org = req.header(rule.org_header)
+            if not org:
+                return _gateway_error(403, "403025", f"{rule.org_header} header is required")
+            if org != claims.get("org"):
+                return _gateway_error(403, "403026", "Profile is not valid for this org")
+        for name in rule.required:
+            if not req.header(name):
+                return _gateway_error(400, "400003", f"{name} header is required")
+        seen: dict[str, Any] = {"ok": True, "product": product, "client_id": claims["client_id"]}
+        for name, default in (rule.defaults or {}).items():
+            seen[name] = req.header(name) or default
+        for name in rule.required:
+            seen[name] = req.header(name)
+        return Response.json(seen)
+
+    def _control(self, req: Request, path: str) -> Response:
+        state = self.state
+        if path == "/_fake/stats":
+            with state._lock:
+                log = [
+                    {
+                        "time": e.time,
+                        "path": e.path,
+                        "client_id": e.client_id,
+                        "grant_type": e.grant_type,
+                        "status": e.status,
+                    }
+                    for e in state.request_log
+                ]
+            return Response.json({"requests": len(log), "log": log})
+        if req.method != "POST":
+            return Response.json({"error": "invalid_request", "error_description": "use POST"}, 405)
+        try:
+            body = json.loads(req.body or b"{}")
+            if path == "/_fake/clients":
+                state.add_client(
+                    body["client_id"],
+                    secrets=body["secrets"],
+                    scopes=body["scopes"],
+                    org_id=body["org_id"],
+                    lifetime=body.get("lifetime"),
+                )
+            elif path == "/_fake/faults":
+                state.fail_next(int(body.get("fail", 0)), int(body.get("status", 503)))
+                state.throttle_next(int(body.get("throttle", 0)), float(body.get("retry_after", 1)))
+                state.hang(float(body.get("hang", 0)))
+                state.reset_next(int(body.get("reset", 0)))
+            elif path == "/_fake/lifetime":
+                state.token_lifetime = float(body["seconds"])
+            else:
+                return Response.json({"error": "not_found"}, 404)
+        except (ValueError, KeyError, TypeError) as e:
+            return Response.json(
+                {"error": "invalid_request", "error_description": type(e).__name__}, 400
+            )
+        return Response.json({"ok": True})

@@ -1,0 +1,301 @@
+"""The fake IMS's state and logic, free of HTTP: clients, minted tokens, faults, counters.
+
+Theory of operation
+-------------------
+Tests (often in another thread) register clients and flip fault switches; the HTTP layer
+hands each token request to :meth:`FakeImsState.token_request` as a plain mapping of
+parameters and gets back ``(status, json_body, headers)``. Every public method takes the
+lock, so the state is safe to drive from a test thread while the server runs in its own.
+
+Tokens are shaped like IMS's (reference/ims-protocol.md §4): JWT-like, with ``created_at``
+and ``expires_in`` as millisecond strings and no ``exp``; they are HMAC-signed with a key
+private to this instance so :meth:`validate_token` (and the fake gateway) can tell ours from
+forgeries. Faults are consumed in a fixed order per request: reset, hang, fail, throttle.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
+
+__all__ = ["Client", "FakeImsState", "LogEntry", "TokenReply"]
+
+TokenReply = tuple[int, dict[str, Any], dict[str, str]]
+
+_HEADER: Final = {"alg": "HS256", "x5u": "fake_ims-key-at-1.cer", "kid": "fake_ims-key-at-1"}
+_THROTTLE_BODY: Final = {"error_code": "429050", "message": "Too many requests"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _error(status: int, code: str, description: str) -> TokenReply:
+    return status, {"error": code, "error_description": description}, {}
+
+
+@dataclass
+class Client:
+    client_id: str
+    secrets: list[str]
+    scopes: frozenset[str]
+    org_id: str
+    technical_account_id: str
+    lifetime: float | None = None  # seconds; None = the server default
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One token request as the fake saw it (never the secret)."""
+
+    time: float
+    path: str
+    client_id: str | None
+    grant_type: str | None
+    status: int
+
+
+@dataclass
+class _Faults:
+    reset: int = 0
+    hang: float = 0.0
+    fail: int = 0
+    fail_status: int = 503
+    throttle: int = 0
+    retry_after: float = 1.0
+
+
+@dataclass
+class FakeImsState:
+    token_lifetime: float = 86400.0
+    ims_as: str = "ims-na1"
+    v1_unit_ms: bool = True
+    clock: Callable[[], float] = time.time
+    clients: dict[str, Client] = field(default_factory=dict)
+    request_log: list[LogEntry] = field(default_factory=list)
+    revoked: set[str] = field(default_factory=set)
+    _faults: _Faults = field(default_factory=_Faults)
+    _key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _rate: tuple[int, float] | None = None  # (requests, per seconds) per client
+    _recent: dict[str, list[float]] = field(default_factory=dict)
+
+    # -- test controls -----------------------------------------------------------------------
+
+    def add_client(
+        self,
+        client_id: str,
+        *,
+        secrets: Iterable[str],
+        scopes: Iterable[str],
+        org_id: str,
+        lifetime: float | None = None,
+        technical_account_id: str | None = None,
+    ) -> Client:
+        keep = list(secrets)
+        if not 1 <= len(keep) <= 2:
+            raise ValueError("IMS clients have one or two active secrets")
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:24].upper()
+        tech = technical_account_id or f"{digest}@techacct.adobe.com"
+        client = Client(client_id, keep, frozenset(scopes), org_id, tech, lifetime)
+        with self._lock:
+            self.clients[client_id] = client
+        return client
+
+    def set_secrets(self, client_id: str, secrets: Iterable[str]) -> None:
+        with self._lock:
+            self.clients[client_id].secrets = list(secrets)
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        """Answer the next *n* token requests with *status* (0 clears)."""
+        with self._lock:
+            self._faults.fail, self._faults.fail_status = n, status
+
+    def throttle_next(self, n: int, retry_after: float = 1.0) -> None:
+        with self._lock:
+            self._faults.throttle, self._faults.retry_after = n, retry_after
+
+    def reset_next(self, n: int) -> None:
+        """Close the connection without an answer for the next *n* token requests."""
+        with self._lock:
+            self._faults.reset = n
+
+    def hang(self, seconds: float) -> None:
+        """Delay every token answer by *seconds* (0 clears)."""
+        with self._lock:
+            self._faults.hang = seconds
+
+    def rate_limit(self, requests: int | None, per: float = 1.0) -> None:
+        """Throttle any client minting more than *requests* per *per* seconds."""
+        with self._lock:
+            self._rate = None if requests is None else (requests, per)
+
+    def request_count(self, client_id: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for e in self.request_log if client_id in (None, e.client_id))
+
+    def revoke(self, token: str) -> None:
+        with self._lock:
+            claims = self._verify(token)
+            if claims is not None:
+                self.revoked.add(str(claims["id"]))
+
+    # -- per-request faults (the HTTP layer asks before answering) ---------------------------
+
+    def take_reset(self) -> bool:
+        with self._lock:
+            if self._faults.reset > 0:
+                self._faults.reset -= 1
+                return True
+            return False
+
+    def hang_seconds(self) -> float:
+        with self._lock:
+            return self._faults.hang
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _sign(self, claims: Mapping[str, Any]) -> str:
+        head = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
+        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        sig = hmac.new(self._key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        return f"{head}.{body}.{_b64(sig)}"
+
+    def _verify(self, token: str) -> dict[str, Any] | None:
+        parts = token.split(".")
+        if len(parts) != 3:
+            return None
+        expected = hmac.new(self._key, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+        try:
+            if not hmac.compare_digest(expected, _unb64(parts[2])):
+                return None
+            claims = json.loads(_unb64(parts[1]))
+        except ValueError:
+            return None
+        return claims if isinstance(claims, dict) else None
+
+    def mint(
+        self, client: Client, scopes: Iterable[str], *, kind: str = "access_token"
+    ) -> tuple[str, float]:
+        """A new token for *client*; returns it and its lifetime in seconds."""
+        now_ms = int(self.clock() * 1000)
+        lifetime = client.lifetime if client.lifetime is not None else self.token_lifetime
+        claims = {
+            "id": f"{now_ms}_{secrets.token_hex(8)}_ue1",
+            "type": kind,
+            "client_id": client.client_id,
+            "user_id": client.technical_account_id,
+            "as": self.ims_as,
+            "org": client.org_id,
+            "scope": ",".join(sorted(scopes)),
+            "created_at": str(now_ms),
+            "expires_in": str(int(lifetime * 1000)),
+        }
+        return self._sign(claims), lifetime
+
+    def validate_token(self, token: str) -> dict[str, Any] | None:
+        """The claims of a valid, unexpired, unrevoked token we minted, else None."""
+        with self._lock:
+            claims = self._verify(token)
+            if claims is None or str(claims.get("id")) in self.revoked:
+                return None
+            try:
+                expires = (int(claims["created_at"]) + int(claims["expires_in"])) / 1000
+            except (KeyError, ValueError):
+                return None
+            return claims if expires > self.clock() else None
+
+    # -- the token endpoint ------------------------------------------------------------------
+
+    def _log(self, path: str, params: Mapping[str, str], status: int) -> None:
+        self.request_log.append(
+            LogEntry(self.clock(), path, params.get("client_id"), params.get("grant_type"), status)
+        )
+
+    def token_request(self, path: str, params: Mapping[str, str]) -> TokenReply:
+        """Answer a token request whose parameters (body, query and Basic auth merged) are
+        *params*. The reply body is IMS-shaped JSON."""
+        with self._lock:
+            reply = self._token_reply(path, params)
+            self._log(path, params, reply[0])
+            return reply
+
+    def _token_reply(self, path: str, params: Mapping[str, str]) -> TokenReply:
+        f = self._faults
+        if f.fail > 0:
+            f.fail -= 1
+            return _error(f.fail_status, "server_error", "the fake IMS is failing on purpose")
+        if f.throttle > 0:
+            f.throttle -= 1
+            return 429, dict(_THROTTLE_BODY), {"Retry-After": f"{f.retry_after:g}"}
+        grant = params.get("grant_type", "")
+        if not grant:
+            return _error(400, "invalid_request", "missing grant_type")
+        handler = self._grants.get(grant)
+        if handler is None:
+            return _error(400, "unsupported_grant_type", f"unsupported grant_type {grant[:40]}")
+        client_id = params.get("client_id", "")
+        if client_id and self._rate is not None and self._throttled(client_id):
+            return 429, dict(_THROTTLE_BODY), {"Retry-After": f"{self._rate[1]:g}"}
+        status, body, headers = handler(self, path, params)
+        if status == 200 and path.rstrip("/").endswith("/v1") and self.v1_unit_ms:
+            body["expires_in"] = int(body["expires_in"] * 1000)
+        return status, body, headers
+
+    def _throttled(self, client_id: str) -> bool:
+        assert self._rate is not None
+        limit, per = self._rate
+        now = self.clock()
+        recent = [t for t in self._recent.get(client_id, []) if now - t < per]
+        throttled = len(recent) >= limit
+        if not throttled:
+            recent.append(now)
+        self._recent[client_id] = recent
+        return throttled
+
+    def _authenticate(self, params: Mapping[str, str]) -> Client | TokenReply:
+        client_id, secret = params.get("client_id", ""), params.get("client_secret", "")
+        if not client_id:
+            return _error(400, "invalid_request", "missing client_id")
+        if not secret:
+            return _error(400, "invalid_request", "missing client_secret")
+        client = self.clients.get(client_id)
+        if client is None:
+            return _error(400, "invalid_client", "unknown client_id")
+        if not any(hmac.compare_digest(secret, s) for s in client.secrets):
+            return _error(401, "invalid_client", "invalid client credentials")
+        return client
+
+    def _client_credentials(self, path: str, params: Mapping[str, str]) -> TokenReply:
+        client = self._authenticate(params)
+        if not isinstance(client, Client):
+            return client
+        raw = params.get("scope", "")
+        scopes = {s.strip() for s in raw.replace(" ", ",").split(",") if s.strip()}
+        if not scopes:
+            return _error(400, "invalid_request", "missing scope")
+        if not scopes <= client.scopes:
+            return _error(400, "invalid_scope", "requested scopes are not granted to the client")
+        org = params.get("org_id")
+        if org and org != client.org_id:
+            return _error(400, "invalid_request", "org_id does not match the client")
+        token, lifetime = self.mint(client, scopes)
+        body = {"access_token": token, "token_type": "bearer", "expires_in": int(lifetime)}
+        return 200, body, {}
+
+    _grants: ClassVar[dict[str, Callable[[FakeImsState, str, Mapping[str, str]], TokenReply]]]
+
+
+FakeImsState._grants = {"client_credentials": FakeImsState._client_credentials}
