@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,16 +117,18 @@ def test_demo_prints_a_working_curl_line() -> None:
     )
     try:
         assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while not any("try:" in line for line in lines):
-            assert time.monotonic() < deadline, lines
-            ready, _, _ = select.select([proc.stdout], [], [], 1)
-            if ready:
-                line = proc.stdout.readline()
-                assert line, "demo exited early"
-                lines.append(line)
-        curl = next(line for line in lines if "try:" in line).split("try:", 1)[1].strip()
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        seen: list[str] = []
+        while not any("try:" in line for line in seen):
+            seen.append(lines.get(timeout=60))
+        curl = next(line for line in seen if "try:" in line).split("try:", 1)[1].strip()
         assert re.fullmatch(r"curl -sS -H @\S+/generic\.headers http://127\.0\.0\.1:\d+/\S+", curl)
         r = subprocess.run(
             [*curl.split(), "--fail-with-body"],

@@ -29,7 +29,7 @@ def project(*creds: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-S2S = {
+S2S: dict[str, Any] = {
     "id": "1",
     "name": "S2S credential",
     "integration_type": "oauth_server_to_server",
@@ -40,7 +40,7 @@ S2S = {
         "scopes": ["openid", "AdobeID"],
     },
 }
-JWT = {
+JWT: dict[str, Any] = {
     "id": "2",
     "name": "Service Account (JWT)",
     "integration_type": "service",

@@ -77,6 +77,7 @@ def write_cred(
     secret: str = SECRET,
     extra: str = "",
 ) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     secret_file = directory / f"{name}.secret"
     secret_file.write_text(secret + "\n")
     path = directory / f"{name}.toml"
@@ -208,6 +209,7 @@ async def test_invalid_file_beside_valid_and_last_good_kept(
     entry = sup(d).store.get("good")
     assert entry is not None
     await wait_for(lambda: entry.file_error is not None)
+    assert entry.file_error is not None
     assert "good.toml" in entry.file_error
     assert (s.output_dir / "good" / "token").read_text() == token
     assert entry.credential is not None

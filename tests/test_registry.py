@@ -12,7 +12,7 @@ from imsd.plugin import Product, TokenView, hookimpl
 
 class Extra:
     name = "extra"
-    default_scopes = ("openid",)
+    default_scopes: tuple[str, ...] = ("openid",)
 
     def validate_options(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
         return dict(options)

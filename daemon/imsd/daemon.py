@@ -78,13 +78,15 @@ class Daemon:
         *,
         reload: Callable[[], Settings] | None = None,
         env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self.registry = registry
         self._reload = reload
         self._env = os.environ if env is None else env
         self.store = TokenStore()
-        self.metrics = Metrics(self.store)
+        self.metrics = Metrics(self.store, clock=clock)
         self.supervisor: Supervisor | None = None
         self.watcher: DirectoryWatcher | None = None
         self._api_scope: anyio.CancelScope | None = None
@@ -115,6 +117,7 @@ class Daemon:
                     notify=self.registry.notify,
                     observer=self.metrics,
                     output_dir=str(s.output_dir),
+                    clock=self._clock,
                 )
                 await tg.start(sup.run)
                 if handle_signals:
@@ -165,6 +168,7 @@ class Daemon:
             allowed_uids=s.allowed_uids,
             allowed_gids=s.allowed_gids,
             min_refresh_interval=s.min_refresh_interval,
+            clock=self._clock,
         )
         inherited = sdnotify.listen_fds(self._env) if activation else []
         if inherited:
@@ -188,7 +192,7 @@ class Daemon:
         host, port = parse_address(s.metrics_address)
         listener = await tcp_listener(host, port)
         self.metrics_port = bound_port(listener)
-        health = HealthApi(self.store, self.metrics)
+        health = HealthApi(self.store, self.metrics, clock=self._clock)
         self._health_scope = await tg.start(self._serve, HttpServer(health.handle), listener)
 
     @staticmethod

@@ -25,9 +25,12 @@ def notify(*fields: str, env: Mapping[str, str] | None = None) -> bool:
         addr = "\0" + addr[1:]  # abstract namespace
     elif addr[0] != "/":
         raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET {addr!r}")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(addr)
-        s.sendall("\n".join(fields).encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall("\n".join(fields).encode())
+    except OSError:
+        return False  # the manager went away: never fatal for the daemon
     return True
 
 

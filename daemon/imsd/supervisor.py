@@ -107,7 +107,7 @@ class Supervisor:
         self.sink = sink
         self.products = products
         self.policy = policy or RefreshPolicy()
-        self.store = store or TokenStore()
+        self.store = store if store is not None else TokenStore()
         self._clock = clock
         self._rand = rand
         self._notify = notify
