@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from imsd.credentials import parse_credentials
+from imsd.model import CredentialError
+
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+SECRET = "p8e-VerySecretValue-0123456789"
+BASE: dict[str, Any] = {
+    "auth": "oauth_server_to_server",
+    "client_id": "cid",
+    "client_secret": SECRET,
+    "org_id": ORG,
+    "scopes": ["openid", "AdobeID"],
+}
+
+
+def parse(obj: dict[str, Any], name: str = "c.json", **kw: Any) -> Any:
+    path = Path("/creds") / name
+    return parse_credentials(path, json.dumps(obj).encode(), env=kw.pop("env", {}), **kw)
+
+
+def test_native_json_defaults() -> None:
+    [c] = parse(BASE)
+    assert c.name == "c"
+    assert c.client_secret.reveal() == SECRET
+    assert c.products == ("generic",)
+    assert c.outputs == ("token", "json", "headers", "env")
+    assert c.ims_url == "https://ims-na1.adobelogin.com"
+    assert SECRET not in repr(c)
+
+
+def test_native_toml_with_products_and_options(tmp_path: Path) -> None:
+    text = (
+        'client_id = "cid"\nclient_secret_env = "S"\n'
+        f'org_id = "{ORG}"\nscopes = "openid, AdobeID"\nproducts = ["aep"]\n'
+        '[product.aep]\nsandbox = "dev"\n[extra_headers]\n"x-team" = "a"\n'
+    )
+    [c] = parse_credentials(tmp_path / "aep.toml", text.encode(), env={"S": SECRET})
+    assert c.scopes == ("openid", "AdobeID")
+    assert c.product_options == {"aep": {"sandbox": "dev"}}
+    assert c.extra_headers == {"x-team": "a"}
+
+
+def test_secret_file_relative_to_credentials_directory(tmp_path: Path) -> None:
+    creds_dir = tmp_path / "systemd-creds"
+    creds_dir.mkdir()
+    (creds_dir / "aep.secret").write_text(SECRET + "\n")
+    obj = {**BASE, "client_secret": None, "client_secret_file": "aep.secret"}
+    del obj["client_secret"]
+    [c] = parse(obj, credentials_directory=creds_dir)
+    assert c.client_secret.reveal() == SECRET
+
+
+def test_digest_changes_with_the_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    secret.write_text("one")
+    obj = {k: v for k, v in BASE.items() if k != "client_secret"}
+    obj["client_secret_file"] = str(secret)
+    [a] = parse(obj)
+    secret.write_text("two")
+    [b] = parse(obj)
+    assert a.digest != b.digest
+    assert a.identity != b.identity
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "needle"),
+    [
+        ({"org_id": "nope"}, "org_id", "@AdobeOrg"),
+        ({"client_id": ""}, "client_id", ""),
+        ({"scopes": []}, "scopes", "at least one scope"),
+        ({"scopes": ["a b"]}, "scopes", "no commas or spaces"),
+        ({"ims_url": "http://ims.example.com"}, "ims_url", "https"),
+        ({"ims_url": "ftp://127.0.0.1"}, "ims_url", "https"),
+        ({"products": ["aep", "aep"]}, "products", "twice"),
+        ({"outputs": ["tokens"]}, "outputs.0", ""),
+        ({"product": {"cja": {}}}, "product", "not in products"),
+        ({"clientid": "x"}, "clientid", "unknown field"),
+        ({"client_secret_env": "X"}, "client_secret", "exactly one"),
+        ({"name": "../evil"}, "name", "A-Z"),
+        ({"auth": "password"}, "auth", ""),
+        ({"auth": "jwt"}, "technical_account_id", "jwt"),
+        ({"extra_headers": {"x-a": "b\r\nInjected: 1"}}, "extra_headers", "single-line"),
+    ],
+)
+def test_errors_name_file_and_field_never_the_secret(
+    change: dict[str, Any], field: str, needle: str
+) -> None:
+    with pytest.raises(CredentialError) as err:
+        parse({**BASE, **change})
+    assert err.value.field == field
+    assert err.value.path == "/creds/c.json"
+    assert str(err.value).startswith(f"/creds/c.json: {field}: ")
+    assert needle in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "needle"),
+    [
+        ("c.json", b"[1, 2]", "must be an object"),
+        ("c.json", b"{", "invalid JSON"),
+        ("c.toml", b"a = ", "invalid TOML"),
+        ("c.json", b"\xff\xfe", "not UTF-8"),
+        ("c.yaml", b"{}", "unsupported file type"),
+        ("c.json", b" " * (1 << 20) + b"{}", "larger than 1 MiB"),
+        ("c.json", b"[" * 100_000, "invalid JSON"),
+    ],
+)
+def test_unreadable_files(name: str, data: bytes, needle: str) -> None:
+    with pytest.raises(CredentialError, match=needle):
+        parse_credentials(Path("/creds") / name, data, env={})
+
+
+def test_missing_env_and_secret_file() -> None:
+    obj = {k: v for k, v in BASE.items() if k != "client_secret"}
+    with pytest.raises(CredentialError, match="S_MISSING is not set"):
+        parse({**obj, "client_secret_env": "S_MISSING"})
+    with pytest.raises(CredentialError, match="file not found") as err:
+        parse({**obj, "client_secret_file": "/nonexistent/secret"})
+    assert err.value.field == "client_secret_file"
+
+
+def test_console_download_is_read_as_is() -> None:
+    flat = {
+        "CLIENT_ID": "cid",
+        "CLIENT_SECRETS": [SECRET],
+        "ORG_ID": ORG,
+        "SCOPES": ["openid"],
+        "TECHNICAL_ACCOUNT_ID": "t@techacct.adobe.com",
+    }
+    [c] = parse(flat, name="console.json", default_ims_url="https://ims-eu1.adobelogin.com")
+    assert (c.name, c.client_id, c.ims_url) == ("console", "cid", "https://ims-eu1.adobelogin.com")
+    with pytest.raises(CredentialError) as err:
+        parse({**flat, "ORG_ID": ""}, name="console.json")
+    assert err.value.field == "ORG_ID"
+
+
+@given(
+    secret=st.text(min_size=8, alphabet=st.characters(min_codepoint=33, max_codepoint=126)),
+    field=st.sampled_from(["org_id", "scopes", "client_id", "bogus", "products"]),
+    value=st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
+)
+def test_fuzz_secret_never_in_errors(secret: str, field: str, value: Any) -> None:
+    secret = "p8e-" + secret
+    error: CredentialError | None = None
+    try:
+        parse({**BASE, "client_secret": secret, field: value})
+    except CredentialError as e:
+        error = e
+    if error is not None:
+        assert secret not in str(error)
+        assert error.path == "/creds/c.json"

@@ -1,0 +1,159 @@
+"""The directory watcher on real directories: every way a credential file changes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from imsd.catalog import Added, Changed, Event, Failed, Removed
+from imsd.credentials import parse_credentials
+from imsd.watcher import DirectoryWatcher, scan_directory
+
+pytestmark = pytest.mark.anyio
+
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+
+
+def body(client: str = "cid", secret_file: str | None = None) -> str:
+    secret = f'client_secret_file = "{secret_file}"' if secret_file else 'client_secret = "s3"'
+    return f'client_id = "{client}"\n{secret}\norg_id = "{ORG}"\nscopes = ["openid"]\n'
+
+
+def parse(path: Path, data: bytes) -> Sequence[Any]:
+    return parse_credentials(path, data, env={})
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def __call__(self, events: list[Event]) -> None:
+        self.events.extend(events)
+
+    async def wait(self, predicate: Callable[[Event], bool], limit: float = 10.0) -> Event:
+        with anyio.fail_after(limit):
+            while True:
+                for e in self.events:
+                    if predicate(e):
+                        self.events.remove(e)
+                        return e
+                await anyio.sleep(0.02)
+
+
+@pytest.fixture
+async def watch(tmp_path: Path) -> AsyncIterator[Callable[[Path], Any]]:
+    async with anyio.create_task_group() as tg:
+
+        async def start(root: Path) -> Recorder:
+            rec = Recorder()
+            w = DirectoryWatcher(
+                root, parse=parse, on_events=rec, debounce_ms=20, rescan_interval=30.0
+            )
+            await tg.start(w.run)
+            return rec
+
+        yield start
+        tg.cancel_scope.cancel()
+
+
+def named(kind: type, name: str) -> Callable[[Event], bool]:
+    def check(e: Event) -> bool:
+        if not isinstance(e, kind):
+            return False
+        cred = getattr(e, "cred", None) or getattr(e, "new", None)
+        return (cred.name if cred else getattr(e, "name", None) or e.path.stem) == name
+
+    return check
+
+
+async def test_add_change_remove_and_rename_save(tmp_path: Path, watch: Any) -> None:
+    (tmp_path / "a.toml").write_text(body())
+    rec = await watch(tmp_path)
+    await rec.wait(named(Added, "a"))  # the initial scan is delivered before start returns
+    (tmp_path / "b.toml").write_text(body())
+    await rec.wait(named(Added, "b"))
+    tmp = tmp_path / ".a.toml.swp"
+    tmp.write_text(body(client="other"))
+    os.replace(tmp, tmp_path / "a.toml")  # an editor's rename-save
+    changed = await rec.wait(named(Changed, "a"))
+    assert isinstance(changed, Changed)
+    assert changed.new.client_id == "other"
+    (tmp_path / "b.toml").unlink()
+    await rec.wait(named(Removed, "b"))
+    (tmp_path / "b.toml").write_text(body())  # deleted and re-created
+    await rec.wait(named(Added, "b"))
+
+
+async def test_invalid_file_beside_valid(tmp_path: Path, watch: Any) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "good.toml").write_text(body())
+    rec = await watch(tmp_path)
+    await rec.wait(named(Added, "good"))
+    failed = await rec.wait(named(Failed, "bad"))
+    assert isinstance(failed, Failed)
+    assert "bad.json" in str(failed.error)
+
+
+async def test_kubernetes_secret_volume_swap(tmp_path: Path, watch: Any) -> None:
+    def publish(version: str, client: str) -> None:
+        data = tmp_path / f"..{version}"
+        data.mkdir()
+        (data / "svc.toml").write_text(body(client=client))
+        link = tmp_path / "..data_tmp"
+        link.symlink_to(data.name)
+        os.replace(link, tmp_path / "..data")
+        if not (tmp_path / "svc.toml").is_symlink():
+            (tmp_path / "svc.toml").symlink_to("..data/svc.toml")
+
+    publish("2026_11_25_01", "v1")
+    rec = await watch(tmp_path)
+    await rec.wait(named(Added, "svc"))
+    publish("2026_11_25_02", "v2")
+    shutil.rmtree(tmp_path / "..2026_11_25_01")
+    changed = await rec.wait(named(Changed, "svc"))
+    assert isinstance(changed, Changed)
+    assert changed.new.client_id == "v2"
+
+
+async def test_secret_file_change_is_a_change(tmp_path: Path, watch: Any) -> None:
+    (tmp_path / "a.secret").write_text("one")
+    (tmp_path / "a.toml").write_text(body(secret_file="a.secret"))
+    rec = await watch(tmp_path)
+    await rec.wait(named(Added, "a"))
+    (tmp_path / "a.secret").write_text("two")
+    changed = await rec.wait(named(Changed, "a"))
+    assert isinstance(changed, Changed)
+    assert changed.new.client_secret.reveal() == "two"
+
+
+async def test_directory_replaced(tmp_path: Path, watch: Any) -> None:
+    root = tmp_path / "creds"
+    root.mkdir()
+    (root / "a.toml").write_text(body())
+    rec = await watch(root)
+    await rec.wait(named(Added, "a"))
+    root.rename(tmp_path / "old")
+    fresh = tmp_path / "new"
+    fresh.mkdir()
+    (fresh / "z.toml").write_text(body())
+    fresh.rename(root)
+    await rec.wait(named(Added, "z"))
+    await rec.wait(named(Removed, "a"))
+
+
+def test_scan_ignores_dotfiles_links_and_other_extensions(tmp_path: Path) -> None:
+    (tmp_path / ".hidden.toml").write_text(body())
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "dir.toml").mkdir()
+    (tmp_path / "a.toml").write_text(body())
+    (tmp_path / "dangling.toml").symlink_to("nowhere")
+    scan = scan_directory(tmp_path, parse=functools.partial(parse))
+    assert scan is not None
+    assert sorted(p.name for p in scan) == ["a.toml"]
+    assert scan_directory(tmp_path / "missing", parse=parse) is None
