@@ -85,16 +85,16 @@ def test_invariants(scans: list[dict[str, tuple[str, str, str]]]) -> None:
     good: dict[Path, list[Credential]] = {}
     for raw in scans:
         scan: dict[Path, ScanResult] = {}
-        for p, (kind, name, digest) in raw.items():
-            scan[Path(p)] = [cred(name, p, digest)] if kind == "ok" else err(p)
+        for raw_path, (kind, name, digest) in raw.items():
+            scan[Path(raw_path)] = [cred(name, raw_path, digest)] if kind == "ok" else err(raw_path)
         cat.apply(scan)
         assert cat.apply(scan) == []  # idempotent
-        for p, r in scan.items():
+        for path, r in scan.items():
             if not isinstance(r, CredentialError):
-                good[p] = list(r)
-        good = {p: c for p, c in good.items() if p in scan}
+                good[path] = list(r)
+        good = {k: v for k, v in good.items() if k in scan}
         expected: dict[str, Credential] = {}
-        for p in sorted(good):
-            for c in good[p]:
+        for path in sorted(good):
+            for c in good[path]:
                 expected.setdefault(c.name, c)
         assert cat.credentials == expected

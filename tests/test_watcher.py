@@ -66,8 +66,13 @@ def named(kind: type, name: str) -> Callable[[Event], bool]:
     def check(e: Event) -> bool:
         if not isinstance(e, kind):
             return False
-        cred = getattr(e, "cred", None) or getattr(e, "new", None)
-        return (cred.name if cred else getattr(e, "name", None) or e.path.stem) == name
+        if isinstance(e, Added | Removed):
+            return e.cred.name == name
+        if isinstance(e, Changed):
+            return e.new.name == name
+        if isinstance(e, Failed):
+            return (e.name or e.path.stem) == name
+        return False
 
     return check
 
