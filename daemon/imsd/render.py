@@ -20,7 +20,13 @@ __all__ = ["RenderError", "document", "render_outputs", "rfc3339", "token_view"]
 
 _HEADER_NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _ENV_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # any control but TAB
+
+
+def _bad_value(value: object) -> bool:
+    """Not a single printable line (TAB allowed): a newline of any kind could inject."""
+    return not isinstance(value, str) or not all(c == "\t" or c.isprintable() for c in value)
+
+
 # docker --env-file takes values literally; systemd strips quotes and expands backslashes.
 # Values that would read differently in the two are refused rather than quoted.
 _ENV_UNSAFE: Final = re.compile(r"""^\s|\s$|^["']|\\""")
@@ -64,7 +70,7 @@ def _headers(cred: Credential, product: Product, view: TokenView) -> dict[str, s
     for name, value in merged.items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise RenderError(f"{cred.name}: product {product.name!r}: invalid header name")
-        if not isinstance(value, str) or _BAD_VALUE.search(value):
+        if _bad_value(value):
             raise RenderError(
                 f"{cred.name}: product {product.name!r}: header {name!r} has an invalid value"
             )
@@ -76,7 +82,7 @@ def _env(cred: Credential, product: Product, view: TokenView) -> dict[str, str]:
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_KEY.match(key):
             raise RenderError(f"{cred.name}: product {product.name!r}: invalid env name")
-        if not isinstance(value, str) or _BAD_VALUE.search(value) or _ENV_UNSAFE.search(value):
+        if _bad_value(value) or _ENV_UNSAFE.search(str(value)):
             raise RenderError(
                 f"{cred.name}: product {product.name!r}: env {key!r} has an unsafe value"
             )

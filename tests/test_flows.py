@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from imsd.flows import (
+    classify_error,
+    client_credentials_flow,
+    expires_in_unit,
+    flow_for,
+    parse_token_response,
+)
+from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsErrorKind, Secret
+
+NOW = 1_800_000_000.0
+SECRET = "p8e-FlowSecret-0123456789"
+
+
+def cred(**kw: Any) -> Credential:
+    base: dict[str, Any] = dict(
+        name="c",
+        path=Path("/c.toml"),
+        auth="oauth_server_to_server",
+        client_id="cid",
+        client_secret=Secret(SECRET),
+        org_id="o@AdobeOrg",
+        scopes=("openid", "AdobeID"),
+        ims_url="https://ims-na1.adobelogin.com/",
+    )
+    return Credential(**{**base, **kw})
+
+
+def jwt_token(claims: dict[str, Any]) -> str:
+    def enc(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{enc({'alg': 'RS256'})}.{enc(claims)}.c2ln"
+
+
+def resp(status: int, body: Any, **headers: str) -> HttpResponse:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return HttpResponse(status, headers, raw)
+
+
+def test_flow_builds_the_documented_request_and_returns_a_grant() -> None:
+    flow = client_credentials_flow(cred(), NOW)
+    req = next(flow)
+    assert (req.method, req.url) == ("POST", "https://ims-na1.adobelogin.com/ims/token/v3")
+    assert req.form == {
+        "grant_type": "client_credentials",
+        "client_id": "cid",
+        "client_secret": SECRET,
+        "scope": "openid,AdobeID",
+    }
+    assert SECRET not in repr(req)
+    with pytest.raises(StopIteration) as stop:
+        flow.send(resp(200, {"access_token": "tok", "token_type": "bearer", "expires_in": 86399}))
+    grant = stop.value.value
+    assert (grant.issued_at, grant.expires_at) == (NOW, NOW + 86399)
+
+
+@pytest.mark.parametrize(
+    ("body", "unit", "lifetime"),
+    [
+        ({"access_token": "t", "expires_in": 86399}, "s", 86399),
+        ({"access_token": "t", "expires_in": 86399999}, "ms", 86399.999),
+        ({"access_token": "t", "expires_in": "3600"}, "s", 3600),
+        # The token's own claims win over the response field.
+        (
+            {
+                "access_token": jwt_token(
+                    {"created_at": str(int(NOW * 1000)), "expires_in": "7200000"}
+                ),
+                "expires_in": 5,
+            },
+            "s",
+            7200,
+        ),
+    ],
+)
+def test_lifetime(body: dict[str, Any], unit: str, lifetime: float) -> None:
+    g = parse_token_response(resp(200, body), now=NOW, unit=unit)
+    assert g.expires_at - g.issued_at == pytest.approx(lifetime)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        {"expires_in": 10},
+        {"access_token": "", "expires_in": 10},
+        {"access_token": "t"},
+        {"access_token": "t", "expires_in": -5},
+        {"access_token": "t", "expires_in": 10**12},
+        {"access_token": "a b", "expires_in": 10},
+        {"access_token": "t", "expires_in": True},
+    ],
+)
+def test_malformed_success_is_transient(body: Any) -> None:
+    with pytest.raises(ImsError) as err:
+        parse_token_response(resp(200, body), now=NOW)
+    assert err.value.kind is ImsErrorKind.TRANSIENT
+    assert err.value.code == "invalid_response"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "kind", "code"),
+    [
+        (
+            401,
+            {"error": "invalid_client", "error_description": "bad"},
+            {},
+            ImsErrorKind.PERMANENT,
+            "invalid_client",
+        ),
+        (400, {"error": "invalid_scope"}, {}, ImsErrorKind.PERMANENT, "invalid_scope"),
+        (400, {"error": "invalid_grant"}, {}, ImsErrorKind.PERMANENT, "invalid_grant"),
+        (
+            429,
+            {"error_code": "429050", "message": "Too many requests"},
+            {"retry-after": "7"},
+            ImsErrorKind.THROTTLED,
+            "429050",
+        ),
+        (503, b"<html>", {}, ImsErrorKind.TRANSIENT, "http_503"),
+        (500, {"error": "server_error"}, {}, ImsErrorKind.TRANSIENT, "server_error"),
+        (401, b"", {}, ImsErrorKind.PERMANENT, "unauthorized"),
+    ],
+)
+def test_classify(
+    status: int, body: Any, headers: dict[str, str], kind: ImsErrorKind, code: str
+) -> None:
+    e = classify_error(resp(status, body, **headers), now=NOW)
+    assert (e.kind, e.code, e.status) == (kind, code, status)
+    if status == 429:
+        assert e.retry_after == 7
+
+
+def test_retry_after_http_date() -> None:
+    e = classify_error(
+        resp(429, {}, **{"retry-after": "Fri, 15 Jan 2027 08:00:10 GMT"}), now=1_799_992_800.0
+    )  # 2027-01-15T06:00:00Z
+    assert e.retry_after == pytest.approx(7210.0)
+
+
+def test_units_and_registry() -> None:
+    assert expires_in_unit("/ims/token/v1/") == "ms"
+    assert expires_in_unit("/ims/exchange/jwt") == "ms"
+    assert expires_in_unit("/ims/token/v3") == "s"
+    with pytest.raises(CredentialError, match="unsupported auth method"):
+        flow_for(cred(auth="password"), now=NOW)
+
+
+@given(
+    status=st.integers(100, 599),
+    body=st.binary(max_size=300),
+    retry=st.one_of(st.none(), st.text(max_size=30)),
+)
+def test_fuzz_responses_never_crash_or_leak(status: int, body: bytes, retry: str | None) -> None:
+    headers = {} if retry is None else {"retry-after": retry}
+    error: ImsError | None = None
+    try:
+        g = parse_token_response(HttpResponse(status, headers, body), now=NOW)
+    except ImsError as e:
+        error = e
+    if error is None:
+        assert 200 <= status < 300
+        assert g.expires_at > NOW
+    else:
+        assert SECRET not in str(error)
+        assert len(str(error)) < 400
