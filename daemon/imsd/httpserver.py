@@ -228,6 +228,9 @@ class HttpServer:
                     conn.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
+                    size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                    if size > self._max_hdr:
+                        raise _Reject(431, f"request headers larger than {self._max_hdr} bytes")
                     length = dict(event.headers).get(b"content-length")
                     if length is not None and length.isdigit() and int(length) > self._max_body:
                         raise _Reject(413, f"body larger than {self._max_body} bytes")

@@ -115,10 +115,14 @@ class FakeImsApp:
             return Response.json({"error": "invalid_request", "error_description": "use POST"}, 405)
         if self.state.take_reset():
             raise AbortConnection
-        hang = self.state.hang_seconds()
-        if hang > 0:
-            await anyio.sleep(hang)
-        status, body, headers = self.state.token_request(path, params_of(req))
+        self.state.enter()
+        try:
+            hang = self.state.hang_seconds()
+            if hang > 0:
+                await anyio.sleep(hang)
+            status, body, headers = self.state.token_request(path, params_of(req))
+        finally:
+            self.state.leave()
         out = Response(
             status,
             (json.dumps(body) + "\n").encode(),

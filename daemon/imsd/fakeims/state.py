@@ -90,6 +90,8 @@ class FakeImsState:
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _rate: tuple[int, float] | None = None  # (requests, per seconds) per client
+    in_flight: int = 0  # token requests being answered right now
+    peak_in_flight: int = 0
     _recent: dict[str, list[float]] = field(default_factory=dict)
 
     # -- test controls -----------------------------------------------------------------------
@@ -160,6 +162,15 @@ class FakeImsState:
                 self._faults.reset -= 1
                 return True
             return False
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def hang_seconds(self) -> float:
         with self._lock:

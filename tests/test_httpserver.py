@@ -1,0 +1,171 @@
+"""The h11 server over real TCP and Unix sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+from imsd.httpserver import (
+    HttpServer,
+    Request,
+    Response,
+    bound_port,
+    tcp_listener,
+    unix_listener,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(req: Request) -> Response:
+    if req.path == "/boom":
+        raise RuntimeError("handler bug")
+    peer = None if req.peer is None else [req.peer.pid, req.peer.uid, req.peer.gid]
+    return Response.json(
+        {
+            "method": req.method,
+            "path": req.path,
+            "query": req.query,
+            "body": req.body.decode(),
+            "peer": peer,
+            "agent": req.header("User-Agent"),
+        }
+    )
+
+
+@pytest.fixture
+async def tcp() -> AsyncIterator[int]:
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            HttpServer(echo, idle_timeout=1.0, max_body=1024, max_header_bytes=2048).serve,
+            [listener],
+        )
+        yield port
+        tg.cancel_scope.cancel()
+
+
+async def raw(port: int, data: bytes) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as s:
+        await s.send(data)
+        chunks = b""
+        with anyio.move_on_after(5):
+            try:
+                while True:
+                    chunks += await s.receive()
+            except anyio.EndOfStream:
+                pass
+        return chunks
+
+
+async def test_round_trip_and_keep_alive(tcp: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{tcp}") as c:
+        r1 = await c.get("/a?x=1&x=2", headers={"User-Agent": "t"})
+        r2 = await c.post("/b", content=b"hello")
+    assert r1.json() == {
+        "method": "GET",
+        "path": "/a",
+        "query": {"x": ["1", "2"]},
+        "body": "",
+        "peer": None,
+        "agent": "t",
+    }
+    assert r2.json()["body"] == "hello"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NOT HTTP\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n", 431),
+        (b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 200),  # a path, not a file
+    ],
+)
+async def test_protocol_errors(tcp: int, request_bytes: bytes, status: int) -> None:
+    answer = await raw(tcp, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer[:80]
+
+
+async def test_handler_exception_is_500_and_server_survives(tcp: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{tcp}") as c:
+        r = await c.get("/boom")
+        assert (r.status_code, r.json()["error"]) == (500, "internal_error")
+        assert (await c.get("/ok")).status_code == 200
+
+
+async def closed_by_peer(stream: anyio.abc.ByteStream) -> bool:
+    try:
+        while True:
+            await stream.receive()
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        return True
+
+
+async def test_idle_client_does_not_block_others(tcp: int) -> None:
+    async with await anyio.connect_tcp("127.0.0.1", tcp) as idle:
+        await idle.send(b"GET / HTTP/1.1\r\n")  # never finishes its request
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{tcp}") as c:
+            assert (await c.get("/other")).status_code == 200
+        with anyio.fail_after(5):  # the idle one is dropped after idle_timeout
+            assert await closed_by_peer(idle)
+
+
+async def test_unix_socket_peer_credentials_and_stale_file(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on: a crashed run
+    listener = await unix_listener(path, mode=0o660)
+    assert os.stat(path).st_mode & 0o777 == 0o660
+    async with anyio.create_task_group() as tg:
+        await tg.start(HttpServer(echo).serve, [listener])
+        transport = httpx.AsyncHTTPTransport(uds=str(path))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            peer = (await c.get("/")).json()["peer"]
+        assert peer == [os.getpid(), os.getuid(), os.getgid()]
+        with pytest.raises(OSError, match="another process is listening"):
+            await unix_listener(path)
+        tg.cancel_scope.cancel()
+
+
+async def test_non_socket_file_is_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    path.write_text("important")
+    with pytest.raises(OSError, match="not a socket"):
+        await unix_listener(path)
+    assert path.read_text() == "important"
+
+
+async def test_shutdown_drains_in_flight(tcp: int) -> None:
+    started = anyio.Event()
+
+    async def slow(req: Request) -> Response:
+        started.set()
+        await anyio.sleep(0.3)
+        return Response.text("done")
+
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    server = HttpServer(slow)
+    result: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, [listener])
+
+        async def call() -> None:
+            async with httpx.AsyncClient() as c:
+                r = await c.get(f"http://127.0.0.1:{port}/")
+                result.append((r.status_code, r.text, r.headers.get("connection")))
+
+        tg.start_soon(call)
+        await started.wait()
+        await server.shutdown(grace=5)
+    assert result == [(200, "done", "close")]

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from imsd.fakeims.server import FakeIms
+from imsd.flows import client_credentials_flow
+from imsd.imsclient import ImsClient, check_url
+from imsd.model import Credential, ImsError, ImsErrorKind, Secret
+
+pytestmark = pytest.mark.anyio
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    with FakeIms.in_thread() as f:
+        f.state.add_client("cid", secrets=["s3cret"], scopes=["openid"], org_id=ORG)
+        yield f
+
+
+def cred(url: str, secret: str = "s3cret") -> Credential:
+    return Credential(
+        name="c",
+        path=Path("/c.toml"),
+        auth="oauth_server_to_server",
+        client_id="cid",
+        client_secret=Secret(secret),
+        org_id=ORG,
+        scopes=("openid",),
+        ims_url=url,
+    )
+
+
+async def test_success_and_error_kinds(fake: FakeIms) -> None:
+    codes: list[int | str] = []
+    async with ImsClient(on_response=codes.append) as client:
+        grant = await client.run(client_credentials_flow(cred(fake.url), 0.0))
+        assert fake.state.validate_token(grant.access_token.reveal()) is not None
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url, "wrong"), 0.0))
+        assert (err.value.kind, err.value.code) == (ImsErrorKind.PERMANENT, "invalid_client")
+        fake.state.throttle_next(1, retry_after=3)
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url), 0.0))
+        assert (err.value.kind, err.value.retry_after) == (ImsErrorKind.THROTTLED, 3)
+        fake.state.fail_next(1, status=502)
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url), 0.0))
+        assert err.value.kind is ImsErrorKind.TRANSIENT
+    assert codes == [200, 401, 429, 502]
+
+
+async def test_connection_refused_and_reset_are_transient(fake: FakeIms) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    codes: list[int | str] = []
+    async with ImsClient(on_response=codes.append) as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(f"http://127.0.0.1:{port}"), 0.0))
+        assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "network_error")
+        fake.state.reset_next(1)
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url), 0.0))
+        assert err.value.kind is ImsErrorKind.TRANSIENT
+        assert "s3cret" not in str(err.value)
+    assert codes == ["network_error", "network_error"]
+
+
+async def test_timeout(fake: FakeIms) -> None:
+    fake.state.hang(2)
+    async with ImsClient(timeout=0.2) as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url), 0.0))
+    fake.state.hang(0)
+    assert err.value.code == "timeout"
+
+
+async def test_concurrency_cap(fake: FakeIms) -> None:
+    fake.state.hang(0.2)  # every answer takes a while, so requests overlap at the fake
+    async with ImsClient(max_concurrent=3, rate=None) as client, anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(client.run, client_credentials_flow(cred(fake.url), 0.0))
+    fake.state.hang(0)
+    assert fake.state.request_count("cid") == 10
+    assert fake.state.peak_in_flight == 3
+
+
+async def test_body_cap_and_insecure_urls() -> None:
+    big = httpx.MockTransport(lambda r: httpx.Response(200, content=b"x" * 5000))
+    async with ImsClient(transport=big, max_body=1000) as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred("https://ims.example"), 0.0))
+    assert err.value.code == "response_too_large"
+    for url in ("http://ims.example.com", "ftp://127.0.0.1", "http://10.0.0.1:80"):
+        with pytest.raises(ImsError, match="insecure_url"):
+            check_url(url + "/ims/token/v3")
+    check_url("http://127.0.0.1:8080/ims/token/v3")
+    check_url("http://[::1]:8080/x")
+    check_url("https://ims-na1.adobelogin.com/ims/token/v3")
