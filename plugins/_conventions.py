@@ -33,7 +33,7 @@ def slug(options: Mapping[str, Any], key: str, *, default: str | None = None) ->
     value = options.get(key, default)
     if value is None:
         raise ValueError(f"option {key!r} is required")
-    if not isinstance(value, str) or not _SLUG.match(value):
+    if not isinstance(value, str) or not _SLUG.fullmatch(value):
         raise ValueError(f"option {key!r} must be letters, digits, '-' or '_'")
     return value
 

@@ -1,3 +1,5 @@
+"""Rendering outputs: exact files for the built-in products, hostile products rejected."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +13,20 @@ from hypothesis import strategies as st
 from imsd.model import Credential, Grant, Secret
 from imsd.plugin import Product, TokenView
 from imsd.registry import load_registry
-from imsd.render import RenderError, render_outputs, rfc3339
+from imsd.render import (
+    RenderError,
+    document,
+    product_env,
+    product_headers,
+    render_outputs,
+    rfc3339,
+    token_view,
+)
 
 PRODUCTS = load_registry().products
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
-GRANT = Grant(Secret("TOKEN123"), "bearer", 1_800_000_000.0, 1_800_086_400.0)
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJ0eXBlIjoiYWNjZXNzX3Rva2VuIn0.c2ln-_"
+GRANT = Grant(Secret(TOKEN), "bearer", 1_800_000_000.0, 1_800_086_400.0)
 
 
 def cred(**kw: Any) -> Credential:
@@ -33,39 +44,41 @@ def cred(**kw: Any) -> Credential:
 
 def test_generic_files_exactly() -> None:
     files = render_outputs(cred(), GRANT, PRODUCTS)
-    assert files["token"] == b"TOKEN123"
-    assert (
-        files["generic.headers"]
-        == (f"Authorization: Bearer TOKEN123\nx-api-key: cid\nx-gw-ims-org-id: {ORG}\n").encode()
-    )
-    assert (
-        files["generic.env"]
-        == (f"ADOBE_ACCESS_TOKEN=TOKEN123\nADOBE_API_KEY=cid\nADOBE_ORG_ID={ORG}\n").encode()
-    )
-    doc = json.loads(files["token.json"])
-    assert doc == {
-        "credential": "c",
-        "access_token": "TOKEN123",
-        "token_type": "bearer",
-        "expires_at": "2027-01-16T08:00:00Z",
-        "issued_at": "2027-01-15T08:00:00Z",
-        "client_id": "cid",
-        "org_id": ORG,
-        "headers": {
-            "generic": {
-                "Authorization": "Bearer TOKEN123",
-                "x-api-key": "cid",
-                "x-gw-ims-org-id": ORG,
-            }
-        },
+    assert files == {
+        "token": TOKEN.encode(),
+        "token.json": (
+            "{\n"
+            '  "credential": "c",\n'
+            f'  "access_token": "{TOKEN}",\n'
+            '  "token_type": "bearer",\n'
+            '  "expires_at": "2027-01-16T08:00:00Z",\n'
+            '  "issued_at": "2027-01-15T08:00:00Z",\n'
+            '  "client_id": "cid",\n'
+            f'  "org_id": "{ORG}",\n'
+            '  "headers": {\n'
+            '    "generic": {\n'
+            f'      "Authorization": "Bearer {TOKEN}",\n'
+            '      "x-api-key": "cid",\n'
+            f'      "x-gw-ims-org-id": "{ORG}"\n'
+            "    }\n"
+            "  }\n"
+            "}\n"
+        ).encode(),
+        "generic.headers": (
+            f"Authorization: Bearer {TOKEN}\nx-api-key: cid\nx-gw-ims-org-id: {ORG}\n"
+        ).encode(),
+        "generic.env": (
+            f"ADOBE_ACCESS_TOKEN={TOKEN}\nADOBE_API_KEY=cid\nADOBE_ORG_ID={ORG}\n"
+        ).encode(),
     }
+    assert json.loads(files["token.json"]) == document(cred(), GRANT, PRODUCTS)
 
 
 def test_multi_product_outputs_and_extra_headers_last() -> None:
     c = cred(
         products=("aep", "cja"),
         product_options={"aep": {"sandbox": "dev"}, "cja": {}},
-        extra_headers={"x-api-key": "override", "x-team": "a"},
+        extra_headers={"X-Api-Key": "override", "x-team": "a"},
     )
     files = render_outputs(c, GRANT, PRODUCTS)
     assert sorted(files) == [
@@ -76,33 +89,86 @@ def test_multi_product_outputs_and_extra_headers_last() -> None:
         "token",
         "token.json",
     ]
+    assert files["cja.headers"].decode().splitlines() == [
+        f"Authorization: Bearer {TOKEN}",
+        f"x-gw-ims-org-id: {ORG}",
+        "X-Api-Key: override",  # replaces x-api-key: header names have no case
+        "x-team: a",
+    ]
     assert b"x-sandbox-name: dev\n" in files["aep.headers"]
-    assert b"x-api-key: override\n" in files["cja.headers"]
-    assert json.loads(files["token.json"])["headers"]["aep"]["x-team"] == "a"
+    assert b"ADOBE_SANDBOX_NAME=dev\n" in files["aep.env"]
+    headers = json.loads(files["token.json"])["headers"]
+    assert headers["aep"]["x-team"] == "a"
+    assert headers["cja"] == product_headers(c, GRANT, PRODUCTS["cja"])
 
 
-def test_outputs_subset() -> None:
-    assert sorted(render_outputs(cred(outputs=("token",)), GRANT, PRODUCTS)) == ["token"]
+@pytest.mark.parametrize(
+    ("outputs", "names"),
+    [
+        (("token",), ["token"]),
+        (("json",), ["token.json"]),
+        (("headers",), ["generic.headers"]),
+        (("env",), ["generic.env"]),
+        ((), []),
+    ],
+)
+def test_outputs_subset(outputs: tuple[str, ...], names: list[str]) -> None:
+    assert sorted(render_outputs(cred(outputs=outputs), GRANT, PRODUCTS)) == names
+
+
+def test_unknown_product() -> None:
+    with pytest.raises(RenderError, match=r"^c: unknown product 'nope'$"):
+        render_outputs(cred(products=("generic", "nope")), GRANT, PRODUCTS)
+    with pytest.raises(RenderError, match="unknown product"):
+        document(cred(products=("nope",)), GRANT, PRODUCTS)
+
+
+def test_token_view_validates_options() -> None:
+    view = token_view(cred(products=("aep",)), GRANT, PRODUCTS["aep"])
+    assert view.options == {"sandbox": "prod"}  # defaults filled in
+    assert view.access_token == TOKEN
+    assert (view.credential, view.client_id, view.org_id) == ("c", "cid", ORG)
+    assert view.expires_at == GRANT.expires_at
+    bad = cred(products=("aep",), product_options={"aep": {"sandbox": "a b"}})
+    with pytest.raises(RenderError, match=r"c: product 'aep': option 'sandbox'"):
+        render_outputs(bad, GRANT, PRODUCTS)
+
+
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (0, "1970-01-01T00:00:00Z"),
+        (1.999, "1970-01-01T00:00:01Z"),  # truncated: never later than the real instant
+        (1_800_000_000.0, "2027-01-15T08:00:00Z"),
+        (951_782_400, "2000-02-29T00:00:00Z"),
+    ],
+)
+def test_rfc3339(ts: float, text: str) -> None:
+    assert rfc3339(ts) == text
 
 
 class Hostile:
     name = "hostile"
     default_scopes: tuple[str, ...] = ()
 
-    def __init__(
-        self, headers: dict[str, str], env: dict[str, str] | None = None, boom: bool = False
-    ) -> None:
-        self._h, self._e, self._boom = headers, env or {}, boom
+    def __init__(self, headers: Any = None, env: Any = None, boom: str = "") -> None:
+        self._h = {"x-a": "ok"} if headers is None else headers
+        self._e = {} if env is None else env
+        self._boom = boom
 
     def validate_options(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self._boom == "options":
+            raise KeyError("whatever")
         return {}
 
-    def headers(self, view: TokenView) -> dict[str, str]:
-        if self._boom:
+    def headers(self, view: TokenView) -> Any:
+        if self._boom == "headers":
             raise RuntimeError(f"leaking {view.access_token}")
         return self._h
 
-    def env(self, view: TokenView) -> dict[str, str]:
+    def env(self, view: TokenView) -> Any:
+        if self._boom == "env":
+            raise ValueError(f"leaking {view.access_token}")
         return self._e
 
     def base_url(self, options: Mapping[str, Any]) -> str | None:
@@ -110,25 +176,121 @@ class Hostile:
 
 
 @pytest.mark.parametrize(
-    "product",
+    ("product", "reason"),
     [
-        Hostile({"x-a": "v\r\nInjected: 1"}),
-        Hostile({"bad name": "v"}),
-        Hostile({"x-a": "ok"}, {"KEY": "line\nNEXT=1"}),
-        Hostile({"x-a": "ok"}, {"1KEY": "v"}),
-        Hostile({"x-a": "ok"}, {"KEY": '"quoted"'}),
-        Hostile({}, boom=True),
+        (Hostile({"x-a": "v\r\nInjected: 1"}), "'x-a' has an empty or multi-line value"),
+        (Hostile({"x-a": "v\nb"}), "multi-line"),
+        (Hostile({"x-a": "v\x00"}), "multi-line"),
+        (Hostile({"x-a": "v\u2028b"}), "multi-line"),
+        (Hostile({"x-a": ""}), "empty"),
+        (Hostile({"x-a": "  "}), "empty"),
+        (Hostile({"x-a": 1}), "multi-line"),
+        (Hostile({"bad name": "v"}), "invalid header name"),
+        (Hostile({"x-a\n": "v"}), "invalid header name"),
+        (Hostile({"x-a:b": "v"}), "invalid header name"),
+        (Hostile({"": "v"}), "invalid header name"),
+        (Hostile({1: "v"}), "invalid header name"),
+        (Hostile({"Transfer-Encoding": "chunked"}), "reserved"),
+        (Hostile({"Host": "evil"}), "reserved"),
+        (Hostile({"X-A": "1", "x-a": "2"}), "given twice"),
+        (Hostile({TOKEN: "v\n"}), "header <redacted> has"),
+        (Hostile(["not", "a", "mapping"]), "headers is not a mapping"),
+        (Hostile(env={"KEY": "line\nNEXT=1"}), "'KEY' has a value"),
+        (Hostile(env={"KEY": "line\rNEXT=1"}), "'KEY' has a value"),
+        (Hostile(env={"KEY": '"quoted"'}), "'KEY' has a value"),
+        (Hostile(env={"KEY": "'quoted'"}), "'KEY' has a value"),
+        (Hostile(env={"KEY": "a\\nb"}), "'KEY' has a value"),
+        (Hostile(env={"KEY": " lead"}), "'KEY' has a value"),
+        (Hostile(env={"KEY": "trail\t"}), "'KEY' has a value"),
+        (Hostile(env={"1KEY": "v"}), "invalid environment variable name"),
+        (Hostile(env={"KEY\n": "v"}), "invalid environment variable name"),
+        (Hostile(env={"K-Y": "v"}), "invalid environment variable name"),
+        (Hostile(env={"KEY": None}), "'KEY' has a value"),
+        (Hostile(boom="headers"), "failed to render headers (RuntimeError)"),
+        (Hostile(boom="env"), "failed to render env (ValueError)"),
+        (Hostile(boom="options"), "validate_options failed (KeyError)"),
     ],
 )
-def test_hostile_products_rejected_without_leaking(product: Product) -> None:
+def test_hostile_products_rejected_without_leaking(product: Product, reason: str) -> None:
     c = cred(products=("hostile",))
     with pytest.raises(RenderError) as err:
         render_outputs(c, GRANT, {"hostile": product})
-    assert "TOKEN123" not in str(err.value)
-    assert "hostile" in str(err.value)
+    message = str(err.value)
+    assert message.startswith("c: product 'hostile': ")
+    assert reason in message
+    assert TOKEN not in message
+    assert TOKEN not in repr(err.value)
+    assert err.value.__cause__ is None  # the plugin's exception (and its text) is not chained
 
 
-@given(st.text(max_size=20), st.text(max_size=20) | st.sampled_from(["a\x85b", "a\u2028b"]))
+def test_env_values_that_read_the_same_everywhere_are_kept_verbatim() -> None:
+    env = {"A": "x=y", "B": "it's", "C": 'say "hi"', "D": "a b\tc", "E": "", "F": "#not-a-comment"}
+    c = cred(products=("hostile",))
+    assert product_env(c, GRANT, Hostile(env=env)) == env
+    files = render_outputs(c, GRANT, {"hostile": Hostile(env=env)})
+    assert files["hostile.env"] == (b'A=x=y\nB=it\'s\nC=say "hi"\nD=a b\tc\nE=\nF=#not-a-comment\n')
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"bad name": "v"}, {"x-b": "v\r\nX-Evil: 1"}, {"Connection": "close"}],
+)
+def test_invalid_extra_headers(extra: dict[str, str]) -> None:
+    with pytest.raises(RenderError, match=r"^c: extra_headers: "):
+        render_outputs(cred(extra_headers=extra), GRANT, PRODUCTS)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+def systemd_env_value(line: str) -> str:
+    """The value systemd's EnvironmentFile= parser (env-file.c) reads from one KEY=... line."""
+    raw = line.split("=", 1)[1]
+    value, state, trailing = "", "pre", 0
+    for c in raw:
+        if state == "pre":
+            if c in " \t":
+                continue
+            if c in "'\"":
+                state = c
+            elif c == "\\":
+                state = "esc"
+            else:
+                state, value = "value", c
+        elif state == "value":
+            if c == "\\":
+                state, trailing = "esc", 0
+            else:
+                trailing = trailing + 1 if c in " \t" else 0
+                value += c
+        elif state == "esc":
+            state, value = "value", value + c
+        elif c == state:  # closing quote
+            state = "pre"
+        else:
+            value += c
+    return value[: len(value) - trailing] if trailing else value
+
+
+def docker_env_value(line: str) -> str:
+    """docker --env-file: the line with leading whitespace trimmed, value taken literally."""
+    return line.lstrip().split("=", 1)[1]
+
+
+@given(st.text(max_size=30))
+def test_env_values_accepted_read_identically_in_systemd_and_docker(value: str) -> None:
+    c = cred(products=("hostile",))
+    try:
+        files = render_outputs(c, GRANT, {"hostile": Hostile(env={"KEY": value})})
+    except RenderError:
+        return
+    lines = files["hostile.env"].decode().split("\n")
+    assert lines[1:] == [""]  # exactly one line
+    assert systemd_env_value(lines[0]) == value
+    assert docker_env_value(lines[0]) == value
+
+
+@given(st.text(max_size=20), st.text(max_size=20))
 def test_no_header_line_injection(name: str, value: str) -> None:
     c = cred(products=("hostile",))
     try:
@@ -136,9 +298,37 @@ def test_no_header_line_injection(name: str, value: str) -> None:
     except RenderError:
         return
     lines = files["hostile.headers"].decode().splitlines()
-    assert len(lines) == 1
-    assert lines[0] == f"{name}: {value}"
+    assert lines == [f"{name}: {value}"]
+    assert files["hostile.headers"].endswith(b"\n")
 
 
-def test_rfc3339() -> None:
-    assert rfc3339(0) == "1970-01-01T00:00:00Z"
+TOKENS = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=12)
+
+
+@given(
+    TOKENS,
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.sampled_from(["{t}", "Bearer {t}", "{t}\n", "x\r\n{t}", "", "{t}\\", " {t}"]),
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_token_never_escapes_into_errors_or_file_names(
+    token: str, template: dict[str, str], as_env: bool
+) -> None:
+    values = {k: v.format(t=token) for k, v in template.items()}
+    product = Hostile(env=values) if as_env else Hostile(headers=values)
+    grant = Grant(Secret(token), "bearer", 0.0, 86_400.0)
+    message = ""
+    files: dict[str, bytes] = {}
+    try:
+        files = render_outputs(cred(products=("hostile",)), grant, {"hostile": product})
+    except RenderError as e:
+        message = str(e)
+    assert token not in message
+    if message:
+        return
+    assert set(files) == {"token", "token.json", "hostile.headers", "hostile.env"}
+    assert files["token"] == token.encode()
+    assert json.loads(files["token.json"])["access_token"] == token

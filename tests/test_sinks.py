@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from imsd import sinks
-from imsd.sinks import FileSink, SinkError
+from imsd.sinks import FileSink, SinkError, atomic_write
 
 
 @pytest.fixture
@@ -20,24 +20,138 @@ def umask_zero() -> Iterator[None]:
     os.umask(old)
 
 
+@pytest.fixture
+def dir_fd(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
+
+
+# -- atomic_write ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "file_mode"), [(0, 0o600), (0o077, 0o640), (0o777, 0o600)])
+def test_atomic_write_mode_ignores_umask(
+    tmp_path: Path, dir_fd: int, umask: int, file_mode: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write(dir_fd, "f", b"one", mode=file_mode)
+        assert mode(tmp_path / "f") == file_mode
+        atomic_write(dir_fd, "f", b"two", mode=file_mode)  # replacing keeps it exact too
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "f") == file_mode
+    assert (tmp_path / "f").read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_write_sets_group(tmp_path: Path, dir_fd: int) -> None:
+    # Root may hand the file to any group; others to a supplementary group of theirs.
+    others = [g for g in os.getgroups() if g != os.getegid()]
+    gid = 4242 if os.geteuid() == 0 else others[0] if others else os.getegid()
+    atomic_write(dir_fd, "f", b"x", mode=0o640, gid=gid)
+    assert (tmp_path / "f").stat().st_gid == gid
+
+
+def test_atomic_write_refuses_symlink_target(tmp_path: Path, dir_fd: int) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "f").symlink_to(victim)
+    with pytest.raises(SinkError, match=r"^\[Errno \d+\] f: exists and is not a regular file"):
+        atomic_write(dir_fd, "f", b"new", where="")
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "f").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["f", "victim"]
+
+
+def test_atomic_write_refuses_directory_target(tmp_path: Path, dir_fd: int) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SinkError, match="not a regular file"):
+        atomic_write(dir_fd, "d", b"new")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\0b"])
+def test_atomic_write_rejects_bad_names(dir_fd: int, name: str) -> None:
+    with pytest.raises(SinkError, match="invalid file name"):
+        atomic_write(dir_fd, name, b"x")
+
+
+def test_atomic_write_partial_write_then_enospc(
+    tmp_path: Path, dir_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    atomic_write(dir_fd, "token", b"old-token")
+    calls = 0
+
+    def fills_up(fd: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return os.write(fd, bytes(data[:3]))  # a short write first: the loop continues
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sinks, "write_fn", fills_up)
+    with pytest.raises(SinkError) as err:
+        atomic_write(dir_fd, "token", b"brand-new-token", where=str(tmp_path))
+    assert calls == 2
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == f"[Errno {errno.ENOSPC}] {tmp_path}/token: No space left on device"
+    assert "brand-new" not in str(err.value)
+    assert os.listdir(tmp_path) == ["token"]
+    assert (tmp_path / "token").read_bytes() == b"old-token"
+
+
+def test_atomic_write_cleans_up_on_any_exception(
+    tmp_path: Path, dir_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(fd: int, data: bytes | memoryview) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinks, "write_fn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(dir_fd, "token", b"x")
+    assert os.listdir(tmp_path) == []
+
+
+# -- FileSink --------------------------------------------------------------------------------
+
+
 def test_write_creates_files_with_exact_mode(tmp_path: Path, umask_zero: None) -> None:
     sink = FileSink(tmp_path / "out", file_mode=0o640)
     sink.write("alpha", {"token": b"abc", "token.json": b"{}\n"})
     d = tmp_path / "out" / "alpha"
     assert (d / "token").read_bytes() == b"abc"
-    assert {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()} == {
-        "token": 0o640,
-        "token.json": 0o640,
-    }
-    assert d.stat().st_mode & 0o777 == 0o750  # group readers of the files can enter
+    assert {p.name: mode(p) for p in d.iterdir()} == {"token": 0o640, "token.json": 0o640}
+    assert mode(d) == 0o750  # group readers of the files can enter
+
+
+@pytest.mark.parametrize(
+    ("file_mode", "dir_mode", "expected"),
+    [(0o600, None, 0o700), (0o644, None, 0o755), (0o600, 0o711, 0o711)],
+)
+def test_directory_mode(
+    tmp_path: Path, file_mode: int, dir_mode: int | None, expected: int
+) -> None:
+    FileSink(tmp_path, file_mode=file_mode, dir_mode=dir_mode).write("a", {"token": b"t"})
+    assert mode(tmp_path / "a") == expected
+    assert mode(tmp_path / "a" / "token") == file_mode
 
 
 def test_rewrite_removes_outputs_no_longer_produced(tmp_path: Path) -> None:
     sink = FileSink(tmp_path)
     sink.write("a", {"token": b"1", "aep.headers": b"x", "aep.env": b"y"})
-    (tmp_path / "a" / "notes.txt").write_text("not ours")
+    d = tmp_path / "a"
+    (d / "notes.txt").write_text("not ours")
+    (d / ".token.tmp-0123456789abcdef").write_text("left by a crash")
+    (d / "dir.env").mkdir()  # named like ours but not a regular file: kept
+    (d / "link.headers").symlink_to(tmp_path / "elsewhere")
     sink.write("a", {"token": b"2"})
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["notes.txt", "token"]
+    assert sorted(p.name for p in d.iterdir()) == ["dir.env", "link.headers", "notes.txt", "token"]
+    assert (d / "token").read_bytes() == b"2"
 
 
 def test_symlinked_target_is_refused(tmp_path: Path) -> None:
@@ -55,17 +169,41 @@ def test_symlinked_target_is_refused(tmp_path: Path) -> None:
 def test_symlinked_credential_dir_is_refused(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "token").write_text("theirs")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a").symlink_to(elsewhere)
+    sink = FileSink(tmp_path / "out")
     with pytest.raises(SinkError, match="symlink"):
-        FileSink(tmp_path / "out").write("a", {"token": b"1"})
-    assert list(elsewhere.iterdir()) == []
+        sink.write("a", {"token": b"1"})
+    with pytest.raises(SinkError, match="symlink"):
+        sink.remove("a")
+    assert sink.cleanup_orphans(keep=set()) == []
+    assert [p.name for p in elsewhere.iterdir()] == ["token"]
+    assert (elsewhere / "token").read_text() == "theirs"
+    assert (tmp_path / "out" / "a").is_symlink()
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "", "x" * 65])
+def test_symlinked_output_dir_is_the_operators_choice(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "real")
+    FileSink(tmp_path / "out").write("a", {"token": b"1"})
+    assert (tmp_path / "real" / "a" / "token").read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "", "x" * 65, "a\n", "a b"])
 def test_hostile_names_rejected(tmp_path: Path, name: str) -> None:
+    sink = FileSink(tmp_path / "out")
     with pytest.raises(SinkError, match="invalid credential name"):
-        FileSink(tmp_path).write(name, {"token": b"1"})
+        sink.write(name, {"token": b"1"})
+    with pytest.raises(SinkError, match="invalid credential name"):
+        sink.remove(name)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("filename", ["notes.txt", "../token", ".token", "a/b.env"])
+def test_foreign_file_names_rejected(tmp_path: Path, filename: str) -> None:
+    with pytest.raises(SinkError, match="not an output file name"):
+        FileSink(tmp_path).write("a", {filename: b"1"})
 
 
 def test_disk_full_leaves_old_file_and_no_temp(
@@ -81,6 +219,7 @@ def test_disk_full_leaves_old_file_and_no_temp(
     with pytest.raises(SinkError) as err:
         sink.write("a", {"token": b"new-token"})
     assert err.value.errno == errno.ENOSPC
+    assert str(tmp_path / "a" / "token") in str(err.value)
     assert "new-token" not in str(err.value)
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["token"]
     assert (tmp_path / "a" / "token").read_bytes() == b"old-token"
@@ -89,45 +228,83 @@ def test_disk_full_leaves_old_file_and_no_temp(
     assert (tmp_path / "a" / "token").read_bytes() == b"new-token"
 
 
-def test_remove_and_orphan_cleanup(tmp_path: Path) -> None:
+def test_remove(tmp_path: Path) -> None:
     sink = FileSink(tmp_path)
-    for name in ("a", "b", "c"):
-        sink.write(name, {"token": b"t", "generic.env": b"e"})
-    (tmp_path / "c" / "mine.txt").write_text("foreign file: keep the directory")
+    sink.write("a", {"token": b"t", "token.json": b"{}", "generic.env": b"e"})
+    (tmp_path / "a" / ".token.tmp-0123456789abcdef").write_text("stale")
     sink.remove("a")
     assert not (tmp_path / "a").exists()
     sink.remove("a")  # idempotent
-    assert sink.cleanup_orphans(keep={"x"}) == ["b"]
-    assert (tmp_path / "c" / "mine.txt").exists()
+    FileSink(tmp_path / "missing").remove("a")  # no output dir yet: nothing to do
+
+
+def test_remove_keeps_foreign_files_and_their_directory(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    sink.write("a", {"token": b"t", "generic.headers": b"h"})
+    (tmp_path / "a" / "mine.txt").write_text("someone else's")
+    sink.remove("a")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["mine.txt"]
+
+
+def test_cleanup_orphans(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    for name in ("a", "b", "c", "keep"):
+        sink.write(name, {"token": b"t", "generic.env": b"e"})
+    (tmp_path / "c" / "mine.txt").write_text("foreign file: keep the directory")
+    (tmp_path / "keep" / ".token.tmp-0123456789abcdef").write_text("stale")
+    (tmp_path / "stray-file").write_text("not a directory")
+    (tmp_path / "d").symlink_to(tmp_path / "keep")
+    assert sink.cleanup_orphans(keep={"keep", "x"}) == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d", "keep", "stray-file"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "generic.env",
+        "mine.txt",
+        "token",
+    ]
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["generic.env", "token"]
+    assert FileSink(tmp_path / "missing").cleanup_orphans(keep=set()) == []
 
 
 def test_reader_never_sees_a_partial_or_empty_file(tmp_path: Path) -> None:
     """1,000 rewrites of varying length while a reader polls the file."""
     sink = FileSink(tmp_path)
-    values = [(f"token-{i}-" + "x" * (i * 37 % 4000)).encode() for i in range(1000)]
+    values = [(f"token-{i}-" + "x" * (i * 7919 % 20000)).encode() for i in range(1000)]
     written = set(values)
+    assert len(written) == len(values)
     sink.write("a", {"token": values[0]})
     path = tmp_path / "a" / "token"
     done = threading.Event()
     bad: list[bytes] = []
+    seen: set[bytes] = set()
     reads = 0
+    progress = threading.Condition()
 
     def reader() -> None:
         nonlocal reads
         while not done.is_set():
             data = path.read_bytes()
-            reads += 1
             if data not in written:
                 bad.append(data)
+            seen.add(data)
+            with progress:
+                reads += 1
+                progress.notify_all()
 
     t = threading.Thread(target=reader)
     t.start()
     try:
-        for value in values:
+        for i, value in enumerate(values):
             sink.write("a", {"token": value})
+            if i % 50 == 0:  # make sure the reader really interleaves with the writer
+                with progress:
+                    target = reads + 2
+                    while reads < target:
+                        assert progress.wait(timeout=10), "reader stalled"
     finally:
         done.set()
         t.join()
     assert bad == []
-    assert reads > 0
+    # Two reads after each checkpoint write: the second saw exactly that write's value.
+    assert {values[i] for i in range(0, 1000, 50)} <= seen
     assert path.read_bytes() == values[-1]
+    assert os.listdir(tmp_path / "a") == ["token"]

@@ -21,7 +21,7 @@ from imsd.httpserver import Request, Response
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
-from imsd.render import RenderError, document, rfc3339, token_view
+from imsd.render import RenderError, document, product_env, product_headers, rfc3339
 from imsd.store import Entry, TokenStore
 from imsd.supervisor import Supervisor
 
@@ -187,9 +187,12 @@ class Api:
                 "unknown_product",
                 f"{entry.name} has no product {product!r} (it has: {', '.join(cred.products)})",
             )
-        doc = document(cred, grant, self.products)
-        env = self.products[product].env(token_view(cred, grant, self.products[product]))
-        return Response.json({"product": product, "headers": doc["headers"][product], "env": env})
+        try:
+            headers = product_headers(cred, grant, self.products[product])
+            env = product_env(cred, grant, self.products[product])
+        except RenderError as e:
+            return _error(500, "render_failed", str(e))
+        return Response.json({"product": product, "headers": headers, "env": env})
 
     async def _refresh(self, entry: Entry) -> Response:
         if entry.credential is None:

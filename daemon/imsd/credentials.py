@@ -305,7 +305,7 @@ def _build(
     except ValidationError as e:
         raise _validation_error(path, e) from None
     name = m.name or name
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise CredentialError(path, "must be 1-64 of A-Z a-z 0-9 . _ -", field="name")
     if m.auth == AUTH_S2S and not m.scopes:
         raise CredentialError(path, "at least one scope is required", field="scopes")

@@ -25,6 +25,7 @@ from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
 from imsd.imsclient import ImsClient
 from imsd.metrics import Metrics
 from imsd.model import Credential, ImsErrorKind
+from imsd.persist import StateFile
 from imsd.registry import Registry
 from imsd.sinks import FileSink
 from imsd.store import TokenStore
@@ -118,6 +119,7 @@ class Daemon:
                     observer=self.metrics,
                     output_dir=str(s.output_dir),
                     clock=self._clock,
+                    state=StateFile(s.state_dir),
                 )
                 await tg.start(sup.run)
                 if handle_signals:
@@ -369,7 +371,11 @@ async def run_once(settings: Settings, registry: Registry, *, give_up_after: flo
     sink = _sink(settings)
     async with _client(settings) as client, anyio.create_task_group() as tg:
         sup = Supervisor(
-            client=client, sink=sink, products=registry.products, policy=settings.refresh_policy()
+            client=client,
+            sink=sink,
+            products=registry.products,
+            policy=settings.refresh_policy(),
+            state=StateFile(settings.state_dir),
         )
         await tg.start(sup.run)
         await sup.apply(events)

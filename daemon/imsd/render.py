@@ -2,7 +2,9 @@
 
 Products produce header and env mappings through the plugin API; everything they return is
 validated here, so no plugin can inject a header line, an env line or a stray newline into a
-file that ``curl -H @file`` or systemd's ``EnvironmentFile=`` will read.
+file that ``curl -H @file``, systemd's ``EnvironmentFile=`` or ``docker --env-file`` will read.
+Error messages name the credential, the product and at most a header or variable name; never a
+value, never the text of a plugin's exception (which may quote the token).
 """
 
 from __future__ import annotations
@@ -16,20 +18,37 @@ from typing import Any, Final
 from imsd.model import Credential, Grant
 from imsd.plugin import Product, TokenView
 
-__all__ = ["RenderError", "document", "render_outputs", "rfc3339", "token_view"]
+__all__ = [
+    "RenderError",
+    "document",
+    "product_env",
+    "product_headers",
+    "render_outputs",
+    "rfc3339",
+    "token_view",
+]
 
-_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_ENV_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _bad_value(value: object) -> bool:
-    """Not a single printable line (TAB allowed): a newline of any kind could inject."""
-    return not isinstance(value, str) or not all(c == "\t" or c.isprintable() for c in value)
-
-
-# docker --env-file takes values literally; systemd strips quotes and expands backslashes.
-# Values that would read differently in the two are refused rather than quoted.
-_ENV_UNSAFE: Final = re.compile(r"""^\s|\s$|^["']|\\""")
+# RFC 7230 token characters. Always used with fullmatch: "$" would accept a trailing newline.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ENV_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Framing headers belong to the HTTP client; a file that sets them breaks every request.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "content-length",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# docker --env-file takes the value literally; systemd strips surrounding whitespace, unquotes a
+# leading quote and unescapes backslashes. Values that would read differently in the two are
+# refused rather than quoted. (A quote after the first character is literal in both.)
+_ENV_AMBIGUOUS: Final = re.compile(r"""\A\s|\s\Z|\A["']|\\""")
 
 
 class RenderError(ValueError):
@@ -37,10 +56,34 @@ class RenderError(ValueError):
 
 
 def rfc3339(ts: float) -> str:
+    """Unix seconds as RFC 3339 UTC with a ``Z``, truncated to the second."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _single_line(value: object) -> bool:
+    """A printable line (TAB allowed): no CR, LF, NUL, nor any Unicode line break."""
+    return isinstance(value, str) and all(c == "\t" or c.isprintable() for c in value)
+
+
+def _where(cred: Credential, product: Product) -> str:
+    return f"{cred.name}: product {product.name!r}"
+
+
+def _label(name: str, view: TokenView) -> str:
+    # A token is made of token characters, so a hostile product could use it as a header name.
+    return "<redacted>" if view.access_token and view.access_token in name else repr(name)
+
+
 def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
+    """What *product* sees; its options are (re-)validated, which fills in defaults."""
+    try:
+        options = product.validate_options(cred.product_options.get(product.name, {}))
+    except (ValueError, TypeError) as e:  # option messages never hold the token
+        raise RenderError(f"{_where(cred, product)}: {e}") from None
+    except Exception as e:  # a plugin bug must not take the daemon down
+        raise RenderError(
+            f"{_where(cred, product)}: validate_options failed ({type(e).__name__})"
+        ) from None
     return TokenView(
         credential=cred.name,
         access_token=grant.access_token.reveal(),
@@ -48,59 +91,82 @@ def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
         client_id=cred.client_id,
         org_id=cred.org_id,
         expires_at=grant.expires_at,
-        options=cred.product_options.get(product.name, {}),
+        options=options,
     )
 
 
-def _call(cred: Credential, product: Product, what: str, view: TokenView) -> dict[str, str]:
+def _call(cred: Credential, product: Product, what: str, view: TokenView) -> dict[Any, Any]:
     try:
         result = product.headers(view) if what == "headers" else product.env(view)
-    except Exception as e:  # a plugin bug must not take the daemon down
+    except Exception as e:  # the message may quote the token: only its type is shown
         raise RenderError(
-            f"{cred.name}: product {product.name!r} failed to render {what} ({type(e).__name__})"
+            f"{_where(cred, product)}: failed to render {what} ({type(e).__name__})"
         ) from None
     if not isinstance(result, Mapping):
-        raise RenderError(f"{cred.name}: product {product.name!r} returned non-mapping {what}")
+        raise RenderError(f"{_where(cred, product)}: {what} is not a mapping")
     return dict(result)
 
 
-def _headers(cred: Credential, product: Product, view: TokenView) -> dict[str, str]:
-    headers = _call(cred, product, "headers", view)
-    merged = {**headers, **cred.extra_headers}
-    for name, value in merged.items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
-            raise RenderError(f"{cred.name}: product {product.name!r}: invalid header name")
-        if _bad_value(value):
-            raise RenderError(
-                f"{cred.name}: product {product.name!r}: header {name!r} has an invalid value"
-            )
+def _checked_headers(where: str, headers: Mapping[Any, Any], view: TokenView) -> dict[str, str]:
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise RenderError(f"{where}: invalid header name")
+        label = _label(name, view)
+        key = name.lower()
+        if key in _HOP_BY_HOP:
+            raise RenderError(f"{where}: header {label} is reserved for the HTTP client")
+        if key in seen:
+            raise RenderError(f"{where}: header {label} given twice")
+        # curl -H @file drops a header with an empty value instead of sending it.
+        if not _single_line(value) or not value.strip():
+            raise RenderError(f"{where}: header {label} has an empty or multi-line value")
+        seen.add(key)
+        out[name] = value
+    return out
+
+
+def product_headers(cred: Credential, grant: Grant, product: Product) -> dict[str, str]:
+    """*product*'s headers with ``cred.extra_headers`` merged last (names compared without
+    case), validated: RFC 7230 names, no hop-by-hop names, no duplicates, single-line values."""
+    view = token_view(cred, grant, product)
+    where = _where(cred, product)
+    merged = _checked_headers(where, _call(cred, product, "headers", view), view)
+    extra = _checked_headers(f"{cred.name}: extra_headers", cred.extra_headers, view)
+    for name, value in extra.items():
+        for same in [k for k in merged if k.lower() == name.lower()]:
+            del merged[same]
+        merged[name] = value
     return merged
 
 
-def _env(cred: Credential, product: Product, view: TokenView) -> dict[str, str]:
+def product_env(cred: Credential, grant: Grant, product: Product) -> dict[str, str]:
+    """*product*'s environment variables, validated so that systemd and docker read the same."""
+    view = token_view(cred, grant, product)
+    where = _where(cred, product)
     env = _call(cred, product, "env", view)
     for key, value in env.items():
-        if not isinstance(key, str) or not _ENV_KEY.match(key):
-            raise RenderError(f"{cred.name}: product {product.name!r}: invalid env name")
-        if _bad_value(value) or _ENV_UNSAFE.search(str(value)):
+        if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
+            raise RenderError(f"{where}: invalid environment variable name")
+        if not _single_line(value) or _ENV_AMBIGUOUS.search(value):
             raise RenderError(
-                f"{cred.name}: product {product.name!r}: env {key!r} has an unsafe value"
+                f"{where}: environment variable {_label(key, view)} has a value that is"
+                " multi-line, quoted, has a backslash or surrounding whitespace"
             )
     return env
 
 
 def _products(cred: Credential, products: Mapping[str, Product]) -> list[Product]:
-    missing = [p for p in cred.products if p not in products]
-    if missing:
-        raise RenderError(f"{cred.name}: unknown product {missing[0]!r}")
+    for name in cred.products:
+        if name not in products:
+            raise RenderError(f"{cred.name}: unknown product {name!r}")
     return [products[p] for p in cred.products]
 
 
-def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) -> dict[str, Any]:
-    """The ``token.json`` document (also what the socket API serves)."""
-    headers = {
-        p.name: _headers(cred, p, token_view(cred, grant, p)) for p in _products(cred, products)
-    }
+def _document(
+    cred: Credential, grant: Grant, headers: Mapping[str, Mapping[str, str]]
+) -> dict[str, Any]:
     return {
         "credential": cred.name,
         "access_token": grant.access_token.reveal(),
@@ -109,27 +175,36 @@ def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) ->
         "issued_at": rfc3339(grant.issued_at),
         "client_id": cred.client_id,
         "org_id": cred.org_id,
-        "headers": headers,
+        "headers": {name: dict(h) for name, h in headers.items()},
     }
+
+
+def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) -> dict[str, Any]:
+    """The ``token.json`` document (also what the socket API serves)."""
+    headers = {p.name: product_headers(cred, grant, p) for p in _products(cred, products)}
+    return _document(cred, grant, headers)
 
 
 def render_outputs(
     cred: Credential, grant: Grant, products: Mapping[str, Product]
 ) -> dict[str, bytes]:
-    """File name → content for every output the credential asks for."""
-    out: dict[str, bytes] = {}
+    """File name → content for every output kind in ``cred.outputs``."""
     kinds = set(cred.outputs)
+    selected = _products(cred, products)
+    headers: dict[str, dict[str, str]] = {}
+    if kinds & {"json", "headers"}:
+        headers = {p.name: product_headers(cred, grant, p) for p in selected}
+    out: dict[str, bytes] = {}
     if "token" in kinds:
         out["token"] = grant.access_token.reveal().encode()
     if "json" in kinds:
-        doc = document(cred, grant, products)
+        doc = _document(cred, grant, headers)
         out["token.json"] = (json.dumps(doc, indent=2) + "\n").encode()
-    for product in _products(cred, products):
-        view = token_view(cred, grant, product)
+    for product in selected:
         if "headers" in kinds:
-            lines = [f"{k}: {v}" for k, v in _headers(cred, product, view).items()]
-            out[f"{product.name}.headers"] = ("\n".join(lines) + "\n").encode()
+            lines = "".join(f"{k}: {v}\n" for k, v in headers[product.name].items())
+            out[f"{product.name}.headers"] = lines.encode()
         if "env" in kinds:
-            lines = [f"{k}={v}" for k, v in _env(cred, product, view).items()]
-            out[f"{product.name}.env"] = ("\n".join(lines) + "\n").encode()
+            env = product_env(cred, grant, product)
+            out[f"{product.name}.env"] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
     return out

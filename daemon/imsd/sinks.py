@@ -1,12 +1,20 @@
 """Atomic token files: ``OUTPUT_DIR/NAME/{token, token.json, PRODUCT.headers, PRODUCT.env}``.
 
-Every write creates a temporary file in the same directory with ``O_EXCL|O_NOFOLLOW`` and the
-final mode already set, writes and fsyncs it, renames it over the target and fsyncs the
-directory, so a reader sees the old content or the new, never a partial or empty file, and a
-crash leaves at worst a stale ``.NAME.tmp-*`` that the next write or start-up removes. All
-paths are opened relative to directory descriptors opened with ``O_NOFOLLOW``: a symlink
-planted at a credential directory or a target file is refused, never followed.
+Theory of operation. Every write creates a temporary ``.FILE.tmp-RANDOM`` in the same
+directory with ``O_EXCL|O_NOFOLLOW`` and the final mode already set (``fchmod``, so the umask
+cannot widen or narrow it), writes and fsyncs it, renames it over the target and fsyncs the
+directory. A reader therefore sees the old content or the new, never a partial or empty file,
+and a crash leaves at worst a stale temporary that the next write or start-up removes. On any
+failure the temporary is unlinked and the old file is left untouched.
 
+Everything below the output directory is reached through directory descriptors opened with
+``O_NOFOLLOW``: a symlink planted at a credential directory or at a target file is refused,
+never followed, and only regular files with our names are ever deleted, so a directory shared
+with other files loses nothing that is not ours. The output directory itself is the operator's
+choice and may be a symlink.
+
+One writer per credential at a time (the supervisor runs one loop per credential): a write
+removes stale temporaries, including those of a concurrent write to the same credential.
 These functions block; the daemon runs them in a worker thread.
 """
 
@@ -22,24 +30,46 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
+import structlog
+
 from imsd.model import NAME_RE
 
 __all__ = ["FileSink", "SinkError", "atomic_write"]
 
+log = structlog.get_logger("imsd.sinks")
+
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TMP: Final = re.compile(r"^\..+\.tmp-[0-9a-f]{16}$")
-_OURS: Final = re.compile(r"^(token|token\.json|[A-Za-z0-9._-]+\.(headers|env))$")
+_TMP: Final = re.compile(r"\..+\.tmp-[0-9a-f]{16}")
+_OURS: Final = re.compile(r"token|token\.json|[A-Za-z0-9._-]+\.(headers|env)")
 
 #: The write seam: tests inject ENOSPC here.
 write_fn: Callable[[int, bytes | memoryview], int] = os.write
 
 
 class SinkError(OSError):
-    """Writing an output failed; the message names the path, never the content."""
+    """Writing or removing an output failed; the message names the path, never the content."""
 
 
 def _fail(path: str, e: OSError) -> SinkError:
-    return SinkError(e.errno or errno.EIO, f"{path}: {os.strerror(e.errno or errno.EIO)}")
+    code = e.errno or errno.EIO
+    return SinkError(code, f"{path}: {os.strerror(code)}")
+
+
+def _is_ours(entry: str) -> bool:
+    return bool(_OURS.fullmatch(entry) or _TMP.fullmatch(entry))
+
+
+def _unlink_regular(dir_fd: int, entry: str) -> bool:
+    """Unlink *entry* if it is a regular file; anything else (a planted symlink, a directory)
+    is left alone."""
+    try:
+        st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        os.unlink(entry, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def atomic_write(
@@ -51,12 +81,21 @@ def atomic_write(
     gid: int | None = None,
     where: str = "",
 ) -> None:
-    """Replace *name* in the directory *dir_fd* with *data*, atomically and durably."""
+    """Replace *name* in the directory *dir_fd* with *data*, atomically and durably.
+
+    *where* (the directory's path) only makes error messages readable. Raises
+    :class:`SinkError` if *name* exists and is not a regular file (a symlink is never
+    followed nor replaced) or on any I/O error; the old file is then untouched.
+    """
     label = f"{where}/{name}" if where else name
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise SinkError(errno.EINVAL, f"{label!r}: invalid file name")
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        raise _fail(label, e) from None
     else:
         if not stat.S_ISREG(st.st_mode):
             raise SinkError(errno.EEXIST, f"{label}: exists and is not a regular file; refusing")
@@ -66,9 +105,10 @@ def atomic_write(
         fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
     except OSError as e:
         raise _fail(label, e) from None
+    renamed = False
     try:
         try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked for
+            os.fchmod(fd, mode)
             if gid is not None:
                 os.fchown(fd, -1, gid)
             view = memoryview(data)
@@ -78,121 +118,173 @@ def atomic_write(
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise _fail(label, e) from None
-    try:
+        renamed = True
         os.fsync(dir_fd)
     except OSError as e:
         raise _fail(label, e) from None
+    finally:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
 
 
 class FileSink:
+    """The output directory: one subdirectory per credential, written with :func:`atomic_write`.
+
+    *dir_mode* defaults to 0700 plus whatever lets the readers *file_mode* grants (group,
+    others) enter the credential directory.
+    """
+
     def __init__(
         self,
         output_dir: Path,
         *,
         file_mode: int = 0o600,
         file_group: int | None = None,
+        dir_mode: int | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.file_mode = file_mode
         self.file_group = file_group
-        # Consumers that may read the files (mode 0640 + group) must be able to enter the dir.
-        self.dir_mode = (
-            0o700 | (0o050 if file_mode & 0o040 else 0) | (0o005 if file_mode & 0o004 else 0)
-        )
-
-    def _root_fd(self) -> int:
-        self.output_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        return os.open(self.output_dir, _DIR_FLAGS)
+        if dir_mode is None:
+            dir_mode = (
+                0o700 | (0o050 if file_mode & 0o040 else 0) | (0o005 if file_mode & 0o004 else 0)
+            )
+        self.dir_mode = dir_mode
 
     @staticmethod
     def _check(name: str) -> None:
-        if not NAME_RE.match(name) or name in (".", ".."):
+        if not NAME_RE.fullmatch(name) or name in (".", ".."):
             raise SinkError(errno.EINVAL, f"invalid credential name {name!r}")
 
-    def _credential_fd(self, root: int, name: str) -> int:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, self.dir_mode, dir_fd=root)
+    def _open_root(self, *, create: bool) -> int | None:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=root)
+            if create:
+                self.output_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            return os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if create:
+                raise SinkError(errno.ENOENT, f"{self.output_dir}: vanished") from None
+            return None
+        except OSError as e:
+            raise _fail(str(self.output_dir), e) from None
+
+    def _open_credential(self, root: int, name: str) -> int:
+        path = str(self.output_dir / name)
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=root)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise SinkError(
-                    errno.ELOOP, f"{self.output_dir / name}: not a directory (symlink?); refusing"
+                    errno.ELOOP, f"{path}: not a directory (a symlink?); refusing"
                 ) from None
-            raise _fail(str(self.output_dir / name), e) from None
-        os.fchmod(fd, self.dir_mode)
-        if self.file_group is not None:
-            os.fchown(fd, -1, self.file_group)
-        return fd
+            raise _fail(path, e) from None
 
     def write(self, name: str, files: Mapping[str, bytes]) -> None:
-        """Write every file of credential *name*; remove our files it no longer produces."""
+        """Write every file of credential *name*; remove our files it no longer produces
+        and stale temporaries."""
         self._check(name)
-        root = self._root_fd()
+        for filename in files:
+            if not _OURS.fullmatch(filename):
+                raise SinkError(errno.EINVAL, f"{filename!r}: not an output file name")
+        where = str(self.output_dir / name)
+        root = self._open_root(create=True)
+        assert root is not None
         try:
-            fd = self._credential_fd(root, name)
+            try:
+                os.mkdir(name, self.dir_mode, dir_fd=root)
+            except FileExistsError:
+                pass  # an existing symlink too: opening it below refuses it
+            except OSError as e:
+                raise _fail(where, e) from None
+            fd = self._open_credential(root, name)
         finally:
             os.close(root)
-        where = str(self.output_dir / name)
         try:
+            try:
+                os.fchmod(fd, self.dir_mode)
+                if self.file_group is not None:
+                    os.fchown(fd, -1, self.file_group)
+            except OSError as e:
+                raise _fail(where, e) from None
             for filename, data in files.items():
                 atomic_write(
                     fd, filename, data, mode=self.file_mode, gid=self.file_group, where=where
                 )
             for entry in os.listdir(fd):
-                stale = _TMP.match(entry) or (_OURS.match(entry) and entry not in files)
-                if stale:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry, dir_fd=fd)
+                if _is_ours(entry) and entry not in files and _unlink_regular(fd, entry):
+                    log.info("sink.stale_removed", credential=name, file=entry)
         finally:
             os.close(fd)
 
     def remove(self, name: str) -> None:
-        """Remove credential *name*'s directory: our files, then the directory if empty."""
+        """Remove credential *name*'s directory: our files, then the directory if that left it
+        empty. A missing directory is fine; a symlinked one is refused (:class:`SinkError`)."""
         self._check(name)
-        try:
-            root = os.open(self.output_dir, _DIR_FLAGS)
-        except FileNotFoundError:
+        root = self._open_root(create=False)
+        if root is None:
             return
+        path = str(self.output_dir / name)
         try:
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=root)
-            except FileNotFoundError:
-                return
-            except OSError as e:
-                raise _fail(str(self.output_dir / name), e) from None
+                fd = self._open_credential(root, name)
+            except SinkError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
             try:
                 for entry in os.listdir(fd):
-                    if _OURS.match(entry) or _TMP.match(entry):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry, dir_fd=fd)
+                    if _is_ours(entry):
+                        _unlink_regular(fd, entry)
+            except OSError as e:
+                raise _fail(path, e) from None
             finally:
                 os.close(fd)
             try:
                 os.rmdir(name, dir_fd=root)
             except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.ENOENT):
-                    raise _fail(str(self.output_dir / name), e) from None
+                if e.errno == errno.ENOTEMPTY:
+                    log.warning("sink.dir_kept", credential=name, reason="foreign files")
+                elif e.errno != errno.ENOENT:
+                    raise _fail(path, e) from None
         finally:
             os.close(root)
 
     def cleanup_orphans(self, keep: set[str]) -> list[str]:
-        """At start-up: remove directories of credentials that no longer exist."""
-        try:
-            names = os.listdir(self.output_dir)
-        except FileNotFoundError:
+        """At start-up: remove the directories of credentials not in *keep* and stale
+        temporaries in those that are. Directories holding anything not ours, symlinks and
+        names that are not credential names are left alone. Returns the names removed."""
+        root = self._open_root(create=False)
+        if root is None:
             return []
-        removed = []
-        for name in names:
-            path = self.output_dir / name
-            if name in keep or not NAME_RE.match(name) or path.is_symlink() or not path.is_dir():
-                continue
-            if any(not (_OURS.match(f) or _TMP.match(f)) for f in os.listdir(path)):
-                continue  # not ours: leave a directory with foreign files alone
-            self.remove(name)
-            removed.append(name)
+        removed: list[str] = []
+        try:
+            for name in sorted(os.listdir(root)):
+                if not NAME_RE.fullmatch(name) or name in (".", ".."):
+                    continue
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=root)
+                except OSError:
+                    continue  # a file, a symlink, or gone: not a credential directory of ours
+                try:
+                    entries = os.listdir(fd)
+                    if name in keep:
+                        for entry in entries:
+                            if _TMP.fullmatch(entry):
+                                _unlink_regular(fd, entry)
+                        continue
+                finally:
+                    os.close(fd)
+                if not all(_is_ours(e) for e in entries):
+                    log.warning("sink.orphan_kept", credential=name, reason="foreign files")
+                    continue
+                self.remove(name)
+                removed.append(name)
+                log.info("sink.orphan_removed", credential=name)
+        except OSError as e:
+            if isinstance(e, SinkError):
+                raise
+            raise _fail(str(self.output_dir), e) from None
+        finally:
+            os.close(root)
         return removed

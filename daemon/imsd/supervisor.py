@@ -36,6 +36,7 @@ import structlog
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
+from imsd.persist import StateFile, Stored
 from imsd.plugin import Product
 from imsd.registry import validate_products
 from imsd.render import RenderError, render_outputs, rfc3339
@@ -102,6 +103,7 @@ class Supervisor:
         notify: Notify | None = None,
         observer: Observer | None = None,
         output_dir: str = "",
+        state: StateFile | None = None,
     ) -> None:
         self.client = client
         self.sink = sink
@@ -112,6 +114,8 @@ class Supervisor:
         self._rand = rand
         self._notify = notify
         self._observer = observer
+        self._state = state
+        self._restorable: dict[str, Stored] = state.load() if state is not None else {}
         self._output_dir = output_dir
         self._workers: dict[str, _Worker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -240,7 +244,40 @@ class Supervisor:
         worker = self._workers[cred.name] = _Worker(cred)
         if self._observer is not None:
             self._observer.added(cred.name)
+        self._restore(worker)
         self._tg.start_soon(self._loop, worker, name=f"imsd-credential-{cred.name}")
+
+    def _restore(self, w: _Worker) -> None:
+        """Reuse a token saved by a previous run: same identity, valid beyond the margin."""
+        stored = self._restorable.pop(w.cred.name, None)
+        if stored is None or stored.grant is None:
+            return
+        if stored.identity != w.cred.identity:
+            log.info("token.not_restored", credential=w.cred.name, reason="credential changed")
+            return
+        grant, now = stored.grant, self._clock()
+        if grant.expires_at - now <= self.policy.min_margin:
+            log.info("token.not_restored", credential=w.cred.name, reason="expires soon")
+            return
+        entry = self.store.upsert(w.cred.name, w.cred.path)
+        entry.grant, entry.last_refresh = grant, grant.issued_at
+        w.next_at = max(now, next_refresh_at(grant, self.policy, self._rand()))
+        w.write_pending = True
+        log.info("token.restored", credential=w.cred.name, expires_at=rfc3339(grant.expires_at))
+
+    async def _save_state(self) -> None:
+        if self._state is None:
+            return
+        entries = {
+            e.name: Stored(e.credential.identity, e.grant)
+            for e in self.store
+            if e.credential is not None and e.grant is not None
+        }
+        state = self._state
+        try:
+            await anyio.to_thread.run_sync(lambda: state.save(entries))
+        except OSError as e:
+            log.error("state.save_failed", path=str(state.path), error=str(e))
 
     # -- forced refresh ----------------------------------------------------------------------
 
@@ -267,6 +304,7 @@ class Supervisor:
                     w.done.set()
                 elif w.write_pending:
                     await self._publish(w)
+                    w.done.set()  # a token restored from the state dir counts as the first
                 wake_at = w.next_at
                 if w.write_pending:
                     wake_at = min(wake_at, self._write_retry_at(w))
@@ -336,6 +374,7 @@ class Supervisor:
         )
         w.write_pending = True
         w.write_attempt = 0
+        await self._save_state()
         await self._publish(w)
 
     async def _publish(self, w: _Worker) -> None:

@@ -1,0 +1,96 @@
+"""Tokens survive a restart: the state file, pure and through the daemon."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from imsd import logs
+from imsd.daemon import Daemon, run_once
+from imsd.fakeims.server import FakeIms
+from imsd.model import Grant, Secret
+from imsd.persist import StateError, StateFile, Stored, decode, encode
+from imsd.registry import load_registry
+
+from tests.test_daemon import SECRET, SECRET2, make_settings, write_cred
+
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    with FakeIms.in_thread() as f:
+        f.state.add_client(
+            "client-a",
+            secrets=[SECRET, SECRET2],
+            scopes=["openid", "AdobeID", "read_organizations"],
+            org_id=ORG,
+        )
+        yield f
+
+
+def test_round_trip_and_rejections() -> None:
+    g = Grant(Secret("tok"), "bearer", 100.0, 200.0)
+    entries = {"a": Stored("id-a", g, Secret("rt")), "b": Stored("id-b")}
+    assert decode(encode(entries)) == entries
+    for bad in (
+        b"nope",
+        b"[]",
+        b'{"kind": "other"}',
+        b'{"kind": "imsd-state", "version": 99, "credentials": {}}',
+    ):
+        with pytest.raises(StateError):
+            decode(bad)
+    doc = json.loads(encode(entries))
+    doc["credentials"]["a"]["grant"]["expires_at"] = "soon"
+    assert set(decode(json.dumps(doc).encode())) == {"b"}  # the bad entry alone is dropped
+
+
+def test_state_file_modes(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "state")
+    state.save({"a": Stored("x", Grant(Secret("tok"), "bearer", 1.0, 2.0))})
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert state.path.stat().st_mode & 0o777 == 0o600
+    assert set(state.load()) == {"a"}
+
+
+@pytest.mark.anyio
+async def test_restart_reuses_tokens_without_ims(tmp_path: Path, fake: FakeIms) -> None:
+    s = make_settings(tmp_path)
+    write_cred(s.credentials_dir, "alpha", fake)
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    token = (s.output_dir / "alpha" / "token").read_text()
+    (s.output_dir / "alpha" / "token").unlink()
+    assert fake.state.request_count() == 1
+    # A restart: same credential, valid token in the state dir → no IMS request.
+    async with anyio.create_task_group() as tg:
+        d = Daemon(s, load_registry())
+        await tg.start(functools.partial(d.run, handle_signals=False))
+        assert (s.output_dir / "alpha" / "token").read_text() == token
+        tg.cancel_scope.cancel()
+    assert fake.state.request_count() == 1
+    # A changed secret invalidates the stored token.
+    write_cred(s.credentials_dir, "alpha", fake, secret=SECRET2)
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    assert fake.state.request_count() == 2
+    assert (s.output_dir / "alpha" / "token").read_text() != token
+
+
+@pytest.mark.anyio
+async def test_corrupt_state_is_reported_not_fatal(tmp_path: Path, fake: FakeIms) -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    s = make_settings(tmp_path)
+    write_cred(s.credentials_dir, "alpha", fake)
+    os.makedirs(s.state_dir, exist_ok=True)
+    (s.state_dir / "tokens.json").write_text("{garbage")
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    assert "state.ignored" in stream.getvalue()
+    assert decode((s.state_dir / "tokens.json").read_bytes())  # rewritten cleanly
+    logs.configure("warning", "json")
