@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import imsd.plugin
 import pytest
 from imsd.fakeims.server import FakeIms
@@ -159,3 +160,150 @@ def test_third_party_distribution_adds_a_product(tmp_path: Path, fake: FakeIms) 
     ]
     assert (out / "a" / "acme.env").read_text() == f"ACME_TOKEN={token}\n"
     assert (out / "a" / "generic.headers").exists()
+
+
+# -- built-in products end to end, the README example, notification hooks -------------------
+
+ALL_PRODUCTS = """products = ["generic", "aep", "ajo", "cja", "analytics", "analytics-1.4",
+            "campaign"]
+[product.aep]
+sandbox = "dev"
+[product.ajo]
+sandbox = "prod"
+[product.analytics]
+company_id = "acmecorp0"
+[product.campaign]
+tenant = "acme"
+"""
+#: For each product, a header the fake gateway requires (None: only the auth pair).
+REQUIRED = {
+    "generic": "x-gw-ims-org-id",
+    "aep": "x-gw-ims-org-id",
+    "ajo": "x-sandbox-name",
+    "cja": "x-gw-ims-org-id",
+    "analytics": "x-proxy-global-company-id",
+    "analytics-1.4": "x-api-key",
+    "campaign": "Cache-Control",
+}
+
+
+def read_headers(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+@pytest.mark.anyio
+async def test_every_builtin_product_passes_the_gateway(tmp_path: Path, fake: FakeIms) -> None:
+    from imsd.daemon import run_once
+    from imsd.registry import load_registry
+
+    from tests.test_daemon import make_settings
+
+    s = make_settings(tmp_path)
+    (s.credentials_dir / "all.toml").write_text(
+        'client_id = "acme-client"\nclient_secret_env = "ACME_SECRET"\n'
+        f'org_id = "{ORG}"\nscopes = ["openid"]\nims_url = "{fake.url}"\n' + ALL_PRODUCTS
+    )
+    os.environ["ACME_SECRET"] = SECRET
+    try:
+        assert await run_once(s, load_registry(), give_up_after=10) == 0
+    finally:
+        del os.environ["ACME_SECRET"]
+    async with httpx.AsyncClient(base_url=fake.url) as client:
+        for product, required in REQUIRED.items():
+            headers = read_headers(s.output_dir / "all" / f"{product}.headers")
+            r = await client.get(f"/gateway/{product}/some/api", headers=headers)
+            assert r.status_code == 200, (product, r.text)
+            del headers[required]
+            r = await client.get(f"/gateway/{product}/some/api", headers=headers)
+            assert r.status_code in (400, 403), (product, r.text)
+            assert "error_code" in r.json()
+
+
+def readme_plugin() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- plugin-example:start -->")[1]
+    block = block.split("<!-- plugin-example:end -->")[0]
+    return block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+
+
+def test_readme_plugin_example_works(tmp_path: Path, fake: FakeIms) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "io_events.py").write_text(readme_plugin())
+    creds, out = tmp_path / "creds", tmp_path / "out"
+    creds.mkdir()
+    (creds / "events.toml").write_text(
+        'client_id = "acme-client"\nclient_secret_env = "ACME_SECRET"\n'
+        f'org_id = "{ORG}"\nscopes = ["openid"]\nims_url = "{fake.url}"\n'
+        'products = ["io-events"]\n[product.io-events]\nconsumer_org = "23294"\n'
+    )
+    env = {**os.environ, "ACME_SECRET": SECRET, "IMSD_PLUGIN_DIRS": str(plugins)}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imsd",
+            "once",
+            "--credentials-dir",
+            str(creds),
+            "--output-dir",
+            str(out),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    token = (out / "events" / "token").read_text()
+    assert read_headers(out / "events" / "io-events.headers") == {
+        "Authorization": f"Bearer {token}",
+        "x-api-key": "acme-client",
+        "x-ims-org-id": ORG,
+    }
+    assert "ADOBE_CONSUMER_ORG=23294" in (out / "events" / "io-events.env").read_text()
+    assert "events: new token until" in r.stdout  # the notification hook ran
+
+
+@pytest.mark.anyio
+async def test_notification_hooks_and_a_raising_plugin(tmp_path: Path, fake: FakeIms) -> None:
+    import types
+
+    from imsd.daemon import run_once
+    from imsd.plugin import hookimpl
+    from imsd.registry import load_registry
+
+    from tests.test_daemon import make_settings
+
+    calls: list[tuple[str, str]] = []
+
+    def refreshed(credential: str, output_dir: str) -> None:
+        calls.append(("refreshed", credential))
+        assert Path(output_dir, "token").exists()  # called after the files are written
+
+    def failed(credential: str, error: str, state: str) -> None:
+        calls.append(("failed", f"{credential}:{state}:{'invalid_client' in error}"))
+
+    def explode(credential: str) -> None:
+        raise RuntimeError("plugin bug")
+
+    good = types.ModuleType("good")
+    good.imsd_token_refreshed = hookimpl(refreshed)  # type: ignore[attr-defined]
+    good.imsd_credential_failed = hookimpl(failed)  # type: ignore[attr-defined]
+    bad = types.ModuleType("bad")
+    bad.imsd_token_refreshed = hookimpl(explode)  # type: ignore[attr-defined]
+    bad.imsd_credential_failed = hookimpl(explode)  # type: ignore[attr-defined]
+    s = make_settings(tmp_path)
+    for name, secret in (("ok", SECRET), ("wrong", "p8e-wrong-000000000000000")):
+        (s.credentials_dir / f"{name}.toml").write_text(
+            f'client_id = "acme-client"\nclient_secret = "{secret}"\norg_id = "{ORG}"\n'
+            f'scopes = ["openid"]\nims_url = "{fake.url}"\n'
+        )
+    registry = load_registry(extra={"bad": bad, "good": good})
+    assert await run_once(s, registry, give_up_after=5) == 1
+    assert ("refreshed", "ok") in calls
+    assert ("failed", "wrong:expired:True") in calls

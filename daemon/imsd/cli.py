@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "exec":
         return _exec(args, settings)
     logs.configure(settings.log_level, settings.log_format)
-    registry = load_registry()
+    registry = load_registry(plugin_dirs=settings.plugin_dirs)
     if args.command == "plugins":
         return _plugins(registry)
     if args.command == "check":
@@ -277,7 +277,7 @@ def _demo(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address or "127.0.0.1:0",
     )
     logs.configure(settings.log_level, settings.log_format)
-    registry = load_registry()
+    registry = load_registry(plugin_dirs=settings.plugin_dirs)
     creds = settings.credentials_dir
     with FakeIms.in_thread(token_lifetime=args.token_lifetime) as fake:
         secret = secrets.token_urlsafe(24)

@@ -60,6 +60,8 @@ class Settings(BaseModel):
     allowed_uids: list[int] | None = None  # None: the daemon's own uid and root
     allowed_gids: list[int] = Field(default_factory=list)
     min_refresh_interval: float = Field(30.0, ge=0)
+    # Local plugin modules (*.py), loaded after the installed entry points.
+    plugin_dirs: list[Path] = Field(default_factory=list)
     # The refresh rule (README "Refresh rule").
     refresh_fraction: float = Field(0.8, gt=0, lt=1)
     jitter_fraction: float = Field(0.05, ge=0, lt=1)
@@ -148,7 +150,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-_LISTS: Final = frozenset({"allowed_uids", "allowed_gids"})
+_LISTS: Final = frozenset({"allowed_uids", "allowed_gids", "plugin_dirs"})
 _NULLABLE: Final = frozenset({"request_rate", "allowed_uids", "file_group", "socket_group"})
 
 

@@ -376,6 +376,8 @@ async def run_once(settings: Settings, registry: Registry, *, give_up_after: flo
             products=registry.products,
             policy=settings.refresh_policy(),
             state=StateFile(settings.state_dir),
+            notify=registry.notify,
+            output_dir=str(settings.output_dir),
         )
         await tg.start(sup.run)
         await sup.apply(events)

@@ -9,8 +9,11 @@ third party's; nothing here knows their names.
 from __future__ import annotations
 
 import importlib.metadata as md
-from collections.abc import Iterable, Mapping
+import importlib.util
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -125,6 +128,7 @@ def load_registry(
     *,
     entry_points: bool = True,
     extra: Mapping[str, object] | None = None,
+    plugin_dirs: Sequence[Path] = (),
 ) -> Registry:
     """Load every ``imsd`` entry point (and *extra* plugin objects, by name), skipping broken
     ones. Entry points load in name order so duplicate resolution is deterministic."""
@@ -141,10 +145,36 @@ def load_registry(
                 log.error("plugin.import_failed", plugin=ep.name, source=source, error=_describe(e))
                 continue
             _register(reg, plugin, ep.name, version, source)
+    for directory in plugin_dirs:
+        for path in sorted(directory.glob("*.py")):
+            name = path.stem
+            try:
+                plugin = _load_file(path)
+            except Exception as e:  # a local plugin's import error must not stop the others
+                reg.plugins.append(PluginInfo(name, "local", str(path), error=_describe(e)))
+                log.error("plugin.import_failed", plugin=name, source=str(path), error=_describe(e))
+                continue
+            _register(reg, plugin, name, "local", str(path))
     for name, plugin in (extra or {}).items():
         source = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__name__
         _register(reg, plugin, name, "local", source)
     return reg
+
+
+def _load_file(path: Path) -> ModuleType:
+    """Import a local plugin module (``plugin_dirs``) under a private name."""
+    module_name = f"imsd_local_plugins.{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
 
 
 def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
