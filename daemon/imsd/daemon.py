@@ -132,9 +132,11 @@ class Daemon:
                     debounce_ms=s.debounce_ms,
                     rescan_interval=s.rescan_interval,
                 )
+                # Orphans are cleaned before any worker writes, so cleanup never races a write.
+                keep = await anyio.to_thread.run_sync(_current_names, s, self._env)
+                if keep is not None:
+                    await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
                 await tg.start(watcher.run)
-                keep = {e.name for e in sup.store}
-                await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
                 await self._bind_api(tg, s, activation=True)
                 await self._bind_health(tg, s)
                 await sup.wait_first_attempts()
@@ -334,6 +336,16 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"metrics_address: expected HOST:PORT, got {address!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _current_names(settings: Settings, env: Mapping[str, str]) -> set[str] | None:
+    scan = scan_directory(settings.credentials_dir, parse=credential_parser(settings, env))
+    if scan is None:
+        return None  # no directory: remove nothing
+    names = {c.name for result in scan.values() if isinstance(result, list) for c in result}
+    # A broken file keeps its token files (its last good version may come back).
+    names |= {p.stem for p, result in scan.items() if not isinstance(result, list)}
+    return names
 
 
 def _initial_events(settings: Settings) -> list[Event]:
