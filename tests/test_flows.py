@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from imsd.credentials import builtin_auth_methods
 from imsd.flows import (
+    Flow,
     classify_error,
-    client_credentials_flow,
     expires_in_unit,
     flow_for,
     parse_token_response,
@@ -19,6 +20,11 @@ from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsE
 
 NOW = 1_800_000_000.0
 SECRET = "p8e-FlowSecret-0123456789"
+
+
+def client_credentials_flow(cred: Credential, now: float) -> Flow:
+    """The built-in S2S method's flow, reached the way the daemon reaches it."""
+    return builtin_auth_methods()["oauth_server_to_server"].flow(cred, now, None)
 
 
 def cred(**kw: Any) -> Credential:
@@ -154,7 +160,7 @@ def test_units_and_registry() -> None:
     assert expires_in_unit("/ims/exchange/jwt") == "ms"
     assert expires_in_unit("/ims/token/v3") == "s"
     with pytest.raises(CredentialError, match="unsupported auth method"):
-        flow_for(cred(auth="password"), now=NOW)
+        flow_for(cred(auth="password"), {}, now=NOW)
 
 
 @given(

@@ -7,13 +7,19 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from imsd.credentials import builtin_auth_methods
 from imsd.fakeims.server import FakeIms
-from imsd.flows import client_credentials_flow
+from imsd.flows import Flow
 from imsd.imsclient import ImsClient, check_url
 from imsd.model import Credential, ImsError, ImsErrorKind, Secret
 
 pytestmark = pytest.mark.anyio
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
+
+
+def client_credentials_flow(cred: Credential, now: float) -> Flow:
+    """The built-in S2S method's flow, reached the way the daemon reaches it."""
+    return builtin_auth_methods()["oauth_server_to_server"].flow(cred, now, None)
 
 
 @pytest.fixture

@@ -20,12 +20,25 @@ SECRET = "p8e-ThirdPartySecret0123456789abcd"
 
 def test_public_names_are_pinned() -> None:
     assert sorted(imsd.plugin.__all__) == [
+        "AuthMethod",
+        "Credential",
+        "Flow",
+        "Grant",
+        "HttpRequest",
+        "HttpResponse",
+        "ImsError",
+        "ImsErrorKind",
         "PLUGIN_API_VERSION",
         "PROJECT",
         "Product",
+        "Secret",
+        "SecretSource",
         "TokenView",
+        "classify_error",
+        "expires_in_unit",
         "hookimpl",
         "hookspec",
+        "parse_token_response",
     ]
     assert imsd.plugin.PLUGIN_API_VERSION == 1
 

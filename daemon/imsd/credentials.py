@@ -10,6 +10,7 @@ is ever echoed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -32,13 +33,18 @@ from imsd.model import (
     CredentialError,
     Secret,
 )
+from imsd.plugin import AuthMethod
 
-__all__ = ["EXTENSIONS", "MAX_FILE_SIZE", "parse_credentials", "read_secret_file"]
+__all__ = [
+    "EXTENSIONS",
+    "MAX_FILE_SIZE",
+    "builtin_auth_methods",
+    "parse_credentials",
+    "read_secret_file",
+]
 
 EXTENSIONS: Final = (".toml", ".json")
 MAX_FILE_SIZE: Final = 1 << 20
-AUTH_JWT: Final = "jwt"
-AUTH_REFRESH: Final = "refresh_token"
 
 ReadSecret = Callable[[Path], str]
 Output = Literal["token", "json", "headers", "env"]
@@ -56,10 +62,13 @@ def read_secret_file(path: Path) -> str:
 
 
 class _Native(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, strict=False)
+    """The fields common to every auth method; the method's own fields are extras, checked
+    against its ``fields`` and validated by the method itself."""
+
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True, strict=False)
 
     name: str | None = None
-    auth: Literal["oauth_server_to_server", "jwt", "refresh_token"] = AUTH_S2S
+    auth: str = Field(default=AUTH_S2S, min_length=1, max_length=64)
     client_id: str = Field(min_length=1, max_length=256)
     client_secret: str | None = None
     client_secret_file: str | None = None
@@ -71,24 +80,15 @@ class _Native(BaseModel):
     outputs: list[Output] = Field(default_factory=lambda: list(_OUTPUTS), min_length=1)
     product: dict[str, dict[str, Any]] = Field(default_factory=dict)
     extra_headers: dict[str, str] = Field(default_factory=dict)
-    # jwt
-    technical_account_id: str | None = None
-    metascopes: list[str] = Field(default_factory=list)
-    private_key_file: str | None = None
-    private_key: str | None = None  # AEM downloads carry the key inline
-    private_key_passphrase_file: str | None = None
-    private_key_passphrase_env: str | None = None
-    # refresh_token
-    refresh_token_file: str | None = None
 
-    @field_validator("scopes", "metascopes", mode="before")
+    @field_validator("scopes", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
-    @field_validator("scopes", "metascopes")
+    @field_validator("scopes")
     @classmethod
     def _scope_names(cls, v: list[str]) -> list[str]:
         v = [s.strip() for s in v]
@@ -245,50 +245,65 @@ def _client_secret(m: _Native, r: _Resolver) -> Secret:
     return Secret(r.var(m.client_secret_env, "client_secret_env"))
 
 
-def _auth_options(m: _Native, r: _Resolver) -> dict[str, Any]:
-    if m.auth == AUTH_JWT:
-        missing = [f for f in ("technical_account_id",) if not getattr(m, f)]
-        if not m.metascopes:
-            missing.append("metascopes")
-        if not (m.private_key_file or m.private_key):
-            missing.append("private_key_file")
-        if missing:
-            raise CredentialError(r.path, 'required for auth = "jwt"', field=missing[0])
-        key = (
-            m.private_key if m.private_key else r.file(m.private_key_file or "", "private_key_file")
+class _Secrets:
+    """The :class:`imsd.plugin.SecretSource` given to auth methods: a resolver that raises
+    ValueError (the method's error names the field) and returns :class:`Secret`."""
+
+    def __init__(self, resolver: _Resolver) -> None:
+        self._r = resolver
+
+    def _call(self, read: Callable[[str, str], str], name: str, field: str) -> Secret:
+        try:
+            return Secret(read(name, field))
+        except CredentialError as e:
+            raise ValueError(f"{field}: {e.reason}") from None
+
+    def file(self, name: str, field: str) -> Secret:
+        return self._call(self._r.file, name, field)
+
+    def env(self, name: str, field: str) -> Secret:
+        return self._call(self._r.var, name, field)
+
+    def value(self, value: str, field: str) -> Secret:
+        return self._call(lambda v, f: self._r._keep(v, f), value, field)
+
+
+def _auth_options(m: _Native, r: _Resolver, methods: Mapping[str, AuthMethod]) -> Mapping[str, Any]:
+    method = methods.get(m.auth)
+    if method is None:
+        known = ", ".join(sorted(methods)) or "none loaded"
+        raise CredentialError(
+            r.path, f"unknown auth method {m.auth!r} (known: {known})", field="auth"
         )
-        if m.private_key:
-            r._keep(m.private_key, "private_key")
-        options: dict[str, Any] = {
-            "technical_account_id": m.technical_account_id,
-            "metascopes": tuple(m.metascopes),
-            "private_key": Secret(key),
-        }
-        if m.private_key_passphrase_file:
-            options["passphrase"] = Secret(
-                r.file(m.private_key_passphrase_file, "private_key_passphrase_file")
-            )
-        elif m.private_key_passphrase_env:
-            options["passphrase"] = Secret(
-                r.var(m.private_key_passphrase_env, "private_key_passphrase_env")
-            )
-        return options
-    if m.auth == AUTH_REFRESH:
-        if not m.refresh_token_file:
-            raise CredentialError(
-                r.path, 'required for auth = "refresh_token"', field="refresh_token_file"
-            )
-        return {
-            "refresh_token": Secret(r.file(m.refresh_token_file, "refresh_token_file")),
-        }
-    stray = [
-        f
-        for f in ("technical_account_id", "private_key_file", "refresh_token_file")
-        if getattr(m, f)
-    ]
+    extras = dict(m.model_extra or {})
+    stray = sorted(set(extras) - method.fields)
     if stray:
-        raise CredentialError(r.path, f"does not apply to auth = {m.auth!r}", field=stray[0])
-    return {}
+        owner = [n for n, other in sorted(methods.items()) if stray[0] in other.fields]
+        why = (
+            f"applies to auth = {owner[0]!r}, not {m.auth!r}"
+            if owner
+            else "unknown field (a typo?)"
+        )
+        raise CredentialError(r.path, why, field=stray[0])
+    table = {**m.model_dump(exclude={"client_secret"}), **extras, "scopes": tuple(m.scopes)}
+    try:
+        return dict(method.validate(table, _Secrets(r)))
+    except CredentialError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        message = str(e)
+        field, sep, rest = message.partition(": ")
+        if sep and (field in method.fields or field in table):
+            raise CredentialError(r.path, rest, field=field) from None
+        raise CredentialError(r.path, message, field="auth") from None
+
+
+@functools.cache
+def builtin_auth_methods() -> Mapping[str, AuthMethod]:
+    """The auth methods of the installed plugins, for callers that pass none (tools, tests)."""
+    from imsd.registry import load_registry
+
+    return dict(load_registry().auth_methods)
 
 
 def _build(
@@ -299,6 +314,7 @@ def _build(
     raw: bytes,
     default_ims_url: str,
     resolver: _Resolver,
+    auth_methods: Mapping[str, AuthMethod],
 ) -> Credential:
     try:
         m = _Native.model_validate(dict(table))
@@ -307,8 +323,6 @@ def _build(
     name = m.name or name
     if not NAME_RE.fullmatch(name):
         raise CredentialError(path, "must be 1-64 of A-Z a-z 0-9 . _ -", field="name")
-    if m.auth == AUTH_S2S and not m.scopes:
-        raise CredentialError(path, "at least one scope is required", field="scopes")
     for product in m.product:
         if product not in m.products:
             raise CredentialError(
@@ -320,7 +334,7 @@ def _build(
                 path, "header names and values must be single-line", field="extra_headers"
             )
     secret = _client_secret(m, resolver)
-    options = _auth_options(m, resolver)
+    options = _auth_options(m, resolver, auth_methods)
     ims_url = _ims_url(m.ims_url or default_ims_url, path)
     h = hashlib.sha256(raw)
     for part in (name, ims_url, *resolver.seen):
@@ -351,6 +365,7 @@ def parse_credentials(
     env: Mapping[str, str] | None = None,
     read_secret: ReadSecret = read_secret_file,
     credentials_directory: Path | None = None,
+    auth_methods: Mapping[str, AuthMethod] | None = None,
 ) -> list[Credential]:
     """Every credential in the file at *path* (one for native files, one or more for a
     Developer Console project). Raises CredentialError naming the file and the field."""
@@ -370,6 +385,14 @@ def parse_credentials(
     for name, table in tables:
         resolver.seen.clear()
         out.append(
-            _build(path, name, table, raw=data, default_ims_url=default_ims_url, resolver=resolver)
+            _build(
+                path,
+                name,
+                table,
+                raw=data,
+                default_ims_url=default_ims_url,
+                resolver=resolver,
+                auth_methods=builtin_auth_methods() if auth_methods is None else auth_methods,
+            )
         )
     return out

@@ -26,6 +26,7 @@ from imsd.imsclient import ImsClient
 from imsd.metrics import Metrics
 from imsd.model import Credential, ImsErrorKind
 from imsd.persist import StateFile
+from imsd.plugin import AuthMethod
 from imsd.registry import Registry
 from imsd.sinks import FileSink
 from imsd.store import TokenStore
@@ -38,7 +39,9 @@ log = structlog.get_logger("imsd.daemon")
 
 
 def credential_parser(
-    settings: Settings, env: Mapping[str, str] | None = None
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    auth_methods: Mapping[str, AuthMethod] | None = None,
 ) -> Callable[[Path, bytes], list[Credential]]:
     env = dict(os.environ if env is None else env)
     creds_dir = env.get("CREDENTIALS_DIRECTORY")
@@ -47,6 +50,7 @@ def credential_parser(
         default_ims_url=settings.ims_url,
         env=env,
         credentials_directory=Path(creds_dir) if creds_dir else None,
+        auth_methods=auth_methods,
     )
 
 
@@ -113,6 +117,7 @@ class Daemon:
                     client=client,
                     sink=sink,
                     products=self.registry.products,
+                    auth_methods=self.registry.auth_methods,
                     policy=s.refresh_policy(),
                     store=self.store,
                     notify=self.registry.notify,
@@ -127,13 +132,15 @@ class Daemon:
                 tg.start_soon(self._reloader)
                 watcher = self.watcher = DirectoryWatcher(
                     s.credentials_dir,
-                    parse=credential_parser(s, self._env),
+                    parse=credential_parser(s, self._env, self.registry.auth_methods),
                     on_events=sup.apply,
                     debounce_ms=s.debounce_ms,
                     rescan_interval=s.rescan_interval,
                 )
                 # Orphans are cleaned before any worker writes, so cleanup never races a write.
-                keep = await anyio.to_thread.run_sync(_current_names, s, self._env)
+                keep = await anyio.to_thread.run_sync(
+                    _current_names, s, self._env, self.registry.auth_methods
+                )
                 if keep is not None:
                     await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
                 await tg.start(watcher.run)
@@ -338,8 +345,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _current_names(settings: Settings, env: Mapping[str, str]) -> set[str] | None:
-    scan = scan_directory(settings.credentials_dir, parse=credential_parser(settings, env))
+def _current_names(
+    settings: Settings, env: Mapping[str, str], auth_methods: Mapping[str, AuthMethod]
+) -> set[str] | None:
+    parse = credential_parser(settings, env, auth_methods)
+    scan = scan_directory(settings.credentials_dir, parse=parse)
     if scan is None:
         return None  # no directory: remove nothing
     names = {c.name for result in scan.values() if isinstance(result, list) for c in result}
@@ -348,8 +358,9 @@ def _current_names(settings: Settings, env: Mapping[str, str]) -> set[str] | Non
     return names
 
 
-def _initial_events(settings: Settings) -> list[Event]:
-    scan = scan_directory(settings.credentials_dir, parse=credential_parser(settings))
+def _initial_events(settings: Settings, registry: Registry) -> list[Event]:
+    parse = credential_parser(settings, auth_methods=registry.auth_methods)
+    scan = scan_directory(settings.credentials_dir, parse=parse)
     return [] if scan is None else Catalog().apply(scan)
 
 
@@ -361,7 +372,7 @@ def check(settings: Settings, registry: Registry) -> list[str]:
     problems: list[str] = []
     if not settings.credentials_dir.is_dir():
         return [f"{settings.credentials_dir}: credentials directory not found"]
-    for event in _initial_events(settings):
+    for event in _initial_events(settings, registry):
         if isinstance(event, Failed):
             problems.append(str(event.error))
         elif isinstance(event, Added | Changed):
@@ -376,7 +387,7 @@ def check(settings: Settings, registry: Registry) -> list[str]:
 async def run_once(settings: Settings, registry: Registry, *, give_up_after: float = 60.0) -> int:
     """``imsd once``: fetch and write every credential, retrying transient failures until
     *give_up_after* seconds. Returns the exit code: 0 when every credential was written, else 1."""
-    events = _initial_events(settings)
+    events = _initial_events(settings, registry)
     invalid = [e for e in events if isinstance(e, Failed)]
     for event in invalid:
         log.error("credential.invalid", path=str(event.path), error=str(event.error))
@@ -386,6 +397,7 @@ async def run_once(settings: Settings, registry: Registry, *, give_up_after: flo
             client=client,
             sink=sink,
             products=registry.products,
+            auth_methods=registry.auth_methods,
             policy=settings.refresh_policy(),
             state=StateFile(settings.state_dir),
             notify=registry.notify,

@@ -1,7 +1,8 @@
 """Auth flows as plain generators, free of I/O (the httpx "auth flow" shape).
 
-A flow yields the :class:`~imsd.model.HttpRequest` it needs sent, receives the
-:class:`~imsd.model.HttpResponse` through ``send()``, and finally returns a
+Auth methods (:class:`imsd.plugin.AuthMethod`, built-ins in ``imsd_plugins``) build their
+flows from these pieces. A flow yields the :class:`~imsd.model.HttpRequest` it needs sent,
+receives the :class:`~imsd.model.HttpResponse` through ``send()``, and finally returns a
 :class:`~imsd.model.Grant` (or raises :class:`~imsd.model.ImsError`). The thin driver in
 :mod:`imsd.imsclient` does the HTTP; tests drive flows with canned responses.
 
@@ -16,12 +17,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Generator, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from imsd.model import (
-    AUTH_S2S,
     Credential,
     CredentialError,
     Grant,
@@ -33,19 +33,22 @@ from imsd.model import (
 )
 
 __all__ = [
-    "FLOWS",
+    "AuthMethodLike",
     "Flow",
-    "FlowFactory",
     "classify_error",
-    "client_credentials_flow",
     "expires_in_unit",
     "flow_for",
     "parse_token_response",
-    "register_flow",
 ]
 
 Flow = Generator[HttpRequest, HttpResponse, Grant]
-FlowFactory = Callable[[Credential, float], Flow]
+
+
+class AuthMethodLike(Protocol):
+    """What :func:`flow_for` needs of an auth method (:class:`imsd.plugin.AuthMethod`)."""
+
+    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow: ...
+
 
 #: Errors that retrying cannot fix: the credential file must change.
 PERMANENT_CODES: Final = frozenset(
@@ -146,6 +149,10 @@ def _invalid(why: str, status: int) -> ImsError:
     return ImsError(ImsErrorKind.TRANSIENT, "invalid_response", why, status=status)
 
 
+def _usable(token: str) -> bool:
+    return bool(token) and len(token) <= 16384 and token.isprintable() and " " not in token
+
+
 def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> Grant:
     """A Grant from a 2xx token response, or ImsError. Never echoes the body."""
     if not 200 <= resp.status < 300:
@@ -154,7 +161,7 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
     if not isinstance(body, dict):
         raise _invalid("response is not a JSON object", resp.status)
     token = body.get("access_token")
-    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+    if not isinstance(token, str) or not _usable(token):
         raise _invalid("response has no usable access_token", resp.status)
     kind = body.get("token_type")
     token_type = kind.lower() if isinstance(kind, str) and kind.isalpha() else _BEARER
@@ -175,38 +182,20 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
         issued, expires = now, now + seconds
     if expires <= now:
         raise _invalid("token is already expired", resp.status)
-    return Grant(Secret(token), token_type, issued, expires)
-
-
-def client_credentials_flow(cred: Credential, now: float, *, version: str = "v3") -> Flow:
-    """OAuth Server-to-Server: one POST to ``/ims/token/{version}``."""
-    path = f"/ims/token/{version}"
-    request = HttpRequest(
-        "POST",
-        cred.ims_url.rstrip("/") + path,
-        form={
-            "grant_type": "client_credentials",
-            "client_id": cred.client_id,
-            "client_secret": cred.client_secret.reveal(),
-            "scope": ",".join(s.strip() for s in cred.scopes),
-        },
-        headers=_FORM,
-    )
-    response = yield request
-    return parse_token_response(response, now=now, unit=expires_in_unit(path))
-
-
-FLOWS: dict[str, FlowFactory] = {AUTH_S2S: client_credentials_flow}
-
-
-def register_flow(auth: str, factory: FlowFactory) -> None:
-    FLOWS[auth] = factory
+    rotated = body.get("refresh_token")
+    refresh = Secret(rotated) if isinstance(rotated, str) and _usable(rotated) else None
+    return Grant(Secret(token), token_type, issued, expires, refresh)
 
 
 def flow_for(
-    cred: Credential, *, now: float, flows: Mapping[str, FlowFactory] | None = None
+    cred: Credential,
+    methods: Mapping[str, AuthMethodLike],
+    *,
+    now: float,
+    refresh_token: Secret | None = None,
 ) -> Flow:
-    factory = (flows or FLOWS).get(cred.auth)
-    if factory is None:
+    """The flow of *cred*'s auth method (an :class:`imsd.plugin.AuthMethod`)."""
+    method = methods.get(cred.auth)
+    if method is None:
         raise CredentialError(cred.path, f"unsupported auth method {cred.auth!r}", field="auth")
-    return factory(cred, now)
+    return method.flow(cred, now, refresh_token)

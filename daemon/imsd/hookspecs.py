@@ -9,7 +9,7 @@ otherwise ignored.
 
 from __future__ import annotations
 
-from imsd.plugin import Product, hookspec
+from imsd.plugin import AuthMethod, Product, hookspec
 
 
 @hookspec
@@ -20,6 +20,18 @@ def imsd_products() -> list[Product]:  # type: ignore[empty-body]
     duplicate is reported and the later one (in entry-point name order) is skipped. A product
     may carry an optional ``notice: str`` attribute (e.g. a retirement warning) that the
     daemon logs once for each credential using it.
+
+    .. versionadded:: API 1
+    """
+
+
+@hookspec
+def imsd_auth_methods() -> list[AuthMethod]:  # type: ignore[empty-body]
+    """Return the auth methods this plugin provides (a credential's ``auth`` field names one).
+
+    Called once at start-up, like :func:`imsd_products`; a duplicate name is reported and the
+    later one skipped. The built-ins ``oauth_server_to_server``, ``jwt`` and ``refresh_token``
+    are registered this way.
 
     .. versionadded:: API 1
     """

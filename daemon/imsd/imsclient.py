@@ -48,6 +48,19 @@ def check_url(url: str) -> None:
     )
 
 
+def _step(flow: Flow, response: HttpResponse | None) -> HttpRequest:
+    """Advance an auth method's flow. A plugin's own bug becomes a transient ImsError that
+    names only the exception type (its message could quote a secret), never a crash."""
+    try:
+        return next(flow) if response is None else flow.send(response)
+    except (StopIteration, ImsError):
+        raise
+    except Exception as e:
+        raise ImsError(
+            ImsErrorKind.TRANSIENT, "auth_method_error", f"the auth flow raised {type(e).__name__}"
+        ) from None
+
+
 class ImsClient:
     def __init__(
         self,
@@ -95,10 +108,10 @@ class ImsClient:
     async def run(self, flow: Flow) -> Grant:
         """Drive *flow* to its Grant, sending each request it yields."""
         try:
-            request = next(flow)
+            request = _step(flow, None)
             while True:
                 response = await self.send(request)
-                request = flow.send(response)
+                request = _step(flow, response)
         except StopIteration as stop:
             grant: Grant = stop.value
             return grant

@@ -113,8 +113,9 @@ class Credential:
 
     @property
     def identity(self) -> str:
-        """Hash of what determines which token IMS issues: a stored token minted under a
-        different identity must not be reused."""
+        """Hash of what determines which token IMS issues (auth method and its options
+        included: a new private key or a new refresh token from a login): a stored token or
+        refresh token minted under a different identity must not be reused."""
         h = hashlib.sha256()
         for part in (
             self.auth,
@@ -123,10 +124,19 @@ class Credential:
             self.org_id,
             ",".join(self.scopes),
             self.ims_url.rstrip("/"),
+            *(f"{k}={_plain(v)}" for k, v in sorted(self.options.items())),
         ):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, tuple | list):
+        return ",".join(_plain(v) for v in value)
+    return str(value)
 
 
 class CredentialState(enum.Enum):
@@ -148,6 +158,7 @@ class Grant:
     token_type: str
     issued_at: float
     expires_at: float
+    refresh_token: Secret | None = None  # a rotated refresh token, when IMS returned one
 
     @property
     def lifetime(self) -> float:

@@ -8,7 +8,10 @@ point group, exactly like the built-in products in ``imsd_plugins``::
     myproduct = "my_package.imsd_plugin"
 
 Hooks are synchronous and must be pure: they receive values and return values; the daemon
-does all I/O. Plugin API version: :data:`PLUGIN_API_VERSION`.
+does all I/O. Products (:class:`Product`) describe an Adobe API's header conventions; auth
+methods (:class:`AuthMethod`) describe how a credential becomes a token, as a generator flow
+over :class:`HttpRequest`/:class:`HttpResponse` values that the daemon drives. Plugin API
+version: :data:`PLUGIN_API_VERSION`.
 """
 
 from __future__ import annotations
@@ -19,13 +22,37 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import pluggy
 
+from imsd.flows import Flow, classify_error, expires_in_unit, parse_token_response
+from imsd.model import (
+    Credential,
+    Grant,
+    HttpRequest,
+    HttpResponse,
+    ImsError,
+    ImsErrorKind,
+    Secret,
+)
+
 __all__ = [
     "PLUGIN_API_VERSION",
     "PROJECT",
+    "AuthMethod",
+    "Credential",
+    "Flow",
+    "Grant",
+    "HttpRequest",
+    "HttpResponse",
+    "ImsError",
+    "ImsErrorKind",
     "Product",
+    "Secret",
+    "SecretSource",
     "TokenView",
+    "classify_error",
+    "expires_in_unit",
     "hookimpl",
     "hookspec",
+    "parse_token_response",
 ]
 
 PROJECT: Final = "imsd"
@@ -74,3 +101,47 @@ class Product(Protocol):
     def env(self, view: TokenView) -> dict[str, str]: ...
 
     def base_url(self, options: Mapping[str, Any]) -> str | None: ...
+
+
+class SecretSource(Protocol):
+    """How an auth method reads the secrets its fields name. Each raises :class:`ValueError`
+    with a message fit for the user (never the value). Every value read counts towards the
+    credential's change digest, so editing a key file is noticed like editing the credential.
+    """
+
+    def file(self, name: str, field: str) -> Secret:
+        """The content of file *name* (absolute, relative to the credential file, or found
+        in ``$CREDENTIALS_DIRECTORY``), without its trailing newline."""
+        ...
+
+    def env(self, name: str, field: str) -> Secret:
+        """The value of environment variable *name*."""
+        ...
+
+    def value(self, value: str, field: str) -> Secret:
+        """A secret given inline in the credential file."""
+        ...
+
+
+@runtime_checkable
+class AuthMethod(Protocol):
+    """A way of obtaining an access token, chosen by a credential's ``auth`` field.
+
+    ``fields`` names the credential-file fields this method adds to the common ones
+    (``client_id``, ``client_secret``, ``org_id``, ``scopes``, ``ims_url``...); any other
+    field is an error. ``validate`` receives the whole table (common fields normalized,
+    ``scopes`` a tuple) and returns the method's options, which the flow later finds in
+    ``credential.options``; it raises :class:`ValueError` naming the field
+    (``"private_key_file: ..."``). ``flow`` is a generator: it yields the requests to send
+    and returns a :class:`Grant`. *refresh_token* is the newest refresh token the daemon
+    holds for the credential (persisted across restarts), or None; a flow that rotates
+    refresh tokens returns the new one in ``Grant.refresh_token``. An optional ``notice: str``
+    attribute is logged for every credential using the method (e.g. a deprecation).
+    """
+
+    name: str
+    fields: frozenset[str]
+
+    def validate(self, table: Mapping[str, Any], secrets: SecretSource) -> Mapping[str, Any]: ...
+
+    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow: ...

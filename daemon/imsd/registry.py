@@ -22,7 +22,7 @@ import structlog
 
 from imsd import hookspecs
 from imsd.model import Credential, CredentialError
-from imsd.plugin import PROJECT, Product
+from imsd.plugin import PROJECT, AuthMethod, Product
 
 __all__ = ["PluginInfo", "Registry", "load_registry", "validate_products"]
 
@@ -38,14 +38,16 @@ class PluginInfo:
     source: str
     products: tuple[str, ...] = ()
     error: str | None = None
+    auth_methods: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
 class Registry:
-    """The loaded plugins and the products they provide, by product name."""
+    """The loaded plugins, and the products and auth methods they provide, by name."""
 
     manager: pluggy.PluginManager
     products: dict[str, Product] = field(default_factory=dict)
+    auth_methods: dict[str, AuthMethod] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
 
     @property
@@ -85,6 +87,29 @@ def _valid_product(obj: object) -> str | None:
     return None
 
 
+def _valid_auth(obj: object) -> str | None:
+    if not isinstance(obj, AuthMethod):
+        return f"{type(obj).__name__} does not implement the AuthMethod protocol"
+    if not isinstance(obj.name, str) or not obj.name:
+        return "auth method name must be a non-empty string"
+    if not isinstance(obj.fields, frozenset):
+        return f"auth method {obj.name!r}: fields must be a frozenset of field names"
+    return None
+
+
+def _collect(pm: pluggy.PluginManager, plugin: object, hook: str, check: Any) -> list[Any]:
+    found: list[Any] = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        if impl.plugin is not plugin:
+            continue
+        for obj in impl.function() or ():
+            why = check(obj)
+            if why is not None:
+                raise TypeError(why)
+            found.append(obj)
+    return found
+
+
 def _register(reg: Registry, plugin: object, name: str, version: str, source: str) -> None:
     pm = reg.manager
     try:
@@ -95,29 +120,29 @@ def _register(reg: Registry, plugin: object, name: str, version: str, source: st
         return
     try:
         pm.check_pending()  # a misspelled hook name would otherwise be silently ignored
-        impls = [i for i in pm.hook.imsd_products.get_hookimpls() if i.plugin is plugin]
-        found: list[Product] = []
-        for impl in impls:
-            result: Any = impl.function()
-            for product in result or ():
-                why = _valid_product(product)
-                if why is not None:
-                    raise TypeError(why)
-                found.append(product)
+        products: list[Product] = _collect(pm, plugin, "imsd_products", _valid_product)
+        methods: list[AuthMethod] = _collect(pm, plugin, "imsd_auth_methods", _valid_auth)
     except Exception as e:
         pm.unregister(plugin)
         reg.plugins.append(PluginInfo(name, version, source, error=_describe(e)))
         log.error("plugin.rejected", plugin=name, source=source, error=_describe(e))
         return
     names: list[str] = []
-    for product in found:
+    for product in products:
         if product.name in reg.products:
             log.error("plugin.duplicate_product", plugin=name, product=product.name)
             continue
         reg.products[product.name] = product
         names.append(product.name)
-    reg.plugins.append(PluginInfo(name, version, source, tuple(names)))
-    log.debug("plugin.loaded", plugin=name, products=names)
+    auths: list[str] = []
+    for method in methods:
+        if method.name in reg.auth_methods:
+            log.error("plugin.duplicate_auth_method", plugin=name, auth=method.name)
+            continue
+        reg.auth_methods[method.name] = method
+        auths.append(method.name)
+    reg.plugins.append(PluginInfo(name, version, source, tuple(names), None, tuple(auths)))
+    log.debug("plugin.loaded", plugin=name, products=names, auth_methods=auths)
 
 
 def _entry_points() -> Iterable[md.EntryPoint]:

@@ -35,9 +35,9 @@ import structlog
 
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.flows import Flow, flow_for
-from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
+from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind, Secret
 from imsd.persist import StateFile, Stored
-from imsd.plugin import Product
+from imsd.plugin import AuthMethod, Product
 from imsd.registry import validate_products
 from imsd.render import RenderError, render_outputs, rfc3339
 from imsd.schedule import RefreshPolicy, backoff_delay, next_refresh_at, retry_at, sleep_for
@@ -87,6 +87,7 @@ class _Worker:
     last_kind: ImsErrorKind | None = None  # kind of the last failed attempt
     announced: Grant | None = None  # the last grant plugins were told about
     done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
+    refresh_token: Secret | None = None  # newest of a rotating chain (auth = refresh_token)
 
 
 class Supervisor:
@@ -96,6 +97,7 @@ class Supervisor:
         client: TokenClient,
         sink: Sink,
         products: Mapping[str, Product],
+        auth_methods: Mapping[str, AuthMethod] | None = None,
         policy: RefreshPolicy | None = None,
         store: TokenStore | None = None,
         clock: Callable[[], float] = time.time,
@@ -108,6 +110,11 @@ class Supervisor:
         self.client = client
         self.sink = sink
         self.products = products
+        if auth_methods is None:
+            from imsd.credentials import builtin_auth_methods
+
+            auth_methods = builtin_auth_methods()
+        self.auth_methods = auth_methods
         self.policy = policy or RefreshPolicy()
         self.store = store if store is not None else TokenStore()
         self._clock = clock
@@ -169,6 +176,9 @@ class Supervisor:
                 log.warning(
                     "product.notice", credential=cred.name, product=product, notice=str(notice)
                 )
+        notice = getattr(self.auth_methods.get(cred.auth), "notice", None)
+        if notice:
+            log.warning("auth.notice", credential=cred.name, auth=cred.auth, notice=str(notice))
         log.info(
             "credential.added",
             credential=cred.name,
@@ -194,7 +204,10 @@ class Supervisor:
         if worker is None:
             self._start(new)
             return
-        refetch = new.identity != worker.cred.identity or entry.consecutive_failures > 0
+        same = new.identity == worker.cred.identity
+        refetch = not same or entry.consecutive_failures > 0
+        if not same:  # a new login's refresh token starts a new chain
+            worker.refresh_token = None
         worker.cred = new
         if refetch or entry.grant is None:
             worker.next_at = 0.0
@@ -248,12 +261,16 @@ class Supervisor:
         self._tg.start_soon(self._loop, worker, name=f"imsd-credential-{cred.name}")
 
     def _restore(self, w: _Worker) -> None:
-        """Reuse a token saved by a previous run: same identity, valid beyond the margin."""
+        """Reuse what a previous run saved under the same identity: the newest refresh token
+        of a rotating chain, and a token still valid beyond the margin."""
         stored = self._restorable.pop(w.cred.name, None)
-        if stored is None or stored.grant is None:
+        if stored is None:
             return
         if stored.identity != w.cred.identity:
             log.info("token.not_restored", credential=w.cred.name, reason="credential changed")
+            return
+        w.refresh_token = stored.refresh_token
+        if stored.grant is None:
             return
         grant, now = stored.grant, self._clock()
         if grant.expires_at - now <= self.policy.min_margin:
@@ -268,11 +285,12 @@ class Supervisor:
     async def _save_state(self) -> None:
         if self._state is None:
             return
-        entries = {
-            e.name: Stored(e.credential.identity, e.grant)
-            for e in self.store
-            if e.credential is not None and e.grant is not None
-        }
+        entries: dict[str, Stored] = {}
+        for e in self.store:
+            w = self._workers.get(e.name)
+            chain = w.refresh_token if w is not None else None
+            if e.credential is not None and (e.grant is not None or chain is not None):
+                entries[e.name] = Stored(e.credential.identity, e.grant, chain)
         state = self._state
         try:
             await anyio.to_thread.run_sync(lambda: state.save(entries))
@@ -334,7 +352,11 @@ class Supervisor:
         entry = self.store.upsert(cred.name, cred.path)
         started = self._clock()
         try:
-            grant = await self.client.run(flow_for(cred, now=started))
+            try:
+                flow = flow_for(cred, self.auth_methods, now=started, refresh_token=w.refresh_token)
+            except CredentialError as e:  # the method's plugin is gone (a reload)
+                raise ImsError(ImsErrorKind.PERMANENT, "unsupported_auth", e.reason) from None
+            grant = await self.client.run(flow)
         except ImsError as e:
             entry.consecutive_failures += 1
             entry.last_error = str(e)
@@ -358,6 +380,8 @@ class Supervisor:
             await self._announce_failure(cred.name, str(e))
             return
         entry.grant = grant
+        if grant.refresh_token is not None:
+            w.refresh_token = grant.refresh_token  # persisted below, before publishing
         if self._observer is not None:
             self._observer.refreshed(cred.name, "success", self._clock() - started)
         w.last_kind = None

@@ -29,7 +29,9 @@ from imsd.httpserver import AbortConnection, Request, Response
 
 __all__ = ["GATEWAY_RULES", "FakeImsApp", "GatewayRule"]
 
-_TOKEN_PATHS: Final = frozenset({"/ims/token/v3", "/ims/token/v2", "/ims/token/v1", "/ims/token"})
+_TOKEN_PATHS: Final = frozenset(
+    {"/ims/token/v3", "/ims/token/v2", "/ims/token/v1", "/ims/token", "/ims/exchange/jwt"}
+)
 _JSON_UTF8: Final = "application/json;charset=UTF-8"
 
 
@@ -120,7 +122,9 @@ class FakeImsApp:
             hang = self.state.hang_seconds()
             if hang > 0:
                 await anyio.sleep(hang)
-            status, body, headers = self.state.token_request(path, params_of(req))
+            host = req.header("host")
+            origin = f"http://{host}" if host else None
+            status, body, headers = self.state.token_request(path, params_of(req), origin=origin)
         finally:
             self.state.leave()
         out = Response(
@@ -201,7 +205,12 @@ class FakeImsApp:
                     scopes=body["scopes"],
                     org_id=body["org_id"],
                     lifetime=body.get("lifetime"),
+                    public_keys=[k.encode() for k in body.get("public_keys", [])],
+                    metascopes=body.get("metascopes", []),
                 )
+            elif path == "/_fake/login":
+                token = state.login(body["client_id"], body.get("scopes", []))
+                return Response.json({"refresh_token": token})
             elif path == "/_fake/faults":
                 state.fail_next(int(body.get("fail", 0)), int(body.get("status", 503)))
                 state.throttle_next(int(body.get("throttle", 0)), float(body.get("retry_after", 1)))

@@ -26,11 +26,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from imsd.fakeims.jwtcheck import Binding, Refused, check_assertion
+
 __all__ = ["Client", "FakeImsState", "LogEntry", "TokenReply"]
 
 TokenReply = tuple[int, dict[str, Any], dict[str, str]]
 
 _HEADER: Final = {"alg": "HS256", "x5u": "fake_ims-key-at-1.cer", "kid": "fake_ims-key-at-1"}
+_JWT_GRANT: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _THROTTLE_BODY: Final = {"error_code": "429050", "message": "Too many requests"}
 
 
@@ -54,6 +61,28 @@ class Client:
     org_id: str
     technical_account_id: str
     lifetime: float | None = None  # seconds; None = the server default
+    keys: list[RSAPublicKey] = field(default_factory=list)  # JWT: certificates' public keys
+    metascopes: frozenset[str] = frozenset()
+    require_jti: bool = False
+
+
+@dataclass
+class _RefreshGrant:
+    client_id: str
+    scopes: frozenset[str]
+    user_id: str
+    expires: float
+
+
+def _public_key(pem: bytes) -> RSAPublicKey:
+    """A certificate's (``certificate_pub.crt``) or a bare public key's RSA key."""
+    if b"CERTIFICATE" in pem:
+        key: object = x509.load_pem_x509_certificate(pem).public_key()
+    else:
+        key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, RSAPublicKey):
+        raise ValueError("JWT bindings use RSA certificates")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +122,9 @@ class FakeImsState:
     in_flight: int = 0  # token requests being answered right now
     peak_in_flight: int = 0
     _recent: dict[str, list[float]] = field(default_factory=dict)
+    refresh_lifetime: float = 14 * 86400.0  # IMS's default for refresh tokens
+    _refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
+    _seen_jti: set[str] = field(default_factory=set)
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -105,13 +137,26 @@ class FakeImsState:
         org_id: str,
         lifetime: float | None = None,
         technical_account_id: str | None = None,
+        public_keys: Iterable[bytes] = (),
+        metascopes: Iterable[str] = (),
+        require_jti: bool = False,
     ) -> Client:
         keep = list(secrets)
         if not 1 <= len(keep) <= 2:
             raise ValueError("IMS clients have one or two active secrets")
         digest = hashlib.sha256(client_id.encode()).hexdigest()[:24].upper()
         tech = technical_account_id or f"{digest}@techacct.adobe.com"
-        client = Client(client_id, keep, frozenset(scopes), org_id, tech, lifetime)
+        client = Client(
+            client_id,
+            keep,
+            frozenset(scopes),
+            org_id,
+            tech,
+            lifetime,
+            keys=[_public_key(pem) for pem in public_keys],
+            metascopes=frozenset(metascopes),
+            require_jti=require_jti,
+        )
         with self._lock:
             self.clients[client_id] = client
         return client
@@ -147,6 +192,26 @@ class FakeImsState:
     def request_count(self, client_id: str | None = None) -> int:
         with self._lock:
             return sum(1 for e in self.request_log if client_id in (None, e.client_id))
+
+    def login(self, client_id: str, scopes: Iterable[str], *, user_id: str = "") -> str:
+        """A refresh token for *client_id*, as a user's consent with ``offline_access`` would
+        give one (the start of a rotation chain)."""
+        with self._lock:
+            client = self.clients[client_id]
+            user = user_id or f"{secrets.token_hex(12).upper()}@AdobeID"
+            return self._new_refresh_token(client, frozenset(scopes), user)
+
+    def revoke_refresh_tokens(self, client_id: str | None = None) -> int:
+        """Revoke every live refresh token (of *client_id*); returns how many."""
+        with self._lock:
+            gone = [t for t, g in self._refresh.items() if client_id in (None, g.client_id)]
+            for t in gone:
+                del self._refresh[t]
+            return len(gone)
+
+    def live_refresh_tokens(self) -> int:
+        with self._lock:
+            return len(self._refresh)
 
     def revoke(self, token: str) -> None:
         with self._lock:
@@ -235,15 +300,22 @@ class FakeImsState:
             LogEntry(self.clock(), path, params.get("client_id"), params.get("grant_type"), status)
         )
 
-    def token_request(self, path: str, params: Mapping[str, str]) -> TokenReply:
+    def token_request(
+        self, path: str, params: Mapping[str, str], *, origin: str | None = None
+    ) -> TokenReply:
         """Answer a token request whose parameters (body, query and Basic auth merged) are
-        *params*. The reply body is IMS-shaped JSON."""
+        *params*. The reply body is IMS-shaped JSON. *origin* is the base URL the client
+        called (what a JWT assertion's ``aud`` must name)."""
         with self._lock:
-            reply = self._token_reply(path, params)
+            if path.rstrip("/") == "/ims/exchange/jwt":
+                params = {**params, "grant_type": _JWT_GRANT}
+            reply = self._token_reply(path, params, origin)
             self._log(path, params, reply[0])
             return reply
 
-    def _token_reply(self, path: str, params: Mapping[str, str]) -> TokenReply:
+    def _token_reply(
+        self, path: str, params: Mapping[str, str], origin: str | None = None
+    ) -> TokenReply:
         f = self._faults
         if f.fail > 0:
             f.fail -= 1
@@ -255,13 +327,16 @@ class FakeImsState:
         if not grant:
             return _error(400, "invalid_request", "missing grant_type")
         handler = self._grants.get(grant)
-        if handler is None:
+        if handler is None or (grant == _JWT_GRANT) != path.rstrip("/").endswith("/exchange/jwt"):
             return _error(400, "unsupported_grant_type", f"unsupported grant_type {grant[:40]}")
         client_id = params.get("client_id", "")
         if client_id and self._rate is not None and self._throttled(client_id):
             return 429, dict(_THROTTLE_BODY), {"Retry-After": f"{self._rate[1]:g}"}
-        status, body, headers = handler(self, path, params)
-        if status == 200 and path.rstrip("/").endswith("/v1") and self.v1_unit_ms:
+        status, body, headers = handler(self, params, origin)
+        p = path.rstrip("/")
+        if status == 200 and (
+            p.endswith("/exchange/jwt") or (p.endswith("/v1") and self.v1_unit_ms)
+        ):
             body["expires_in"] = int(body["expires_in"] * 1000)
         return status, body, headers
 
@@ -289,7 +364,7 @@ class FakeImsState:
             return _error(401, "invalid_client", "invalid client credentials")
         return client
 
-    def _client_credentials(self, path: str, params: Mapping[str, str]) -> TokenReply:
+    def _client_credentials(self, params: Mapping[str, str], origin: str | None) -> TokenReply:
         client = self._authenticate(params)
         if not isinstance(client, Client):
             return client
@@ -306,7 +381,73 @@ class FakeImsState:
         body = {"access_token": token, "token_type": "bearer", "expires_in": int(lifetime)}
         return 200, body, {}
 
-    _grants: ClassVar[dict[str, Callable[[FakeImsState, str, Mapping[str, str]], TokenReply]]]
+    def _jwt_exchange(self, params: Mapping[str, str], origin: str | None) -> TokenReply:
+        """``/ims/exchange/jwt``: client id and secret, plus a signed assertion."""
+        client = self._authenticate(params)
+        if not isinstance(client, Client):
+            return client
+        if not client.keys:
+            return _error(401, "invalid_client", "the client has no JWT binding")
+        binding = Binding(
+            client.client_id,
+            client.org_id,
+            client.technical_account_id,
+            client.keys,
+            client.metascopes,
+            client.require_jti,
+        )
+        try:
+            check_assertion(
+                params.get("jwt_token", ""),
+                binding,
+                origin=origin,
+                now=self.clock(),
+                seen_jti=self._seen_jti,
+            )
+        except Refused as e:
+            return _error(400, e.code, str(e))
+        token, lifetime = self.mint(client, client.metascopes)
+        body = {"access_token": token, "token_type": "bearer", "expires_in": int(lifetime)}
+        return 200, body, {}
+
+    def _new_refresh_token(self, client: Client, scopes: frozenset[str], user: str) -> str:
+        token, _ = self.mint(client, scopes, kind="refresh_token")
+        self._refresh[token] = _RefreshGrant(
+            client.client_id, scopes, user, self.clock() + self.refresh_lifetime
+        )
+        return token
+
+    def _refresh_token(self, params: Mapping[str, str], origin: str | None) -> TokenReply:
+        """``grant_type=refresh_token``: a new access token and a new refresh token; the
+        presented one is spent."""
+        client = self._authenticate(params)
+        if not isinstance(client, Client):
+            return client
+        presented = params.get("refresh_token", "")
+        if not presented:
+            return _error(400, "invalid_request", "missing refresh_token")
+        grant = self._refresh.get(presented)
+        if grant is None or grant.client_id != client.client_id:
+            return _error(400, "invalid_grant", "the refresh token is invalid or was revoked")
+        del self._refresh[presented]  # rotation: each refresh token works once
+        if grant.expires <= self.clock():
+            return _error(400, "invalid_grant", "the refresh token has expired")
+        token, lifetime = self.mint(client, grant.scopes)
+        body = {
+            "access_token": token,
+            "refresh_token": self._new_refresh_token(client, grant.scopes, grant.user_id),
+            "token_type": "bearer",
+            "expires_in": int(lifetime),
+        }
+        return 200, body, {}
+
+    _grants: ClassVar[
+        dict[str, Callable[[FakeImsState, Mapping[str, str], str | None], TokenReply]]
+    ]
 
 
-FakeImsState._grants = {"client_credentials": FakeImsState._client_credentials}
+FakeImsState._grants = {
+    "client_credentials": FakeImsState._client_credentials,
+    "refresh_token": FakeImsState._refresh_token,
+    _JWT_GRANT: FakeImsState._jwt_exchange,  # set by token_request for /ims/exchange/jwt
+}

@@ -1,4 +1,5 @@
-"""The legacy Service Account (JWT) assertion (pure: claims in, signed RS256 JWT out).
+"""The legacy Service Account (JWT) assertion (pure: claims in, signed RS256 JWT out), for
+the built-in ``jwt`` auth method.
 
 Adobe ended JWT credentials on 30 Jun 2025 and converts the remaining ones to OAuth
 Server-to-Server by 1 Mar 2026 (same client id, technical account and scopes), so loading
