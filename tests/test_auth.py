@@ -242,7 +242,9 @@ def test_jwt_key_with_passphrase_and_digest_follows_the_key_file(tmp_path: Path)
 # -- the fake IMS's JWT checks, pure --------------------------------------------------------------
 
 
-def assertion(*, key: rsa.RSAPrivateKey | None = None, **change: Any) -> str:
+def assertion(
+    *, key: rsa.RSAPrivateKey | None = None, extra: dict[str, Any] | None = None, **change: Any
+) -> str:
     base = "http://ims.test"
     claims: dict[str, Any] = {
         "exp": int(NOW) + 300,
@@ -253,6 +255,7 @@ def assertion(*, key: rsa.RSAPrivateKey | None = None, **change: Any) -> str:
         f"{base}/s/ent_dataservices_sdk": True,
     }
     claims.update(change)
+    claims.update(extra or {})
     claims = {k: v for k, v in claims.items() if v is not None}
     return jwt.encode(claims, key or rsa_key(), algorithm="RS256")
 
@@ -273,8 +276,8 @@ BINDING = Binding("cid", ORG, TECH, [rsa_key().public_key()], {"ent_dataservices
         (lambda: assertion(sub="other@techacct.adobe.com"), "bad_request"),
         (lambda: assertion(aud="http://ims.test/c/other"), "bad_request"),
         (lambda: assertion(aud="https://elsewhere.test/c/cid"), "bad_request"),
-        (lambda: assertion(**{"http://ims.test/s/ent_dataservices_sdk": None}), "invalid_scope"),
-        (lambda: assertion(**{"http://ims.test/s/ent_reactor_sdk": True}), "invalid_scope"),
+        (lambda: assertion(extra={"http://ims.test/s/ent_dataservices_sdk": None}), "invalid_scope"),
+        (lambda: assertion(extra={"http://ims.test/s/ent_reactor_sdk": True}), "invalid_scope"),
     ],
 )  # fmt: skip
 def test_fake_ims_refuses_bad_assertions(token: Any, code: str) -> None:
