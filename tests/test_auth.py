@@ -34,6 +34,7 @@ from tests.test_daemon import SECRET, make_settings, wait_for
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
 TECH = "ABCDEF0123456789ABCDEF01@techacct.adobe.com"
 NOW = 1_800_000_000.0
+IMS = "http://ims.test"
 
 
 @functools.cache
@@ -276,8 +277,8 @@ BINDING = Binding("cid", ORG, TECH, [rsa_key().public_key()], {"ent_dataservices
         (lambda: assertion(sub="other@techacct.adobe.com"), "bad_request"),
         (lambda: assertion(aud="http://ims.test/c/other"), "bad_request"),
         (lambda: assertion(aud="https://elsewhere.test/c/cid"), "bad_request"),
-        (lambda: assertion(extra={"http://ims.test/s/ent_dataservices_sdk": None}), "invalid_scope"),
-        (lambda: assertion(extra={"http://ims.test/s/ent_reactor_sdk": True}), "invalid_scope"),
+        (lambda: assertion(extra={f"{IMS}/s/ent_dataservices_sdk": None}), "invalid_scope"),
+        (lambda: assertion(extra={f"{IMS}/s/ent_reactor_sdk": True}), "invalid_scope"),
     ],
 )  # fmt: skip
 def test_fake_ims_refuses_bad_assertions(token: Any, code: str) -> None:
