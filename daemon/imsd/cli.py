@@ -81,7 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    p = sub.add_parser("plugins", help="list loaded plugins and products")
+    p = sub.add_parser(
+        "import",
+        help="turn a Developer Console download into native credential files",
+        description="Writes NAME.toml plus its secret in a separate 0600 file (NAME.secret) "
+        "into the credentials directory (or --dir). The download itself holds the secret in "
+        "clear: delete it afterwards.",
+    )
+    _common(p)
+    p.add_argument("file", type=Path, help="the downloaded JSON file")
+    p.add_argument("--name", help="credential name (default: the file name's stem)")
+    p.add_argument("--product", help="product whose headers to write (default: generic)")
+    p.add_argument(
+        "--secret-index",
+        type=int,
+        default=0,
+        help="which of CLIENT_SECRETS to use while two are active (default 0)",
+    )
+    p.add_argument("--private-key", metavar="PATH", help="JWT only: the private.key to sign with")
+    p.add_argument("--dir", type=Path, help="where to write (default: the credentials dir)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p = sub.add_parser("plugins", help="list loaded plugins, products and auth methods")
     _common(p)
     p = sub.add_parser("status", help="credentials, states and expiry (from the daemon)")
     _common(p)
@@ -143,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _query(args, settings)
     if args.command == "exec":
         return _exec(args, settings)
+    if args.command == "import":
+        return _import(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry(plugin_dirs=settings.plugin_dirs)
     if args.command == "plugins":
@@ -224,9 +246,37 @@ def _exec(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(e), 1)
 
 
+def _import(args: argparse.Namespace, settings: Settings) -> int:
+    from imsd.importer import ImportFailed, check_plan, plan_import, write_import
+
+    directory: Path = args.dir or settings.credentials_dir
+    try:
+        data = args.file.read_bytes()
+        files = plan_import(
+            data,
+            source=str(args.file),
+            name=args.name,
+            product=args.product,
+            secret_index=args.secret_index,
+            private_key_file=str(Path(args.private_key).resolve()) if args.private_key else None,
+        )
+        check_plan(directory, files)
+        write_import(directory, files, force=args.force)
+    except OSError as e:
+        return _fail(f"{e.filename or args.file}: {e.strerror or e}", 1)
+    except ImportFailed as e:
+        return _fail(str(e), 1)
+    for f in files:
+        print(f"wrote {directory / f.name} ({f.mode:04o})")
+    if args.file.resolve().parent == directory.resolve():
+        print(f"note: {args.file} is in the credentials dir too; remove it (it holds the secret)")
+    return 0
+
+
 def _plugins(registry: Registry) -> int:
     for info in registry.plugins:
-        status = "error: " + info.error if info.error else ", ".join(info.products) or "-"
+        provides = [*info.products, *(f"auth:{a}" for a in info.auth_methods)]
+        status = "error: " + info.error if info.error else ", ".join(provides) or "-"
         print(f"{info.name:<16} {info.version:<10} {info.source:<40} {status}")
     return 1 if registry.errors else 0
 

@@ -1,0 +1,216 @@
+"""Developer Console downloads: read as they are by the daemon, and turned into native files
+by ``imsd import``. The fixtures (tests/fixtures/console) carry fake values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imsd.daemon import run_once
+from imsd.fakeims.server import FakeIms
+from imsd.importer import ImportFailed, plan_import
+from imsd.registry import load_registry
+
+from tests.test_auth import TECH, private_pem, rsa_key
+from tests.test_daemon import make_settings
+
+FIXTURES = Path(__file__).parent / "fixtures" / "console"
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+FLAT_SECRETS = ["p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE01", "p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE02"]
+SCOPES = [
+    "openid",
+    "session",
+    "AdobeID",
+    "read_organizations",
+    "additional_info.projectedProductContext",
+    "additional_info.job_function",
+]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    """The fake IMS knows the fixtures' clients (same ids and secrets)."""
+    with FakeIms.in_thread() as f:
+        f.state.add_client(
+            "0123456789abcdef0123456789abcdef", secrets=FLAT_SECRETS, scopes=SCOPES, org_id=ORG
+        )
+        f.state.add_client(
+            "fedcba9876543210fedcba9876543210",
+            secrets=["p8e-FAKEPROJECTFAKEPROJECTFAKE01"],
+            scopes=SCOPES,
+            org_id=ORG,
+        )
+        f.state.add_client(
+            "00112233445566778899aabbccddeeff",
+            secrets=["p8e-FAKEANALYTICSFAKEANALYTICS01"],
+            scopes=SCOPES,
+            org_id=ORG,
+        )
+        yield f
+
+
+@pytest.mark.anyio
+async def test_both_console_shapes_load_unchanged(tmp_path: Path, fake: FakeIms) -> None:
+    s = make_settings(tmp_path, ims_url=fake.url)
+    for name in ("oauth-s2s.json", "project.json"):
+        shutil.copy(FIXTURES / name, s.credentials_dir / name)
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    written = sorted(p.name for p in s.output_dir.iterdir())
+    # The project's JWT twin of the S2S credential is skipped; the API-key entry mints nothing.
+    assert written == ["oauth-s2s", "project.Analytics-reporting", "project.S2S-credential"]
+    for name in written:
+        token = (s.output_dir / name / "token").read_text()
+        assert fake.state.validate_token(token) is not None
+    assert {e.client_id for e in fake.state.request_log} == {
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+        "00112233445566778899aabbccddeeff",
+    }
+
+
+def imsd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imsd", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.anyio
+async def test_import_writes_a_native_file_and_a_0600_secret(tmp_path: Path, fake: FakeIms) -> None:
+    s = make_settings(tmp_path, ims_url=fake.url)
+    out = imsd(
+        "import",
+        str(FIXTURES / "oauth-s2s.json"),
+        "--name",
+        "aep",
+        "--product",
+        "aep",
+        "--secret-index",
+        "1",
+        "--credentials-dir",
+        str(s.credentials_dir),
+    )
+    assert out.returncode == 0, out.stderr
+    toml = (s.credentials_dir / "aep.toml").read_text()
+    secret = s.credentials_dir / "aep.secret"
+    assert secret.read_text() == FLAT_SECRETS[1] + "\n"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    for value in FLAT_SECRETS:
+        assert value not in toml
+        assert value not in out.stdout + out.stderr
+    assert 'client_secret_file = "aep.secret"' in toml
+    assert 'products = ["aep"]' in toml
+    # What import wrote, the daemon loads.
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    assert (s.output_dir / "aep" / "aep.headers").exists()
+    # Never replaces a file unless asked to.
+    again = imsd(
+        "import", str(FIXTURES / "oauth-s2s.json"), "--name", "aep", "--dir", str(s.credentials_dir)
+    )
+    assert again.returncode == 1
+    assert "already exist" in again.stderr
+    forced = imsd(
+        "import",
+        str(FIXTURES / "oauth-s2s.json"),
+        "--name",
+        "aep",
+        "--dir",
+        str(s.credentials_dir),
+        "--force",
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert secret.read_text() == FLAT_SECRETS[0] + "\n"
+
+
+def test_import_a_project_writes_one_credential_per_entry(tmp_path: Path) -> None:
+    files = plan_import((FIXTURES / "project.json").read_bytes(), source="project.json")
+    assert sorted(f.name for f in files) == [
+        "project.Analytics-reporting.secret",
+        "project.Analytics-reporting.toml",
+        "project.S2S-credential.secret",
+        "project.S2S-credential.toml",
+    ]
+    assert all(f.mode == 0o600 for f in files if f.secret)
+    assert "p8e-" not in repr(files)
+
+
+def test_import_jwt_needs_the_private_key(tmp_path: Path) -> None:
+    download = {
+        "project": {
+            "org": {"ims_org_id": ORG},
+            "workspace": {
+                "details": {
+                    "credentials": [
+                        {
+                            "name": "svc",
+                            "jwt": {
+                                "client_id": "jwt-client",
+                                "client_secret": "p8e-JWTSECRETJWTSECRET",
+                                "technical_account_id": TECH,
+                                "meta_scopes": ["ent_dataservices_sdk"],
+                            },
+                        }
+                    ]
+                }
+            },
+        }
+    }
+    path = tmp_path / "svc.json"
+    path.write_text(json.dumps(download))
+    with pytest.raises(ImportFailed, match="--private-key"):
+        plan_import(path.read_bytes(), source=str(path))
+    key = tmp_path / "private.key"
+    key.write_bytes(private_pem(rsa_key()))
+    creds = tmp_path / "creds"
+    out = imsd("import", str(path), "--private-key", str(key), "--dir", str(creds))
+    assert out.returncode == 0, out.stderr
+    toml = (creds / "svc.toml").read_text()
+    assert 'auth = "jwt"' in toml
+    assert f'private_key_file = "{key}"' in toml
+    assert 'metascopes = ["ent_dataservices_sdk"]' in toml
+
+
+def test_import_aem_keeps_the_inline_key_in_a_0600_file(tmp_path: Path) -> None:
+    pem = private_pem(rsa_key()).decode()
+    download = {
+        "ok": True,
+        "integration": {
+            "imsEndpoint": "ims-na1.adobelogin.com",
+            "metascopes": "ent_aem_cloud_api",
+            "technicalAccount": {"clientId": "aem-client", "clientSecret": "p8e-AEMSECRET0000"},
+            "email": "x@techacct.adobe.com",
+            "id": TECH,
+            "org": ORG,
+            "privateKey": pem,
+        },
+    }
+    path = tmp_path / "aem.json"
+    path.write_text(json.dumps(download))
+    files = {f.name: f for f in plan_import(path.read_bytes(), source=str(path))}
+    assert files["aem.key"].mode == 0o600
+    assert files["aem.key"].data.decode() == pem
+    toml = files["aem.toml"].data.decode()
+    assert 'private_key_file = "aem.key"' in toml
+    assert 'ims_url = "https://ims-na1.adobelogin.com"' in toml
+    assert "PRIVATE KEY" not in toml
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"client_id": "x"}', "not a Developer Console download"),
+        (b'{"CLIENT_ID": "x", "ORG_ID": "o@AdobeOrg"}', "CLIENT_SECRETS"),
+    ],
+)
+def test_import_errors_are_clear(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "dl.json"
+    path.write_bytes(content)
+    out = imsd("import", str(path), "--dir", str(tmp_path / "creds"))
+    assert out.returncode == 1
+    assert needle in out.stderr
+    assert not (tmp_path / "creds").exists() or not any((tmp_path / "creds").iterdir())
