@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imsd import console
+from imsd.actions import parse_action
 from imsd.model import (
     AUTH_S2S,
     DEFAULT_IMS_URL,
@@ -80,6 +81,7 @@ class _Native(BaseModel):
     outputs: list[Output] = Field(default_factory=lambda: list(_OUTPUTS), min_length=1)
     product: dict[str, dict[str, Any]] = Field(default_factory=dict)
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    on_refresh: dict[str, Any] | None = None
 
     @field_validator("scopes", mode="before")
     @classmethod
@@ -333,6 +335,13 @@ def _build(
             raise CredentialError(
                 path, "header names and values must be single-line", field="extra_headers"
             )
+    action = None
+    if m.on_refresh is not None:
+        try:
+            action = parse_action(m.on_refresh, path.parent)
+        except ValueError as e:
+            field, _, rest = str(e).partition(": ")
+            raise CredentialError(path, rest, field=field) from None
     secret = _client_secret(m, resolver)
     options = _auth_options(m, resolver, auth_methods)
     ims_url = _ims_url(m.ims_url or default_ims_url, path)
@@ -353,6 +362,7 @@ def _build(
         product_options={k: dict(v) for k, v in m.product.items()},
         options=options,
         extra_headers=dict(m.extra_headers),
+        on_refresh=action,
         digest=h.hexdigest(),
     )
 

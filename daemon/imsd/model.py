@@ -13,7 +13,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from imsd.actions import Action
 
 __all__ = [
     "AUTH_S2S",
@@ -109,6 +112,7 @@ class Credential:
     product_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    on_refresh: Action | None = None  # what to tell consumers after a refresh
     digest: str = ""
 
     @property

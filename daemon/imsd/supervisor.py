@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from imsd.actions import run_action
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind, Secret
@@ -88,6 +89,7 @@ class _Worker:
     announced: Grant | None = None  # the last grant plugins were told about
     done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
     refresh_token: Secret | None = None  # newest of a rotating chain (auth = refresh_token)
+    action_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Supervisor:
@@ -425,12 +427,26 @@ class Supervisor:
         log.debug("sink.written", credential=w.cred.name, files=sorted(files))
         if w.announced is not entry.grant:
             w.announced = entry.grant
+            if w.cred.on_refresh is not None and self._tg is not None:
+                self._tg.start_soon(self._on_refresh, w, name=f"imsd-on-refresh-{w.cred.name}")
             await self._call_plugins(
                 "imsd_token_refreshed",
                 credential=w.cred.name,
                 expires_at=entry.grant.expires_at,
                 output_dir=str(Path(self._output_dir) / w.cred.name),
             )
+
+    async def _on_refresh(self, w: _Worker) -> None:
+        """The credential's ``on_refresh`` action, off the worker's path (a slow command
+        never delays a refresh) and one at a time per credential."""
+        async with w.action_lock:
+            action = w.cred.on_refresh
+            if action is not None:
+                await run_action(
+                    action,
+                    credential=w.cred.name,
+                    output_dir=Path(self._output_dir) / w.cred.name,
+                )
 
     async def _announce_failure(self, name: str, error: str) -> None:
         entry = self.store.get(name)

@@ -1,0 +1,151 @@
+"""Per-credential ``on_refresh`` actions: tell a consumer that its token files changed.
+
+A credential file may ask for one action, run after each new token's files are written::
+
+    [on_refresh]
+    signal = { pid_file = "/run/app/app.pid", signal = "HUP" }   # or:
+    command = ["systemctl", "reload", "app.service"]
+    timeout = 30                                                # seconds, commands only
+
+:func:`parse_action` is pure (a table in, an :class:`Action` or ValueError naming the field
+out). :func:`run_action` does the I/O and never raises: a missing pid file, a dead process, a
+failing or hanging command are logged and counted, and the token files stay as written. A
+command runs without a shell, with ``IMSD_CREDENTIAL``, ``IMSD_OUTPUT_DIR`` and
+``IMSD_TOKEN_FILE`` added to the daemon's environment (never the token itself), and its output
+is discarded so it cannot leak into the daemon's logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import structlog
+
+__all__ = ["Action", "parse_action", "run_action"]
+
+log = structlog.get_logger("imsd.actions")
+
+DEFAULT_TIMEOUT: Final = 30.0
+MAX_TIMEOUT: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    signal: signal.Signals | None = None
+    pid_file: Path | None = None
+    command: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"signal {self.signal.name} to the pid in {self.pid_file}"
+        return f"command {self.command[0]}"
+
+
+def _signal(name: Any) -> signal.Signals:
+    if not isinstance(name, str) or not name:
+        raise ValueError("on_refresh.signal.signal: a signal name such as HUP")
+    upper = name.upper()
+    try:
+        return signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper]
+    except KeyError:
+        raise ValueError(f"on_refresh.signal.signal: unknown signal {name!r}") from None
+
+
+def parse_action(table: Mapping[str, Any], base: Path) -> Action:
+    """The action of an ``on_refresh`` table; relative paths are resolved against *base*
+    (the credential file's directory)."""
+    unknown = sorted(set(table) - {"signal", "command", "timeout"})
+    if unknown:
+        raise ValueError(f"on_refresh.{unknown[0]}: unknown field (signal, command, timeout)")
+    if ("signal" in table) == ("command" in table):
+        raise ValueError("on_refresh: give exactly one of signal or command")
+    timeout = table.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ValueError("on_refresh.timeout: a number of seconds")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"on_refresh.timeout: between 0 and {MAX_TIMEOUT:g} seconds")
+    if "signal" in table:
+        spec = table["signal"]
+        if not isinstance(spec, Mapping) or set(spec) != {"pid_file", "signal"}:
+            raise ValueError('on_refresh.signal: { pid_file = "…", signal = "HUP" }')
+        pid_file = spec["pid_file"]
+        if not isinstance(pid_file, str) or not pid_file:
+            raise ValueError("on_refresh.signal.pid_file: a path")
+        return Action(signal=_signal(spec["signal"]), pid_file=base / pid_file)
+    command = table["command"]
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(a, str) and a and "\0" not in a for a in command)
+    ):
+        raise ValueError("on_refresh.command: a non-empty list of strings (no shell)")
+    return Action(command=tuple(command), timeout=float(timeout))
+
+
+def _read_pid(path: Path) -> int:
+    with open(path, "rb") as f:
+        text = f.read(64).decode("ascii", "replace").strip()
+    if not text.isdigit() or int(text) <= 1:
+        raise ValueError(f"{path}: does not hold a process id")
+    return int(text)
+
+
+async def run_action(
+    action: Action, *, credential: str, output_dir: Path, env: Mapping[str, str] | None = None
+) -> bool:
+    """Run *action* for *credential*; True on success. Never raises (except cancellation)."""
+    if action.signal is not None:
+        assert action.pid_file is not None
+        try:
+            pid = await anyio.to_thread.run_sync(_read_pid, action.pid_file)
+            os.kill(pid, action.signal)
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            log.error(
+                "on_refresh.failed", credential=credential, action=action.describe(), error=reason
+            )
+            return False
+        log.info("on_refresh.signalled", credential=credential, pid=pid, signal=action.signal.name)
+        return True
+    return await _run_command(action, credential, output_dir, env)
+
+
+async def _run_command(
+    action: Action, credential: str, output_dir: Path, env: Mapping[str, str] | None
+) -> bool:
+    child_env = dict(os.environ if env is None else env)
+    child_env.update(
+        IMSD_CREDENTIAL=credential,
+        IMSD_OUTPUT_DIR=str(output_dir),
+        IMSD_TOKEN_FILE=str(output_dir / "token"),
+    )
+    error: str | None = None
+    try:
+        with anyio.fail_after(action.timeout):
+            result = await anyio.run_process(
+                list(action.command),
+                check=False,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        if result.returncode != 0:
+            error = f"exited with {result.returncode}"
+    except TimeoutError:
+        error = f"timed out after {action.timeout:g} s (killed)"
+    except OSError as e:
+        error = e.strerror or type(e).__name__
+    if error is not None:
+        log.error("on_refresh.failed", credential=credential, action=action.describe(), error=error)
+        return False
+    log.info("on_refresh.ran", credential=credential, action=action.describe())
+    return True

@@ -1,0 +1,159 @@
+"""``on_refresh`` actions: parsing (pure), running (real processes), and through the daemon."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from imsd.actions import Action, parse_action, run_action
+from imsd.daemon import Daemon
+from imsd.fakeims.server import FakeIms
+from imsd.model import CredentialError
+from imsd.registry import load_registry
+
+from tests.test_auth import force_refresh
+from tests.test_daemon import make_settings, wait_for, write_cred
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({}, "exactly one of signal or command"),
+        ({"signal": {"pid_file": "p", "signal": "HUP"}, "command": ["x"]}, "exactly one"),
+        ({"command": []}, "non-empty list"),
+        ({"command": "systemctl reload app"}, "non-empty list of strings (no shell)"),
+        ({"command": ["x"], "timeout": 0}, "between 0 and 600"),
+        ({"command": ["x"], "timeout": True}, "a number of seconds"),
+        ({"signal": {"pid_file": "p", "signal": "NOPE"}}, "unknown signal 'NOPE'"),
+        ({"signal": {"pid_file": "p"}}, "pid_file"),
+        ({"command": ["x"], "retries": 3}, "on_refresh.retries: unknown field"),
+    ],
+)
+def test_parse_errors_name_the_field(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match="on_refresh") as err:
+        parse_action(table, Path("/etc/imsd/credentials"))
+    assert message in str(err.value)
+
+
+def test_parse_resolves_and_normalizes() -> None:
+    base = Path("/etc/imsd/credentials")
+    a = parse_action({"signal": {"pid_file": "app.pid", "signal": "hup"}}, base)
+    assert a == Action(signal=signal.SIGHUP, pid_file=base / "app.pid")
+    b = parse_action({"command": ["systemctl", "reload", "app"], "timeout": 5}, base)
+    assert (b.command, b.timeout) == (("systemctl", "reload", "app"), 5.0)
+
+
+def test_a_bad_on_refresh_is_a_credential_file_error(tmp_path: Path) -> None:
+    from imsd.credentials import parse_credentials
+
+    text = (
+        'client_id = "c"\nclient_secret = "s3cret-value"\norg_id = "o@AdobeOrg"\n'
+        'scopes = ["openid"]\n[on_refresh]\nsignal = { pid_file = "a.pid", signal = "BOGUS" }\n'
+    )
+    with pytest.raises(CredentialError) as err:
+        parse_credentials(tmp_path / "c.toml", text.encode(), env={})
+    assert err.value.field == "on_refresh.signal.signal"
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A process that counts the SIGHUPs it receives in a file."""
+    seen = tmp_path / "hups"
+    script = textwrap.dedent(
+        f"""
+        import signal, sys, time
+        n = 0
+        def hup(*_):
+            global n
+            n += 1
+            open({str(seen)!r}, "w").write(str(n))
+        signal.signal(signal.SIGHUP, hup)
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.05)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    yield proc, seen
+    proc.kill()
+    proc.wait()
+
+
+async def test_signal_action(tmp_path: Path, child: tuple[subprocess.Popen[bytes], Path]) -> None:
+    proc, seen = child
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(f"{proc.pid}\n")
+    action = parse_action({"signal": {"pid_file": "app.pid", "signal": "HUP"}}, tmp_path)
+    assert await run_action(action, credential="c", output_dir=tmp_path)
+    await wait_for(lambda: seen.exists() and seen.read_text() == "1")
+    # A missing pid file or a garbage one is reported, not raised.
+    pid_file.write_text("not a pid")
+    assert not await run_action(action, credential="c", output_dir=tmp_path)
+    pid_file.unlink()
+    assert not await run_action(action, credential="c", output_dir=tmp_path)
+
+
+async def test_command_action_env_failure_and_timeout(tmp_path: Path) -> None:
+    out = tmp_path / "seen"
+    script = f"import os; open({str(out)!r}, 'w').write(os.environ['IMSD_TOKEN_FILE'])"
+    ok = Action(command=(sys.executable, "-c", script))
+    assert await run_action(ok, credential="c", output_dir=tmp_path / "c")
+    assert out.read_text() == str(tmp_path / "c" / "token")
+    assert not await run_action(
+        Action(command=(sys.executable, "-c", "raise SystemExit(3)")),
+        credential="c",
+        output_dir=tmp_path,
+    )
+    assert not await run_action(
+        Action(command=("/nonexistent/cmd",)), credential="c", output_dir=tmp_path
+    )
+    started = time.monotonic()
+    slow = Action(command=(sys.executable, "-c", "import time; time.sleep(30)"), timeout=0.3)
+    assert not await run_action(slow, credential="c", output_dir=tmp_path)
+    assert time.monotonic() - started < 20  # killed, not waited for
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    from tests.test_daemon import ORG, SCOPES, SECRET
+
+    with FakeIms.in_thread() as f:
+        f.state.add_client("client-a", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
+        yield f
+
+
+async def test_daemon_runs_the_action_after_writing_each_new_token(
+    tmp_path: Path, fake: FakeIms
+) -> None:
+    copy = tmp_path / "copied"
+    script = (
+        "import os, shutil; "
+        f"shutil.copy(os.environ['IMSD_TOKEN_FILE'], {str(copy)!r} + '.tmp'); "
+        f"os.replace({str(copy)!r} + '.tmp', {str(copy)!r})"
+    )
+    s = make_settings(tmp_path, min_refresh_interval=0.0)
+    command = ", ".join(f'"{a}"' for a in (sys.executable, "-c", script.replace('"', '\\"')))
+    write_cred(s.credentials_dir, "user", fake, extra=f"[on_refresh]\ncommand = [{command}]\n")
+    async with anyio.create_task_group() as tg:
+        d = Daemon(s, load_registry(), env={})
+        await tg.start(functools.partial(d.run, handle_signals=False))
+        token = s.output_dir / "user" / "token"
+        await wait_for(lambda: copy.exists() and copy.read_text() == token.read_text())
+        first = copy.read_text()
+        r = await force_refresh(d)
+        assert r.status_code == 200
+        await wait_for(lambda: copy.read_text() == token.read_text() != first)
+        tg.cancel_scope.cancel()
