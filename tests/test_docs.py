@@ -1,0 +1,41 @@
+"""The README's reference sections stay true to the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from imsd.config import Settings
+from imsd.flows import PERMANENT_CODES
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def _between(start: str, end: str) -> str:
+    return README[README.index(start) : README.index(end)]
+
+
+def test_config_reference_lists_every_setting_with_its_default() -> None:
+    table = _between("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", table, re.M))
+    assert set(rows) == set(Settings.model_fields)
+    defaults = Settings()
+    for key, shown in rows.items():
+        value = getattr(defaults, key)
+        literal = re.fullmatch(r"`([^`]*)`", shown.strip())
+        if literal is None:  # prose ("the daemon's uid and root", "none"): no literal default
+            assert value in (None, []), key
+            continue
+        text = literal.group(1)
+        if key.endswith("_mode"):
+            assert int(text, 8) == value, key
+        elif isinstance(value, float | int):
+            assert float(text) == float(value), key
+        else:
+            assert text == str(value), key
+
+
+def test_troubleshooting_explains_every_permanent_error() -> None:
+    section = _between("## Troubleshooting", "## States")
+    for code in PERMANENT_CODES - {"invalid_request", "unsupported_grant_type"}:
+        assert f"`{code}`" in section, code
