@@ -34,6 +34,9 @@ _QUERY = re.compile(
 )
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _P8E = re.compile(r"\bp8e-[A-Za-z0-9_-]{8,}")  # Adobe client secrets usually look like this
+_PEM = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
+)
 _REDACTED: Final = "[REDACTED]"
 
 
@@ -42,6 +45,7 @@ def scrub(value: Any, depth: int = 0) -> Any:
     if depth > 6:
         return value
     if isinstance(value, str):
+        value = _PEM.sub(_REDACTED, value)
         value = _BEARER.sub(r"\1 " + _REDACTED, value)
         value = _JWT.sub(_REDACTED, value)
         value = _P8E.sub(_REDACTED, value)

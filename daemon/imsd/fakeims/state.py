@@ -125,6 +125,7 @@ class FakeImsState:
     refresh_lifetime: float = 14 * 86400.0  # IMS's default for refresh tokens
     _refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
     _seen_jti: set[str] = field(default_factory=set)
+    minted: list[str] = field(default_factory=list)  # every token issued (leak audits)
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -279,7 +280,9 @@ class FakeImsState:
             "created_at": str(now_ms),
             "expires_in": str(int(lifetime * 1000)),
         }
-        return self._sign(claims), lifetime
+        token = self._sign(claims)
+        self.minted.append(token)
+        return token, lifetime
 
     def validate_token(self, token: str) -> dict[str, Any] | None:
         """The claims of a valid, unexpired, unrevoked token we minted, else None."""
