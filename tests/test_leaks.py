@@ -204,12 +204,12 @@ def test_no_secret_anywhere(tmp_path: Path, fake: FakeIms, fmt: str) -> None:
     assert "credential.invalid" in logs
     # Everything the daemon said or wrote, except its own token outputs and state (0600).
     haystack = [logs, cmdline, *answers]
-    for path in tmp_path.rglob("*"):
-        if path.is_file() and not path.is_relative_to(tmp_path / "creds"):
-            if path.is_relative_to(tmp_path / "tokens") or path.is_relative_to(tmp_path / "state"):
-                assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    for found in tmp_found.rglob("*"):
+        if found.is_file() and not found.is_relative_to(tmp_path / "creds"):
+            if found.is_relative_to(tmp_path / "tokens") or found.is_relative_to(tmp_path / "state"):
+                assert found.stat().st_mode & 0o077 == 0, f"{found} is readable by others"
                 continue
-            haystack.append(path.read_bytes().decode("utf-8", "replace"))
+            haystack.append(found.read_bytes().decode("utf-8", "replace"))
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     every = [*secrets, *fake.state.minted]
     assert len(fake.state.minted) >= 8
