@@ -204,9 +204,11 @@ def test_no_secret_anywhere(tmp_path: Path, fake: FakeIms, fmt: str) -> None:
     assert "credential.invalid" in logs
     # Everything the daemon said or wrote, except its own token outputs and state (0600).
     haystack = [logs, cmdline, *answers]
-    for found in tmp_found.rglob("*"):
+    for found in tmp_path.rglob("*"):
         if found.is_file() and not found.is_relative_to(tmp_path / "creds"):
-            if found.is_relative_to(tmp_path / "tokens") or found.is_relative_to(tmp_path / "state"):
+            if found.is_relative_to(tmp_path / "tokens") or found.is_relative_to(
+                tmp_path / "state"
+            ):
                 assert found.stat().st_mode & 0o077 == 0, f"{found} is readable by others"
                 continue
             haystack.append(found.read_bytes().decode("utf-8", "replace"))
