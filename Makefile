@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test test-long lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ pytest: $(VENV)/.installed-test
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The long fault-injection variants (kill -9 over 1,000 refreshes, 1,000 socket clients for
+# 60 s); .ci/run runs them after `make test`.
+test-long: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m long
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench

@@ -7,12 +7,13 @@ Long variants (1,000 refreshes under kill -9, 1,000 socket clients for 60 s) car
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -357,8 +358,51 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+LOAD_CLIENT = """
+import json, sys, anyio
+
+async def main(path, clients, seconds, pace):
+    request = b"GET /v1/credentials/alpha/token HTTP/1.1\\r\\nHost: imsd\\r\\n\\r\\n"
+    counts, errors = [0] * clients, []
+
+    async def client(i):
+        stage = "connect"
+        try:
+            async with await anyio.connect_unix(path) as s:
+                stage = "request"
+                buf = b""
+                while anyio.current_time() < end:
+                    with anyio.fail_after(30):
+                        await s.send(request)
+                        while b"\\r\\n\\r\\n" not in buf:
+                            buf += await s.receive()
+                        head, _, buf = buf.partition(b"\\r\\n\\r\\n")
+                        length = int(head.lower().split(b"content-length: ")[1].split(b"\\r\\n")[0])
+                        while len(buf) < length:
+                            buf += await s.receive()
+                    buf = buf[length:]
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        errors.append(head.split(b"\\r\\n")[0].decode())
+                    counts[i] += 1
+                    await anyio.sleep(pace)
+        except Exception as e:
+            errors.append(f"{stage}: {type(e).__name__}: {e}")
+
+    end = anyio.current_time() + seconds
+    async with anyio.create_task_group() as tg:
+        for i in range(clients):
+            tg.start_soon(client, i)
+    print(json.dumps({"counts": counts, "errors": errors}))
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+"""
+
+
 def load_run(tmp_path: Path, fake: FakeIms, clients: int, seconds: float) -> None:
-    fake.state.token_lifetime = 3.0  # refreshes keep happening under the load
+    """*clients* keep-alive connections (an async client in its own process, so the load
+    generator is not starved by this process's threads) each asking for the token ten times
+    a second while the token is refreshed every ~2 s."""
+    fake.state.token_lifetime = 3.0
     write_cred(tmp_path / "creds", "alpha", fake)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
     env.update(IMSD_MIN_MARGIN="0.5", IMSD_RECHECK_INTERVAL="0.5")
@@ -369,51 +413,26 @@ def load_run(tmp_path: Path, fake: FakeIms, clients: int, seconds: float) -> Non
         while not (tmp_path / "tokens" / "alpha" / "token").exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        request = b"GET /v1/credentials/alpha/token HTTP/1.1\r\nHost: imsd\r\n\r\n"
-        errors: list[str] = []
-        counts = [0] * clients
-        stop = threading.Event()
-
-        def client(i: int) -> None:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(10)
-                    s.connect(str(sock))
-                    buf = b""
-                    while not stop.is_set():
-                        s.sendall(request)
-                        while b"\r\n\r\n" not in buf:
-                            chunk = s.recv(65536)
-                            if not chunk:
-                                raise ConnectionError("closed")
-                            buf += chunk
-                        head, _, buf = buf.partition(b"\r\n\r\n")
-                        length = int(
-                            head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]
-                        )
-                        while len(buf) < length:
-                            buf += s.recv(65536)
-                        buf = buf[length:]
-                        if not head.startswith(b"HTTP/1.1 200"):
-                            errors.append(head.split(b"\r\n")[0].decode())
-                        counts[i] += 1
-                        time.sleep(0.01)
-            except (OSError, ValueError) as e:
-                errors.append(f"{type(e).__name__}: {e}")
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(min(5.0, seconds / 4))
+        load = subprocess.Popen(
+            [sys.executable, "-c", LOAD_CLIENT, str(sock), str(clients), str(seconds), "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        warm = min(5.0, seconds / 4)
+        time.sleep(warm)
         rss_warm = _rss_kib(proc.pid)
         refreshes_before = fake.state.request_count()
-        time.sleep(seconds - min(5.0, seconds / 4))
+        out, err = load.communicate(timeout=seconds + 120)
         rss_end = _rss_kib(proc.pid)
-        stop.set()
-        for t in threads:
-            t.join()
-        assert errors == []
-        assert all(counts)
+        assert load.returncode == 0, err.decode()[-2000:]
+        result = json.loads(out)
+        print(
+            f"load: {clients} clients, {sum(result['counts'])} requests in {seconds:g} s, "
+            f"RSS {rss_warm} -> {rss_end} KiB"
+        )
+        errors: list[str] = result["errors"]
+        assert errors == [], collections.Counter(errors).most_common(5)
+        assert all(result["counts"])
         assert fake.state.request_count() > refreshes_before  # refreshes happened under load
         assert rss_end <= rss_warm * 1.05 + 2048, (rss_warm, rss_end)
     finally:
