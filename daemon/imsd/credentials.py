@@ -156,6 +156,8 @@ def _decode(path: Path, data: bytes) -> dict[str, Any]:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise CredentialError(path, f"invalid TOML: {e}") from None
+        except RecursionError:
+            raise CredentialError(path, "invalid TOML: nested too deeply") from None
     if path.suffix == ".json":
         try:
             obj = json.loads(text)
