@@ -18,7 +18,7 @@ import structlog
 
 from imsd import sdnotify
 from imsd.api import Api, HealthApi
-from imsd.catalog import Added, Catalog, Changed, Event, Failed
+from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
 from imsd.config import ConfigError, Settings
 from imsd.credentials import parse_credentials
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
@@ -121,6 +121,7 @@ class Daemon:
                     policy=s.refresh_policy(),
                     store=self.store,
                     notify=self.registry.notify,
+                    notify_wants=self.registry.implemented,
                     observer=self.metrics,
                     output_dir=str(s.output_dir),
                     clock=self._clock,
@@ -137,13 +138,14 @@ class Daemon:
                     debounce_ms=s.debounce_ms,
                     rescan_interval=s.rescan_interval,
                 )
-                # Orphans are cleaned before any worker writes, so cleanup never races a write.
-                keep = await anyio.to_thread.run_sync(
-                    _current_names, s, self._env, self.registry.auth_methods
+                # Orphans are cleaned before any worker writes, so cleanup never races a write;
+                # the same scan is the watcher's initial state (parsed once).
+                scan = await anyio.to_thread.run_sync(
+                    functools.partial(scan_directory, s.credentials_dir, parse=watcher.parse)
                 )
-                if keep is not None:
-                    await anyio.to_thread.run_sync(sink.cleanup_orphans, keep)
-                await tg.start(watcher.run)
+                if scan is not None:
+                    await anyio.to_thread.run_sync(sink.cleanup_orphans, _current_names(scan))
+                await tg.start(watcher.run, scan)
                 await self._bind_api(tg, s, activation=True)
                 await self._bind_health(tg, s)
                 await sup.wait_first_attempts()
@@ -345,13 +347,8 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _current_names(
-    settings: Settings, env: Mapping[str, str], auth_methods: Mapping[str, AuthMethod]
-) -> set[str] | None:
-    parse = credential_parser(settings, env, auth_methods)
-    scan = scan_directory(settings.credentials_dir, parse=parse)
-    if scan is None:
-        return None  # no directory: remove nothing
+def _current_names(scan: Mapping[Path, ScanResult]) -> set[str]:
+    """Credential names a scan knows about: their output dirs are not orphans."""
     names = {c.name for result in scan.values() if isinstance(result, list) for c in result}
     # A broken file keeps its token files (its last good version may come back).
     names |= {p.stem for p, result in scan.items() if not isinstance(result, list)}
@@ -401,6 +398,7 @@ async def run_once(settings: Settings, registry: Registry, *, give_up_after: flo
             policy=settings.refresh_policy(),
             state=StateFile(settings.state_dir),
             notify=registry.notify,
+            notify_wants=registry.implemented,
             output_dir=str(settings.output_dir),
         )
         await tg.start(sup.run)

@@ -54,6 +54,10 @@ class Registry:
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error is not None]
 
+    def implemented(self, hook: str) -> bool:
+        """Whether any plugin implements *hook* (no thread hop for a hook nobody wants)."""
+        return bool(getattr(self.manager.hook, hook).get_hookimpls())
+
     def notify(self, hook: str, /, **kwargs: Any) -> None:
         """Call every implementation of notification *hook*, isolating each: a plugin that
         raises is logged by name and the others still run. Blocking; call it in a thread."""

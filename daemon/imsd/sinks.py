@@ -80,12 +80,17 @@ def atomic_write(
     mode: int = 0o600,
     gid: int | None = None,
     where: str = "",
-) -> None:
+    sync_dir: bool = True,
+    skip_unchanged: bool = False,
+) -> bool:
     """Replace *name* in the directory *dir_fd* with *data*, atomically and durably.
 
     *where* (the directory's path) only makes error messages readable. Raises
     :class:`SinkError` if *name* exists and is not a regular file (a symlink is never
-    followed nor replaced) or on any I/O error; the old file is then untouched.
+    followed nor replaced) or on any I/O error; the old file is then untouched. With
+    *skip_unchanged*, a file that already holds *data* with the right mode and group is left
+    alone (a restart rewrites nothing). With ``sync_dir=False`` the caller fsyncs the
+    directory (once for several files). Returns whether the file was written.
     """
     label = f"{where}/{name}" if where else name
     if not name or "/" in name or "\0" in name or name in (".", ".."):
@@ -99,6 +104,8 @@ def atomic_write(
     else:
         if not stat.S_ISREG(st.st_mode):
             raise SinkError(errno.EEXIST, f"{label}: exists and is not a regular file; refusing")
+        if skip_unchanged and _holds(dir_fd, name, st, data, mode, gid):
+            return False
     tmp = f".{name}.tmp-{secrets.token_hex(8)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -119,13 +126,35 @@ def atomic_write(
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         renamed = True
-        os.fsync(dir_fd)
+        if sync_dir:
+            os.fsync(dir_fd)
     except OSError as e:
         raise _fail(label, e) from None
     finally:
         if not renamed:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
+    return True
+
+
+def _holds(
+    dir_fd: int, name: str, st: os.stat_result, data: bytes, mode: int, gid: int | None
+) -> bool:
+    """Whether the regular file *name* (stat *st*) already is exactly what we would write."""
+    if st.st_size != len(data) or stat.S_IMODE(st.st_mode) != mode:
+        return False
+    if gid is not None and st.st_gid != gid:
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(data) + 1) == data
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class FileSink:
@@ -151,6 +180,7 @@ class FileSink:
                 0o700 | (0o050 if file_mode & 0o040 else 0) | (0o005 if file_mode & 0o004 else 0)
             )
         self.dir_mode = dir_mode
+        self._swept: dict[str, frozenset[str]] = {}  # credential → file set last cleaned
 
     @staticmethod
     def _check(name: str) -> None:
@@ -207,13 +237,29 @@ class FileSink:
                     os.fchown(fd, -1, self.file_group)
             except OSError as e:
                 raise _fail(where, e) from None
+            written = False
             for filename, data in files.items():
-                atomic_write(
-                    fd, filename, data, mode=self.file_mode, gid=self.file_group, where=where
+                written |= atomic_write(
+                    fd,
+                    filename,
+                    data,
+                    mode=self.file_mode,
+                    gid=self.file_group,
+                    where=where,
+                    sync_dir=False,
+                    skip_unchanged=True,
                 )
-            for entry in os.listdir(fd):
-                if _is_ours(entry) and entry not in files and _unlink_regular(fd, entry):
-                    log.info("sink.stale_removed", credential=name, file=entry)
+            if written:  # one directory fsync makes every rename above durable
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    raise _fail(where, e) from None
+            names = frozenset(files)
+            if self._swept.get(name) != names:  # first write, or the set of outputs changed
+                for entry in os.listdir(fd):
+                    if _is_ours(entry) and entry not in files and _unlink_regular(fd, entry):
+                        log.info("sink.stale_removed", credential=name, file=entry)
+                self._swept[name] = names
         finally:
             os.close(fd)
 
@@ -221,6 +267,7 @@ class FileSink:
         """Remove credential *name*'s directory: our files, then the directory if that left it
         empty. A missing directory is fine; a symlinked one is refused (:class:`SinkError`)."""
         self._check(name)
+        self._swept.pop(name, None)
         root = self._open_root(create=False)
         if root is None:
             return

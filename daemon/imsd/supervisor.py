@@ -105,6 +105,7 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         notify: Notify | None = None,
+        notify_wants: Callable[[str], bool] | None = None,
         observer: Observer | None = None,
         output_dir: str = "",
         state: StateFile | None = None,
@@ -122,10 +123,14 @@ class Supervisor:
         self._clock = clock
         self._rand = rand
         self._notify = notify
+        self._notify_wants = notify_wants
         self._observer = observer
         self._state = state
         self._restorable: dict[str, Stored] = state.load() if state is not None else {}
         self._output_dir = output_dir
+        self._restored = 0  # tokens reused from the state dir since the last summary
+        self._save_lock = anyio.Lock()
+        self._save_requested = self._saved = 0  # group-commit generations
         self._workers: dict[str, _Worker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -162,6 +167,9 @@ class Supervisor:
                 await self._failed(event)
             elif isinstance(event, Resolved):
                 self._resolved(event)
+        if self._restored:
+            log.info("state.restored", tokens=self._restored, ims_requests_saved=self._restored)
+            self._restored = 0
 
     async def _added(self, cred: Credential) -> None:
         entry = self.store.upsert(cred.name, cred.path)
@@ -282,18 +290,30 @@ class Supervisor:
         entry.grant, entry.last_refresh = grant, grant.issued_at
         w.next_at = max(now, next_refresh_at(grant, self.policy, self._rand()))
         w.write_pending = True
-        log.info("token.restored", credential=w.cred.name, expires_at=rfc3339(grant.expires_at))
+        log.debug("token.restored", credential=w.cred.name, expires_at=rfc3339(grant.expires_at))
+        self._restored += 1
 
     async def _save_state(self) -> None:
+        """Persist the store (group commit): return once a save that began after this call
+        has finished, so concurrent refreshes share one write instead of one each."""
         if self._state is None:
             return
+        self._save_requested += 1
+        mine = self._save_requested
+        async with self._save_lock:
+            if self._saved >= mine:
+                return  # a save that started after our request covered us
+            covered = self._save_requested
+            await self._write_state(self._state)
+            self._saved = covered
+
+    async def _write_state(self, state: StateFile) -> None:
         entries: dict[str, Stored] = {}
         for e in self.store:
             w = self._workers.get(e.name)
             chain = w.refresh_token if w is not None else None
             if e.credential is not None and (e.grant is not None or chain is not None):
                 entries[e.name] = Stored(e.credential.identity, e.grant, chain)
-        state = self._state
         try:
             await anyio.to_thread.run_sync(lambda: state.save(entries))
         except OSError as e:
@@ -456,6 +476,8 @@ class Supervisor:
         )
 
     async def _call_plugins(self, hook: str, **kwargs: Any) -> None:
+        if self._notify_wants is not None and not self._notify_wants(hook):
+            return  # nobody implements it: no thread hop per refresh
         if self._notify is not None:
             notify = self._notify
             await anyio.to_thread.run_sync(lambda: notify(hook, **kwargs))

@@ -101,12 +101,14 @@ class DirectoryWatcher:
         self._lock = anyio.Lock()
         self.scans = 0
 
-    async def rescan(self) -> None:
-        """Scan now and deliver the resulting events (serialized with other scans)."""
+    async def rescan(self, scan: dict[Path, ScanResult] | None = None) -> None:
+        """Scan now (or take *scan*, just made by the caller) and deliver the resulting
+        events, serialized with other scans."""
         async with self._lock:
-            scan = await anyio.to_thread.run_sync(
-                lambda: scan_directory(self.root, parse=self.parse)
-            )
+            if scan is None:
+                scan = await anyio.to_thread.run_sync(
+                    lambda: scan_directory(self.root, parse=self.parse)
+                )
             self.scans += 1
             if scan is None:
                 return
@@ -116,9 +118,14 @@ class DirectoryWatcher:
                 await self.on_events(events)
 
     async def run(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        initial: dict[Path, ScanResult] | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self.rescan()  # the initial state is delivered before we report started
+        """Deliver the initial state (*initial*, or a fresh scan) before reporting started,
+        then follow changes until cancelled."""
+        await self.rescan(initial)
         task_status.started()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._periodic)
