@@ -89,6 +89,8 @@ class Api:
         self.allowed_gids = frozenset(allowed_gids)
         self.min_refresh_interval = min_refresh_interval
         self._clock = clock
+        # The token document only changes with the credential or the grant: render it once.
+        self._documents: dict[str, tuple[object, object, Response]] = {}
 
     async def handle(self, req: Request) -> Response:
         resp, endpoint = await self._route(req)
@@ -166,12 +168,20 @@ class Api:
         unavailable = self._unavailable(entry)
         if unavailable is not None:
             return unavailable
-        assert entry.credential is not None
-        assert entry.grant is not None
+        cred, grant = entry.credential, entry.grant
+        assert cred is not None
+        assert grant is not None
+        cached = self._documents.get(entry.name)
+        if cached is not None and cached[0] is cred and cached[1] is grant:
+            return cached[2]
         try:
-            return Response.json(document(entry.credential, entry.grant, self.products))
+            resp = Response.json(document(cred, grant, self.products))
         except RenderError as e:
             return _error(500, "render_failed", str(e))
+        if len(self._documents) > 4 * len(self.store) + 64:  # forget removed credentials
+            self._documents.clear()
+        self._documents[entry.name] = (cred, grant, resp)
+        return resp
 
     def _headers(self, entry: Entry, product: str | None) -> Response:
         unavailable = self._unavailable(entry)
@@ -201,9 +211,8 @@ class Api:
         last = entry.last_refresh
         if last is not None and now - last < self.min_refresh_interval:
             wait = math.ceil(self.min_refresh_interval - (now - last))
-            resp = self._token(entry)
-            resp.headers.append(("Retry-After", str(wait)))
-            return resp
+            resp = self._token(entry)  # possibly the cached document: never mutate it
+            return Response(resp.status, resp.body, [*resp.headers, ("Retry-After", str(wait))])
         try:
             await self.supervisor.refresh(entry.name)
         except KeyError:

@@ -169,7 +169,7 @@ class HttpServer:
         except OSError:
             peer = None
         async with stream:
-            for _ in range(self._max_requests):
+            for served in range(1, self._max_requests + 1):
                 try:
                     event, body = await self._read(conn, stream)
                 except _Reject as e:
@@ -189,7 +189,8 @@ class HttpServer:
                     resp = Response.json(
                         {"error": "internal_error", "message": "internal server error"}, 500
                     )
-                if not await self._send(conn, stream, resp, head=req.method == "HEAD"):
+                last = served == self._max_requests  # told, so the client reconnects cleanly
+                if not await self._send(conn, stream, resp, head=req.method == "HEAD", last=last):
                     return
                 if conn.our_state is h11.MUST_CLOSE or self._draining:
                     return
@@ -246,11 +247,17 @@ class HttpServer:
                     return None, b""
 
     async def _send(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, resp: Response, *, head: bool
+        self,
+        conn: h11.Connection,
+        stream: anyio.abc.ByteStream,
+        resp: Response,
+        *,
+        head: bool,
+        last: bool = False,
     ) -> bool:
         headers = [(k, v) for k, v in resp.headers if k.lower() != "content-length"]
         headers.append(("Content-Length", str(len(resp.body))))
-        if self._draining:
+        if self._draining or last:
             headers.append(("Connection", "close"))
         try:
             data = conn.send(h11.Response(status_code=resp.status, headers=headers))
