@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +138,10 @@ class HttpServer:
         self._draining = False
         self._accepting: anyio.CancelScope | None = None
         self._conns: anyio.abc.TaskGroup | None = None
+        # Per connection, the monotonic time by which its current request must have been
+        # read (inf while it is handled). One sweeper enforces them all: cheaper than a
+        # cancel scope with a deadline around every read.
+        self._deadlines: dict[anyio.CancelScope, float] = {}
 
     async def serve(
         self,
@@ -149,6 +155,7 @@ class HttpServer:
             with anyio.CancelScope() as accepting:
                 self._accepting = accepting
                 async with anyio.create_task_group() as accept:
+                    accept.start_soon(self._sweep)
                     for listener in listeners:
                         accept.start_soon(listener.serve, self._connection, conns)
                     task_status.started()
@@ -162,7 +169,28 @@ class HttpServer:
         if self._conns is not None:
             self._conns.cancel_scope.deadline = anyio.current_time() + grace
 
+    async def _sweep(self) -> None:
+        """Cancel connections whose request has not arrived in time (idle keep-alive clients,
+        slow-loris senders)."""
+        step = min(1.0, self._idle / 4)
+        while True:
+            await anyio.sleep(step)
+            now = time.monotonic()
+            for scope, deadline in list(self._deadlines.items()):
+                if now > deadline:
+                    scope.cancel()
+
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+        with anyio.CancelScope() as scope:
+            self._deadlines[scope] = math.inf
+            try:
+                await self._serve_connection(stream, scope)
+            finally:
+                del self._deadlines[scope]
+
+    async def _serve_connection(
+        self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_hdr)
         try:
             peer = peer_cred(stream)
@@ -170,6 +198,7 @@ class HttpServer:
             peer = None
         async with stream:
             for served in range(1, self._max_requests + 1):
+                self._deadlines[scope] = time.monotonic() + self._idle
                 try:
                     event, body = await self._read(conn, stream)
                 except _Reject as e:
@@ -179,6 +208,7 @@ class HttpServer:
                     return
                 if event is None:
                     return
+                self._deadlines[scope] = math.inf  # handling and answering are not idling
                 req = self._request(event, body, peer)
                 try:
                     resp = await self._handler(req)
@@ -218,33 +248,32 @@ class HttpServer:
     ) -> tuple[h11.Request | None, bytes]:
         request: h11.Request | None = None
         body = bytearray()
-        with anyio.fail_after(self._idle):
-            while True:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError as e:
-                    raise _Reject(e.error_status_hint, str(e) or "malformed request") from None
-                if event is h11.NEED_DATA:
-                    data = await stream.receive(65536)
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request = event
-                    size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-                    if size > self._max_hdr:
-                        raise _Reject(431, f"request headers larger than {self._max_hdr} bytes")
-                    length = dict(event.headers).get(b"content-length")
-                    if length is not None and length.isdigit() and int(length) > self._max_body:
-                        raise _Reject(413, f"body larger than {self._max_body} bytes")
-                    if any(k == b"expect" for k, _ in event.headers):
-                        raise _Reject(400, "Expect is not supported")
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > self._max_body:
-                        raise _Reject(413, f"body larger than {self._max_body} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    return request, bytes(body)
-                else:  # ConnectionClosed, or PAUSED after a protocol switch
-                    return None, b""
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _Reject(e.error_status_hint, str(e) or "malformed request") from None
+            if event is h11.NEED_DATA:
+                data = await stream.receive(65536)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request = event
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > self._max_hdr:
+                    raise _Reject(431, f"request headers larger than {self._max_hdr} bytes")
+                length = dict(event.headers).get(b"content-length")
+                if length is not None and length.isdigit() and int(length) > self._max_body:
+                    raise _Reject(413, f"body larger than {self._max_body} bytes")
+                if any(k == b"expect" for k, _ in event.headers):
+                    raise _Reject(400, "Expect is not supported")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self._max_body:
+                    raise _Reject(413, f"body larger than {self._max_body} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            else:  # ConnectionClosed, or PAUSED after a protocol switch
+                return None, b""
 
     async def _send(
         self,
