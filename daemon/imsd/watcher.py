@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -28,9 +29,13 @@ from imsd.catalog import Catalog, Event, ScanResult
 from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE
 from imsd.model import Credential, CredentialError
 
-__all__ = ["DirectoryWatcher", "Parse", "scan_directory"]
+__all__ = ["STEP_MS", "DirectoryWatcher", "Parse", "scan_directory"]
 
 log = structlog.get_logger("imsd.watcher")
+
+#: watchfiles yields a batch once no new change came for this long: the reaction time to a
+#: single edit (a quiet Rust poll loop, so the idle cost stays negligible).
+STEP_MS: Final = 20
 
 Parse = Callable[[Path, bytes], Sequence[Credential]]
 OnEvents = Callable[[list[Event]], Awaitable[None]]
@@ -150,7 +155,7 @@ class DirectoryWatcher:
                     self.root,
                     watch_filter=None,
                     debounce=self.debounce_ms,
-                    step=min(50, self.debounce_ms),
+                    step=min(STEP_MS, self.debounce_ms),
                     rust_timeout=1000,
                     yield_on_timeout=True,
                     recursive=False,
