@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on token rotation send CMD this signal (e.g. HUP)",
     )
     how.add_argument("--restart", action="store_true", help="on token rotation restart CMD")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run")
+    p.add_argument("argv", nargs="*", metavar="-- CMD", help="the command to run (after --)")
     return parser
 
 
@@ -146,7 +146,14 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if argv[:1] == ["exec"] and "--" in argv:  # options may follow NAME; CMD is all after --
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if command is not None:
+        args.argv = command
     try:
         if args.command == "fake-ims":
             logs.configure(args.log_level)
@@ -222,7 +229,7 @@ def _exec(args: argparse.Namespace, settings: Settings) -> int:
 
     from imsd.execmode import ExecError, run_exec
 
-    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    command = list(args.argv)
     sig = None
     if args.rotate_signal:
         name = args.rotate_signal.upper()

@@ -78,6 +78,8 @@ def request(
         body: dict[str, Any] = resp.json()
     except ValueError as e:
         raise ImsdUnavailable(f"imsd answered HTTP {resp.status_code} without JSON") from e
+    if not isinstance(body, dict):
+        raise ImsdUnavailable(f"imsd answered HTTP {resp.status_code} without a JSON object")
     if resp.status_code >= 400:
         raise ImsdUnavailable(
             str(body.get("message") or body.get("error") or f"HTTP {resp.status_code}"),
@@ -108,6 +110,8 @@ def token_document(
         raise ImsdUnavailable(f"no permission to read {path}") from e
     except ValueError as e:
         raise ImsdUnavailable(f"{path} is not valid JSON") from e
+    if not isinstance(doc, dict):
+        raise ImsdUnavailable(f"{path} is not a token document")
     return _check(doc, name, min_validity)
 
 

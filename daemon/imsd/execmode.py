@@ -61,6 +61,16 @@ def _version(output_dir: Path, name: str) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def _settled(output_dir: Path, name: str, env: Mapping[str, str]) -> bool:
+    """Whether the env file already carries the token that token.json names (the daemon
+    writes token.json before the env files)."""
+    try:
+        doc = token_document(name, output_dir=output_dir, min_validity=0)
+    except ImsdUnavailable:
+        return False
+    return env.get("ADOBE_ACCESS_TOKEN") == doc.get("access_token")
+
+
 def _exit_code(rc: int | None) -> int:
     if rc is None:
         return 1
@@ -80,17 +90,22 @@ async def run_exec(
 ) -> int:
     if not command:
         raise ExecError("no command given (imsd exec NAME -- CMD ...)")
+    seen = _version(output_dir, name)  # before reading: a rotation meanwhile is not lost
     try:
         env = exec_env(output_dir, name, product)
     except ImsdUnavailable as e:
         raise ExecError(str(e)) from None
     base = dict(os.environ if base_env is None else base_env)
-    seen = _version(output_dir, name)
+    # Where a --signal child re-reads the token (its environment cannot change).
+    base["IMSD_TOKEN_FILE"] = str(output_dir / name / "token")
     stopping = False
     while True:
-        proc = await anyio.open_process(
-            list(command), env={**base, **env}, stdin=None, stdout=None, stderr=None
-        )
+        try:
+            proc = await anyio.open_process(
+                list(command), env={**base, **env}, stdin=None, stdout=None, stderr=None
+            )
+        except OSError as e:
+            raise ExecError(f"cannot run {command[0]}: {e.strerror or e}") from None
         restart_now = False
         async with anyio.create_task_group() as tg:
 
@@ -103,18 +118,20 @@ async def run_exec(
                         p.send_signal(signum)
 
             async def watch(p: anyio.abc.Process = proc) -> None:
-                nonlocal seen, env, restart_now
+                nonlocal seen, env, restart_now, stopping
                 while True:
                     await anyio.sleep(poll_interval)
                     current = _version(output_dir, name)
                     if current is None or current == seen:
                         continue
-                    seen = current
                     try:
-                        env = exec_env(output_dir, name, product)
+                        fresh = exec_env(output_dir, name, product)
                     except (ImsdUnavailable, ExecError) as e:
                         log.warning("exec.env_unavailable", credential=name, error=str(e))
                         continue
+                    if not _settled(output_dir, name, fresh):
+                        continue  # the daemon is between token.json and the env file
+                    seen, env = current, fresh
                     log.info(
                         "exec.token_rotated",
                         credential=name,
@@ -122,6 +139,7 @@ async def run_exec(
                     )
                     if restart:
                         restart_now = True
+                        stopping = False  # only a stop signal during the restart prevents it
                         p.terminate()
                         with anyio.move_on_after(10):
                             await p.wait()

@@ -75,6 +75,7 @@ class ImsClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._limiter = anyio.CapacityLimiter(max_concurrent)
+        self._max_concurrent = max_concurrent
         self._rate = RateLimiter(rate, burst)
         self._timeout = timeout
         self._max_body = max_body
@@ -91,7 +92,12 @@ class ImsClient:
             follow_redirects=False,
             trust_env=False,  # no proxy or netrc surprises for secret-bearing requests
             headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # As many pooled connections as requests may be in flight: none is opened and
+            # closed per request, and the pool httpcore scans per request stays small.
+            limits=httpx.Limits(
+                max_connections=self._max_concurrent,
+                max_keepalive_connections=self._max_concurrent,
+            ),
         )
         return self
 
