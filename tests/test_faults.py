@@ -225,6 +225,9 @@ def kill9_run(tmp_path: Path, fake: FakeIms, refreshes: int) -> None:
                     time.sleep(0.02)
                 if restarts:  # restart after kill -9: the stored token was reused
                     assert fake.state.request_count() - before == 1  # only the forced one
+                else:  # the state file is written within SAVE_INTERVAL of a new token
+                    while not (tmp_path / "state" / "tokens.json").exists():
+                        time.sleep(0.05)
                 done += 1
                 burst = rng.randint(5, 60)
                 threads_ += [

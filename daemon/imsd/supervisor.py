@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.abc
@@ -48,6 +48,9 @@ from imsd.store import Entry, TokenStore
 __all__ = ["Notify", "Observer", "Sink", "Supervisor", "TokenClient"]
 
 log = structlog.get_logger("imsd.supervisor")
+
+#: Longest delay before a new access token reaches the state file (restarts reuse it).
+SAVE_INTERVAL: Final = 1.0
 
 
 class TokenClient(Protocol):
@@ -130,6 +133,7 @@ class Supervisor:
         self._output_dir = output_dir
         self._restored = 0  # tokens reused from the state dir since the last summary
         self._save_lock = anyio.Lock()
+        self._dirty = anyio.Event()  # access tokens changed since the last save
         self._save_requested = self._saved = 0  # group-commit generations
         self._workers: dict[str, _Worker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -142,11 +146,25 @@ class Supervisor:
         """Own the workers' task group until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._saver)
             task_status.started()
             try:
                 await anyio.sleep_forever()
             finally:
                 self._tg = None
+                if self._dirty.is_set():  # what the saver had not written yet
+                    with anyio.CancelScope(shield=True):
+                        await self._save_state()
+
+    async def _saver(self) -> None:
+        """Save new access tokens at most once per :data:`SAVE_INTERVAL`: the state file
+        holds every credential, so saving it per refresh would cost O(N) each time (a
+        rotated refresh token is saved at once instead, see :meth:`_attempt`)."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            await self._save_state()
+            await anyio.sleep(SAVE_INTERVAL)
 
     async def wait_first_attempts(self) -> None:
         """Return once every current credential has finished its first fetch attempt."""
@@ -420,7 +438,10 @@ class Supervisor:
         )
         w.write_pending = True
         w.write_attempt = 0
-        await self._save_state()
+        if grant.refresh_token is not None:
+            await self._save_state()  # the rotated refresh token is durable before publishing
+        else:
+            self._dirty.set()
         await self._publish(w)
 
     async def _publish(self, w: _Worker) -> None:
