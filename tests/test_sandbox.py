@@ -86,13 +86,32 @@ def test_once_under_the_units_restrictions(base: Path) -> None:
         # pyenv under /root here; a packaged install never is).
         python = Path(sys.executable).resolve()
         homes = [h for h in ("/root", "/home") if Path(h).is_dir() and not python.is_relative_to(h)]
+        # PrivateTmp hides /tmp; a checkout (and its venv) under /tmp, as in a CI clone, is
+        # carried over read-only: its top directory is bound aside and back onto the new tmpfs.
+        keep = sorted(
+            {
+                Path("/tmp", p.relative_to("/tmp").parts[0])
+                for p in (Path(__file__).resolve(), Path(sys.executable).absolute())
+                if p.is_relative_to("/tmp")
+            }
+        )
+        aside = [base / f"keep{i}" for i in range(len(keep))]
+        for a in aside:
+            a.mkdir()
+        save = "\n".join(f"mount --bind {k} {a}" for k, a in zip(keep, aside))
+        restore = "\n".join(
+            f"mkdir {k} && mount --bind {a} {k} && mount -o remount,bind,ro {k}"
+            for k, a in zip(keep, aside)
+        )
         script = textwrap.dedent(
             f"""
             set -e
             mount --bind {out} {out}
             mount --bind {state} {state}
+            {save}
             mount -o remount,bind,ro /
             mount -t tmpfs -o mode=1777 tmpfs /tmp
+            {restore}
             for home in {" ".join(homes)}; do mount -t tmpfs -o ro,mode=0 tmpfs $home; done
             umask 077
             exec setpriv --no-new-privs --reuid={NOBODY} --regid={NOBODY} --clear-groups \\
@@ -115,7 +134,8 @@ def test_once_under_the_units_restrictions(base: Path) -> None:
         requests = fake.state.request_count()
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
-    assert f"exit=0 wx=0 uid={NOBODY} umask=77 writable_system=False tmp=[]" == summary
+    kept = sorted(k.name for k in keep)
+    assert f"exit=0 wx=0 uid={NOBODY} umask=77 writable_system=False tmp={kept}" == summary
     token = out / "aep" / "token"
     assert token.stat().st_uid == NOBODY
     assert token.stat().st_mode & 0o777 == 0o600
