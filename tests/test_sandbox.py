@@ -98,10 +98,10 @@ def test_once_under_the_units_restrictions(base: Path) -> None:
         aside = [base / f"keep{i}" for i in range(len(keep))]
         for a in aside:
             a.mkdir()
-        save = "\n".join(f"mount --bind {k} {a}" for k, a in zip(keep, aside))
+        save = "\n".join(f"mount --bind {k} {a}" for k, a in zip(keep, aside, strict=True))
         restore = "\n".join(
             f"mkdir {k} && mount --bind {a} {k} && mount -o remount,bind,ro {k}"
-            for k, a in zip(keep, aside)
+            for k, a in zip(keep, aside, strict=True)
         )
         script = textwrap.dedent(
             f"""

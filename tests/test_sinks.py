@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from imsd import sinks
-from imsd.sinks import FileSink, SinkError, atomic_write
+from imsd.sinks import FileSink, SinkError, atomic_write, filesystem_type, mount_type
 
 
 @pytest.fixture
@@ -308,3 +308,41 @@ def test_reader_never_sees_a_partial_or_empty_file(tmp_path: Path) -> None:
     assert {values[i] for i in range(0, 1000, 50)} <= seen
     assert path.read_bytes() == values[-1]
     assert os.listdir(tmp_path / "a") == ["token"]
+
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime - ext4 /dev/sda1 rw
+25 22 0:23 / /run rw,nosuid - tmpfs tmpfs rw,mode=755
+26 25 0:24 / /run/user/0 rw shared:5 - ramfs none rw
+27 22 0:25 / /srv/with\\040space rw - tmpfs tmpfs rw
+28 22 0:26 / /srv rw - xfs /dev/sdb rw
+29 28 0:27 / /srv rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/", "ext4"),
+        ("/var/lib/imsd", "ext4"),
+        ("/run", "tmpfs"),
+        ("/run/imsd/tokens", "tmpfs"),
+        ("/runner/x", "ext4"),  # a prefix of the name is not a parent
+        ("/run/user/0/x", "ramfs"),
+        ("/srv/with space/tokens", "tmpfs"),
+        ("/srv/data", "tmpfs"),  # mounted over /srv's xfs: the later line wins
+    ],
+)
+def test_filesystem_type_from_mountinfo(path: str, expected: str) -> None:
+    assert mount_type(path, MOUNTINFO) == expected
+
+
+def test_filesystem_type_of_real_paths(tmp_path: Path) -> None:
+    if Path("/dev/shm").is_dir():
+        assert filesystem_type(Path("/dev/shm/not/yet/created")) == "tmpfs"
+    assert filesystem_type(tmp_path) is not None
+    assert FileSink(Path("/proc/self")).in_memory() is False  # procfs
+
+
+def test_filesystem_type_unknown_without_mounts() -> None:
+    assert mount_type("/x", "garbage line\n") is None

@@ -15,7 +15,11 @@ choice and may be a symlink.
 
 One writer per credential at a time (the supervisor runs one loop per credential): a write
 removes stale temporaries, including those of a concurrent write to the same credential.
-These functions block; the daemon runs them in a worker thread.
+These functions block. The daemon runs them in a worker thread, except on a memory
+filesystem (tmpfs, ramfs: ``/run``, a Kubernetes ``emptyDir`` of medium Memory), where a write
+is a few syscalls that never wait for a device and the thread hop costs more than the write:
+every syscall in the worker hands the GIL back and forth with the event loop (at 3,000
+credentials that made 1.3 ms of CPU per credential, three times the write itself).
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import structlog
 
 from imsd.model import NAME_RE
 
-__all__ = ["FileSink", "SinkError", "atomic_write"]
+__all__ = ["FileSink", "SinkError", "atomic_write", "filesystem_type", "mount_type"]
 
 log = structlog.get_logger("imsd.sinks")
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP: Final = re.compile(r"\..+\.tmp-[0-9a-f]{16}")
 _OURS: Final = re.compile(r"token|token\.json|[A-Za-z0-9._-]+\.(headers|env)")
+_MEMORY_FS: Final = frozenset({"tmpfs", "ramfs"})
 
 #: The write seam: tests inject ENOSPC here.
 write_fn: Callable[[int, bytes | memoryview], int] = os.write
@@ -157,6 +162,40 @@ def _holds(
         os.close(fd)
 
 
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal (\040 …)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_type(path: str, mountinfo: str) -> str | None:
+    """The filesystem type at absolute *path* (resolved, existing) per *mountinfo* (the text
+    of ``/proc/self/mountinfo``): the mount with the longest mount point above it."""
+    where = Path(path)
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:
+            mount_point = _unescape(fields[4])
+            fstype = fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        if where.is_relative_to(mount_point) and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), fstype)  # later lines are mounted on top: >= wins
+    return None if best is None else best[1]
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding *path* (or its nearest existing ancestor)."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    where = Path(os.path.realpath(path))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return mount_type(str(where), mountinfo)
+
+
 class FileSink:
     """The output directory: one subdirectory per credential, written with :func:`atomic_write`.
 
@@ -181,6 +220,14 @@ class FileSink:
             )
         self.dir_mode = dir_mode
         self._swept: dict[str, frozenset[str]] = {}  # credential → file set last cleaned
+        self._in_memory: bool | None = None
+
+    def in_memory(self) -> bool:
+        """Whether the output directory is on a memory filesystem, where writes do not block
+        (looked up once)."""
+        if self._in_memory is None:
+            self._in_memory = filesystem_type(self.output_dir) in _MEMORY_FS
+        return self._in_memory
 
     @staticmethod
     def _check(name: str) -> None:
