@@ -11,9 +11,10 @@ from typing import Any
 
 import anyio
 import pytest
+from imsd import watcher
 from imsd.catalog import Added, Changed, Event, Failed, Removed
 from imsd.credentials import parse_credentials
-from imsd.watcher import DirectoryWatcher, scan_directory
+from imsd.watcher import DirectoryWatcher, ScanCache, scan_directory
 
 pytestmark = pytest.mark.anyio
 
@@ -162,3 +163,72 @@ def test_scan_ignores_dotfiles_links_and_other_extensions(tmp_path: Path) -> Non
     assert scan is not None
     assert sorted(p.name for p in scan) == ["a.toml"]
     assert scan_directory(tmp_path / "missing", parse=parse) is None
+
+
+class CountingParse:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, path: Path, data: bytes) -> Sequence[Any]:
+        self.calls.append(path.name)
+        return parse(path, data)
+
+    def take(self) -> list[str]:
+        calls, self.calls = sorted(self.calls), []
+        return calls
+
+
+def test_rescan_reparses_only_what_changed(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(watcher, "RACY", -1.0)  # every file counts as settled
+    (tmp_path / "b.secret").write_text("first")
+    (tmp_path / "a.toml").write_text(body("a"))
+    (tmp_path / "b.toml").write_text(body("b", secret_file="b.secret"))
+    (tmp_path / "c.toml").write_text("not toml [")
+    counting, cache = CountingParse(), ScanCache()
+
+    def scan() -> dict[str, Any]:
+        result = scan_directory(tmp_path, parse=counting, cache=cache)
+        assert result is not None
+        return {p.name: r for p, r in result.items()}
+
+    first = scan()
+    assert counting.take() == ["a.toml", "b.toml", "c.toml"]
+    second = scan()
+    assert second["a.toml"] is first["a.toml"]
+    assert second["b.toml"] is first["b.toml"]
+    assert str(second["c.toml"]) == str(first["c.toml"])
+    assert counting.take() == ["c.toml"]  # errors are never cached
+    (tmp_path / "a.toml").write_text(body("a2"))
+    assert scan()["a.toml"][0].client_id == "a2"
+    assert counting.take() == ["a.toml", "c.toml"]
+    (tmp_path / "b.secret").write_text("second, in place")  # same inode, the toml unchanged
+    assert scan()["b.toml"][0].client_secret.reveal() == "second, in place"
+    assert counting.take() == ["b.toml", "c.toml"]
+    (tmp_path / "b.secret").unlink()
+    assert "file not found" in str(scan()["b.toml"])
+    (tmp_path / "a.toml").unlink()
+    assert "a.toml" not in scan()
+    assert "a.toml" not in {p.name for p in cache}
+
+
+def test_files_changed_within_the_racy_window_are_parsed_again(tmp_path: Path) -> None:
+    # Written just now: a second write within one tick of the filesystem clock could leave
+    # the same stat, so the parse is not trusted to it.
+    (tmp_path / "a.toml").write_text(body("a"))
+    counting, cache = CountingParse(), ScanCache()
+    for _ in range(3):
+        scan_directory(tmp_path, parse=counting, cache=cache)
+    assert counting.take() == ["a.toml"] * 3
+    assert not cache
+
+
+async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(watcher, "RACY", -1.0)
+    (tmp_path / "a.toml").write_text(body("a"))
+    counting = CountingParse()
+    w = DirectoryWatcher(tmp_path, parse=counting, on_events=Recorder())
+    w.scan()
+    w.scan()
+    assert counting.take() == ["a.toml"]
+    await w.rescan(full=True)
+    assert counting.take() == ["a.toml"]

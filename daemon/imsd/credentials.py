@@ -194,6 +194,7 @@ class _Resolver:
         self.read = read
         self.creds_dir = credentials_directory
         self.seen: list[str] = []
+        self.files: list[Path] = []
 
     def _locate(self, name: str) -> Path:
         p = Path(name)
@@ -205,6 +206,7 @@ class _Resolver:
 
     def file(self, name: str, field: str) -> str:
         where = self._locate(name)
+        self.files.append(where)
         try:
             value = self.read(where)
         except FileNotFoundError:
@@ -366,6 +368,7 @@ def _build(
         extra_headers=dict(m.extra_headers),
         on_refresh=action,
         digest=h.hexdigest(),
+        sources=tuple(resolver.files),
     )
 
 
@@ -396,6 +399,7 @@ def parse_credentials(
     out: list[Credential] = []
     for name, table in tables:
         resolver.seen.clear()
+        resolver.files.clear()
         out.append(
             _build(
                 path,

@@ -140,9 +140,7 @@ class Daemon:
                 )
                 # Orphans are cleaned before any worker writes, so cleanup never races a write;
                 # the same scan is the watcher's initial state (parsed once).
-                scan = await anyio.to_thread.run_sync(
-                    functools.partial(scan_directory, s.credentials_dir, parse=watcher.parse)
-                )
+                scan = await anyio.to_thread.run_sync(watcher.scan)
                 if scan is not None:
                     await anyio.to_thread.run_sync(sink.cleanup_orphans, _current_names(scan))
                 await tg.start(watcher.run, scan)
@@ -285,7 +283,7 @@ class Daemon:
             if new.metrics_address != old.metrics_address:
                 await self._bind_health(tg, new)
         if self.watcher is not None:
-            await self.watcher.rescan()
+            await self.watcher.rescan(full=True)
         log.info(
             "daemon.reloaded",
             rebound_api=_api_changed(old, new),

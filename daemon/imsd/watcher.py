@@ -11,12 +11,22 @@ directory, an NFS mount). When the directory itself is replaced (renamed away, d
 re-created) its inode changes: the watch is restarted on the new directory. A missing
 directory keeps the current credentials (a transient unmount must not remove every token)
 and is polled until it returns.
+
+A re-scan re-parses only what changed: a file whose ``stat`` (device, inode, size, mtime,
+ctime), and that of every secret file its credentials read, matches the previous scan keeps
+its parse. A file changed within :data:`RACY` seconds of the scan that parsed it is parsed
+again next time, since two writes within one tick of the filesystem clock can leave equal
+stats (git's "racily clean" rule). Errors are never cached. At 10,000 files the periodic
+re-scan otherwise spent 5 % of a core parsing files that had not changed; a reload re-reads
+everything.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -29,7 +39,7 @@ from imsd.catalog import Catalog, Event, ScanResult
 from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE
 from imsd.model import Credential, CredentialError
 
-__all__ = ["STEP_MS", "DirectoryWatcher", "Parse", "scan_directory"]
+__all__ = ["RACY", "STEP_MS", "DirectoryWatcher", "Parse", "ScanCache", "scan_directory"]
 
 log = structlog.get_logger("imsd.watcher")
 
@@ -37,7 +47,47 @@ log = structlog.get_logger("imsd.watcher")
 #: single edit (a quiet Rust poll loop, so the idle cost stays negligible).
 STEP_MS: Final = 20
 
+#: A file changed this recently (seconds) is not trusted to its stat: see the module docstring.
+RACY: Final = 2.0
+
 Parse = Callable[[Path, bytes], Sequence[Credential]]
+StatKey = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    key: StatKey
+    credentials: list[Credential]
+    sources: tuple[tuple[Path, StatKey | None], ...]
+
+
+#: A previous scan's successful parses, by path; filled and pruned by :func:`scan_directory`.
+ScanCache = dict[Path, _Parsed]
+
+
+def _key(st: os.stat_result) -> StatKey:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _stat(path: Path) -> StatKey | None:
+    try:
+        return _key(os.stat(path))
+    except OSError:
+        return None
+
+
+def _settled(key: StatKey, now_ns: int) -> bool:
+    return now_ns - max(key[3], key[4]) > RACY * 1e9
+
+
+def _fresh(cached: _Parsed | None, key: StatKey) -> bool:
+    return (
+        cached is not None
+        and cached.key == key
+        and all(_stat(path) == k for path, k in cached.sources)
+    )
+
+
 OnEvents = Callable[[list[Event]], Awaitable[None]]
 
 
@@ -51,15 +101,19 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def scan_directory(root: Path, *, parse: Parse) -> dict[Path, ScanResult] | None:
+def scan_directory(
+    root: Path, *, parse: Parse, cache: ScanCache | None = None
+) -> dict[Path, ScanResult] | None:
     """Parse every credential file under *root* (not recursive; symlinks followed).
-    None when *root* is not a readable directory."""
+    None when *root* is not a readable directory. With *cache*, files unchanged since the
+    scan that filled it are not read again."""
     try:
         entries = list(os.scandir(root))
     except OSError as e:
         log.error("watcher.root_unavailable", root=str(root), error=e.strerror)
         return None
     out: dict[Path, ScanResult] = {}
+    now_ns = time.time_ns()
     for entry in entries:
         if not _candidate(entry.name):
             continue
@@ -67,14 +121,29 @@ def scan_directory(root: Path, *, parse: Parse) -> dict[Path, ScanResult] | None
         try:
             if not entry.is_file():  # follows the ..data symlinks of Secret volumes
                 continue
+            key = _key(entry.stat())
+            cached = cache.get(path) if cache is not None else None
+            if _fresh(cached, key):
+                assert cached is not None
+                out[path] = cached.credentials
+                continue
             data = _read(path)
         except OSError as e:
             out[path] = CredentialError(path, f"cannot read: {e.strerror or e}")
             continue
         try:
-            out[path] = list(parse(path, data))
+            parsed = list(parse(path, data))
         except CredentialError as e:
             out[path] = e
+            continue
+        out[path] = parsed
+        if cache is not None:
+            sources = tuple((s, _stat(s)) for c in parsed for s in c.sources)
+            if _settled(key, now_ns) and all(k and _settled(k, now_ns) for _, k in sources):
+                cache[path] = _Parsed(key, parsed, sources)
+    if cache is not None:
+        for gone in cache.keys() - {p for p, r in out.items() if isinstance(r, list)}:
+            del cache[gone]
     return out
 
 
@@ -104,16 +173,24 @@ class DirectoryWatcher:
         self.rescan_interval = rescan_interval
         self.catalog = catalog or Catalog()
         self._lock = anyio.Lock()
+        self._cache: ScanCache = {}
         self.scans = 0
 
-    async def rescan(self, scan: dict[Path, ScanResult] | None = None) -> None:
-        """Scan now (or take *scan*, just made by the caller) and deliver the resulting
-        events, serialized with other scans."""
+    def scan(self, *, full: bool = False) -> dict[Path, ScanResult] | None:
+        """Scan the directory (blocking: run it in a worker thread), re-reading only changed
+        files unless *full*."""
+        if full:
+            self._cache.clear()
+        return scan_directory(self.root, parse=self.parse, cache=self._cache)
+
+    async def rescan(
+        self, scan: dict[Path, ScanResult] | None = None, *, full: bool = False
+    ) -> None:
+        """Scan now (or take *scan*, just made by the caller by :meth:`scan`) and deliver the
+        resulting events, serialized with other scans. *full* re-reads every file."""
         async with self._lock:
             if scan is None:
-                scan = await anyio.to_thread.run_sync(
-                    lambda: scan_directory(self.root, parse=self.parse)
-                )
+                scan = await anyio.to_thread.run_sync(lambda: self.scan(full=full))
             self.scans += 1
             if scan is None:
                 return
