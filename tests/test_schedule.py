@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from imsd.model import CredentialState, Grant, ImsError, ImsErrorKind, Secret
 from imsd.schedule import (
     MIN_WAIT,
+    ClockWatch,
     RateLimiter,
     RefreshPolicy,
     backoff_delay,
@@ -102,9 +103,29 @@ def test_retry_never_past_expiry(
 
 
 @given(st.floats(0, 1e9), st.floats(-1e9, 1e9))
-def test_sleep_is_capped_by_recheck(now: float, delta: float) -> None:
-    s = sleep_for(now, now + delta, P)
-    assert 0 <= s <= P.recheck_interval
+def test_sleep_until_due_never_negative(now: float, delta: float) -> None:
+    s = sleep_for(now, now + delta)
+    assert s == max(0.0, (now + delta) - now)
+
+
+@pytest.mark.parametrize(
+    ("wall", "mono", "expected"),
+    [
+        ((1000.0, 1030.0), (5.0, 35.0), None),  # both moved 30 s
+        ((1000.0, 1030.4), (5.0, 35.0), None),  # NTP slew, within tolerance
+        ((1000.0, 4630.0), (5.0, 35.0), 3600.0),  # stepped forward an hour
+        ((1000.0, 1000.0 - 3570.0), (5.0, 35.0), -3600.0),  # stepped back an hour
+        ((1000.0, 8230.0), (5.0, 35.0), 7200.0),  # suspended 2 h: monotonic stood still
+    ],
+)
+def test_clock_watch(
+    wall: tuple[float, float], mono: tuple[float, float], expected: float | None
+) -> None:
+    watch = ClockWatch(wall[0], mono[0])
+    drift = watch.jumped(wall[1], mono[1])
+    assert drift == (None if expected is None else pytest.approx(expected))
+    # the next check starts from the new readings: no jump reported twice
+    assert watch.jumped(wall[1] + 30, mono[1] + 30) is None
 
 
 def test_token_states() -> None:

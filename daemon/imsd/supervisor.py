@@ -41,7 +41,14 @@ from imsd.persist import StateFile, Stored
 from imsd.plugin import AuthMethod, Product
 from imsd.registry import validate_products
 from imsd.render import RenderError, render_outputs, rfc3339
-from imsd.schedule import RefreshPolicy, backoff_delay, next_refresh_at, retry_at, sleep_for
+from imsd.schedule import (
+    ClockWatch,
+    RefreshPolicy,
+    backoff_delay,
+    next_refresh_at,
+    retry_at,
+    sleep_for,
+)
 from imsd.sinks import SinkError
 from imsd.store import Entry, TokenStore
 
@@ -149,6 +156,7 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._saver)
+            tg.start_soon(self._watch_clock)
             task_status.started()
             try:
                 await anyio.sleep_forever()
@@ -339,6 +347,17 @@ class Supervisor:
         except OSError as e:
             log.error("state.save_failed", path=str(state.path), error=str(e))
 
+    async def _watch_clock(self) -> None:
+        """Wake every worker when the wall clock jumps (workers sleep on monotonic time)."""
+        watch = ClockWatch(self._clock(), time.monotonic())
+        while True:
+            await anyio.sleep(self.policy.recheck_interval)
+            drift = watch.jumped(self._clock(), time.monotonic())
+            if drift is not None:
+                log.info("clock.jumped", seconds=round(drift, 1), workers=len(self._workers))
+                for w in self._workers.values():
+                    w.wake.set()
+
     # -- forced refresh ----------------------------------------------------------------------
 
     async def refresh(self, name: str) -> Entry:
@@ -348,6 +367,7 @@ class Supervisor:
         if worker is None:
             raise KeyError(name)
         await self._fetch(worker)
+        worker.wake.set()  # its sleep was computed before: a new due time, a pending write
         entry = self.store.get(name)
         if entry is None:
             raise KeyError(name)
@@ -368,7 +388,7 @@ class Supervisor:
                 wake_at = w.next_at
                 if w.write_pending:
                     wake_at = min(wake_at, self._write_retry_at(w))
-                with anyio.move_on_after(sleep_for(self._clock(), wake_at, self.policy)):
+                with anyio.move_on_after(sleep_for(self._clock(), wake_at)):
                     await w.wake.wait()
                 if w.wake.is_set():
                     w.wake = anyio.Event()
