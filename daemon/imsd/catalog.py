@@ -20,6 +20,7 @@ when they change, so a periodic re-scan is silent.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class Catalog:
         events: list[Event] = []
         errors: dict[Path, CredentialError] = {}
         good: dict[Path, tuple[Credential, ...]] = {}
-        for path in sorted(scan):
+        for path in sorted(scan, key=os.fspath):  # str keys: Path.__lt__ is slow at 10k
             result = scan[path]
             if isinstance(result, CredentialError):
                 errors[path] = result
@@ -92,7 +93,7 @@ class Catalog:
                 good[path] = tuple(result)
 
         wanted: dict[str, Credential] = {}
-        for path in sorted(good):
+        for path in sorted(good, key=os.fspath):
             for cred in good[path]:
                 first = wanted.get(cred.name)
                 if first is not None and first.path != cred.path:
