@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -211,15 +212,24 @@ def test_rescan_reparses_only_what_changed(tmp_path: Path, monkeypatch: Any) -> 
     assert "a.toml" not in {p.name for p in cache}
 
 
-def test_files_changed_within_the_racy_window_are_parsed_again(tmp_path: Path) -> None:
-    # Written just now: a second write within one tick of the filesystem clock could leave
-    # the same stat, so the parse is not trusted to it.
-    (tmp_path / "a.toml").write_text(body("a"))
+def test_racy_entries_are_checked_by_content(tmp_path: Path, monkeypatch: Any) -> None:
+    # Every file counts as just written: a second write within one tick of the filesystem
+    # clock could leave the same stat, so the parse is trusted only if the bytes hash alike.
+    monkeypatch.setattr(watcher, "RACY", 3600.0)
+    path = tmp_path / "a.toml"
+    path.write_text(body("a1"))
     counting, cache = CountingParse(), ScanCache()
     for _ in range(3):
         scan_directory(tmp_path, parse=counting, cache=cache)
-    assert counting.take() == ["a.toml"] * 3
-    assert not cache
+    assert counting.take() == ["a.toml"]  # same bytes: reused
+    assert not cache[path].settled
+    # The same size rewritten, and its stat made to look unchanged (as one clock tick can):
+    path.write_text(body("a2"))
+    cache[path] = dataclasses.replace(cache[path], key=watcher._key(os.stat(path)))
+    result = scan_directory(tmp_path, parse=counting, cache=cache)
+    assert result is not None
+    assert result[path][0].client_id == "a2"  # type: ignore[index]
+    assert counting.take() == ["a.toml"]
 
 
 async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) -> None:

@@ -14,15 +14,17 @@ and is polled until it returns.
 
 A re-scan re-parses only what changed: a file whose ``stat`` (device, inode, size, mtime,
 ctime), and that of every secret file its credentials read, matches the previous scan keeps
-its parse. A file changed within :data:`RACY` seconds of the scan that parsed it is parsed
-again next time, since two writes within one tick of the filesystem clock can leave equal
-stats (git's "racily clean" rule). Errors are never cached. At 10,000 files the periodic
-re-scan otherwise spent 5 % of a core parsing files that had not changed; a reload re-reads
-everything.
+its parse. Two writes within one tick of the filesystem clock can leave equal stats, so an
+entry whose files had changed within :data:`RACY` seconds of the scan that parsed them is
+"racy" (git's word): the next scan trusts it only if the bytes of the file and of its secret
+files hash as before. Errors are never cached. At 10,000 files the periodic re-scan otherwise
+spent 5 % of a core parsing files that had not changed; a reload re-reads everything.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +53,7 @@ STEP_MS: Final = 20
 RACY: Final = 2.0
 
 Parse = Callable[[Path, bytes], Sequence[Credential]]
+OnEvents = Callable[[list[Event]], Awaitable[None]]
 StatKey = tuple[int, int, int, int, int]
 
 
@@ -59,6 +62,8 @@ class _Parsed:
     key: StatKey
     credentials: list[Credential]
     sources: tuple[tuple[Path, StatKey | None], ...]
+    content: bytes  # hash of the file's bytes and its secret files' bytes
+    settled: bool  # every stat older than RACY when taken: the stats alone can be trusted
 
 
 #: A previous scan's successful parses, by path; filled and pruned by :func:`scan_directory`.
@@ -80,15 +85,29 @@ def _settled(key: StatKey, now_ns: int) -> bool:
     return now_ns - max(key[3], key[4]) > RACY * 1e9
 
 
-def _fresh(cached: _Parsed | None, key: StatKey) -> bool:
-    return (
-        cached is not None
-        and cached.key == key
-        and all(_stat(path) == k for path, k in cached.sources)
-    )
+def _content(data: bytes, sources: Sequence[Path]) -> bytes | None:
+    h = hashlib.sha256(data)
+    for source in sources:
+        try:
+            h.update(b"\0" + _read(source))
+        except OSError:
+            return None
+    return h.digest()
 
 
-OnEvents = Callable[[list[Event]], Awaitable[None]]
+def _reuse(cached: _Parsed | None, key: StatKey, path: Path, now_ns: int) -> _Parsed | None:
+    """The cached parse of *path* if nothing it was made from changed, else None."""
+    if cached is None or cached.key != key:
+        return None
+    if not all(_stat(source) == k for source, k in cached.sources):
+        return None
+    if cached.settled:
+        return cached
+    sources = [source for source, _ in cached.sources]
+    if _content(_read(path), sources) != cached.content:
+        return None
+    settled = _settled(key, now_ns) and all(k and _settled(k, now_ns) for _, k in cached.sources)
+    return dataclasses.replace(cached, settled=settled)
 
 
 def _candidate(name: str) -> bool:
@@ -122,10 +141,9 @@ def scan_directory(
             if not entry.is_file():  # follows the ..data symlinks of Secret volumes
                 continue
             key = _key(entry.stat())
-            cached = cache.get(path) if cache is not None else None
-            if _fresh(cached, key):
-                assert cached is not None
-                out[path] = cached.credentials
+            if cache is not None and (reused := _reuse(cache.get(path), key, path, now_ns)):
+                cache[path] = reused
+                out[path] = reused.credentials
                 continue
             data = _read(path)
         except OSError as e:
@@ -139,8 +157,12 @@ def scan_directory(
         out[path] = parsed
         if cache is not None:
             sources = tuple((s, _stat(s)) for c in parsed for s in c.sources)
-            if _settled(key, now_ns) and all(k and _settled(k, now_ns) for _, k in sources):
-                cache[path] = _Parsed(key, parsed, sources)
+            content = _content(data, [s for s, _ in sources])
+            if content is not None and all(k for _, k in sources):
+                settled = _settled(key, now_ns) and all(
+                    k and _settled(k, now_ns) for _, k in sources
+                )
+                cache[path] = _Parsed(key, parsed, sources, content, settled)
     if cache is not None:
         for gone in cache.keys() - {p for p, r in out.items() if isinstance(r, list)}:
             del cache[gone]
