@@ -117,6 +117,29 @@ async def test_disallowed_peer_is_refused(tmp_path: Path, fake: FakeIms, running
     logs.configure("warning", "json")
 
 
+async def test_reload_reparses_with_a_new_default_ims_url(
+    tmp_path: Path, fake: FakeIms, running: Any
+) -> None:
+    path = write_cred(tmp_path / "creds", "alpha", fake)
+    lines = path.read_text().splitlines(True)
+    path.write_text("".join(line for line in lines if "ims_url" not in line))
+    with FakeIms.in_thread() as other:
+        other.state.add_client(
+            "client-a",
+            secrets=[SECRET],
+            scopes=["openid", "AdobeID", "read_organizations"],
+            org_id="0123456789ABCDEF01234567@AdobeOrg",
+        )
+        d = await running(ims_url=fake.url)
+        assert fake.state.request_count() == 1
+        current: Settings = d.settings
+        d._reload = lambda: current.model_copy(update={"ims_url": other.url})
+        await d.reload()
+        await wait_for(lambda: other.state.request_count() == 1)
+        assert d.supervisor is not None
+        assert d.supervisor._workers["alpha"].cred.ims_url == other.url
+
+
 async def test_thousand_forced_refreshes_one_ims_request(
     tmp_path: Path, fake: FakeIms, running: Any
 ) -> None:

@@ -282,7 +282,8 @@ class Daemon:
                 await self._bind_api(tg, new, activation=False)
             if new.metrics_address != old.metrics_address:
                 await self._bind_health(tg, new)
-        if self.watcher is not None:
+        if self.watcher is not None:  # every file again, with the new default IMS host
+            self.watcher.parse = credential_parser(new, self._env, self.registry.auth_methods)
             await self.watcher.rescan(full=True)
         log.info(
             "daemon.reloaded",
