@@ -232,6 +232,18 @@ def test_racy_entries_are_checked_by_content(tmp_path: Path, monkeypatch: Any) -
     assert counting.take() == ["a.toml"]
 
 
+def test_a_racy_secret_file_is_not_cached(tmp_path: Path, monkeypatch: Any) -> None:
+    # Its stat is taken after the parse read it: only an old stat proves what was read.
+    monkeypatch.setattr(watcher, "RACY", 3600.0)
+    (tmp_path / "b.secret").write_text("s")
+    (tmp_path / "b.toml").write_text(body("b", secret_file="b.secret"))
+    counting, cache = CountingParse(), ScanCache()
+    for _ in range(2):
+        scan_directory(tmp_path, parse=counting, cache=cache)
+    assert counting.take() == ["b.toml", "b.toml"]
+    assert not cache
+
+
 async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(watcher, "RACY", -1.0)
     (tmp_path / "a.toml").write_text(body("a"))

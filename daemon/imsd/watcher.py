@@ -14,11 +14,13 @@ and is polled until it returns.
 
 A re-scan re-parses only what changed: a file whose ``stat`` (device, inode, size, mtime,
 ctime), and that of every secret file its credentials read, matches the previous scan keeps
-its parse. Two writes within one tick of the filesystem clock can leave equal stats, so an
-entry whose files had changed within :data:`RACY` seconds of the scan that parsed them is
-"racy" (git's word): the next scan trusts it only if the bytes of the file and of its secret
-files hash as before. Errors are never cached. At 10,000 files the periodic re-scan otherwise
-spent 5 % of a core parsing files that had not changed; a reload re-reads everything.
+its parse. Two writes within one tick of the filesystem clock can leave equal stats, so a
+file changed within :data:`RACY` seconds of the scan that parsed it is "racy" (git's word):
+the next scan trusts it only if its bytes hash as before. A credential whose secret file is
+racy is not cached at all (that stat is taken after the parse read the file, so only an old
+stat proves what was read). Errors are never cached. At 10,000 files the periodic re-scan
+otherwise spent 5 % of a core parsing files that had not changed; a reload re-reads
+everything.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ class _Parsed:
     key: StatKey
     credentials: list[Credential]
     sources: tuple[tuple[Path, StatKey | None], ...]
-    content: bytes  # hash of the file's bytes and its secret files' bytes
-    settled: bool  # every stat older than RACY when taken: the stats alone can be trusted
+    content: bytes  # hash of the file's bytes, for a racy entry
+    settled: bool  # the file's stat was older than RACY when taken: it alone can be trusted
 
 
 #: A previous scan's successful parses, by path; filled and pruned by :func:`scan_directory`.
@@ -74,40 +76,39 @@ def _key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _stat(path: Path) -> StatKey | None:
-    try:
-        return _key(os.stat(path))
-    except OSError:
-        return None
+class _Memo:
+    """Stats taken once per scan: many credentials often share one secret file (10,000
+    stats of the same file, otherwise)."""
+
+    def __init__(self) -> None:
+        self._stats: dict[Path, StatKey | None] = {}
+
+    def stat(self, path: Path) -> StatKey | None:
+        if path not in self._stats:
+            try:
+                self._stats[path] = _key(os.stat(path))
+            except OSError:
+                self._stats[path] = None
+        return self._stats[path]
 
 
-def _settled(key: StatKey, now_ns: int) -> bool:
-    return now_ns - max(key[3], key[4]) > RACY * 1e9
+def _settled(key: StatKey | None, now_ns: int) -> bool:
+    return key is not None and now_ns - max(key[3], key[4]) > RACY * 1e9
 
 
-def _content(data: bytes, sources: Sequence[Path]) -> bytes | None:
-    h = hashlib.sha256(data)
-    for source in sources:
-        try:
-            h.update(b"\0" + _read(source))
-        except OSError:
-            return None
-    return h.digest()
-
-
-def _reuse(cached: _Parsed | None, key: StatKey, path: Path, now_ns: int) -> _Parsed | None:
+def _reuse(
+    cached: _Parsed | None, key: StatKey, path: Path, now_ns: int, memo: _Memo
+) -> _Parsed | None:
     """The cached parse of *path* if nothing it was made from changed, else None."""
     if cached is None or cached.key != key:
         return None
-    if not all(_stat(source) == k for source, k in cached.sources):
+    if not all(memo.stat(source) == k for source, k in cached.sources):
         return None
     if cached.settled:
         return cached
-    sources = [source for source, _ in cached.sources]
-    if _content(_read(path), sources) != cached.content:
+    if hashlib.sha256(_read(path)).digest() != cached.content:
         return None
-    settled = _settled(key, now_ns) and all(k and _settled(k, now_ns) for _, k in cached.sources)
-    return dataclasses.replace(cached, settled=settled)
+    return dataclasses.replace(cached, settled=_settled(key, now_ns))
 
 
 def _candidate(name: str) -> bool:
@@ -133,6 +134,7 @@ def scan_directory(
         return None
     out: dict[Path, ScanResult] = {}
     now_ns = time.time_ns()
+    memo = _Memo()
     for entry in entries:
         if not _candidate(entry.name):
             continue
@@ -141,7 +143,7 @@ def scan_directory(
             if not entry.is_file():  # follows the ..data symlinks of Secret volumes
                 continue
             key = _key(entry.stat())
-            if cache is not None and (reused := _reuse(cache.get(path), key, path, now_ns)):
+            if cache is not None and (reused := _reuse(cache.get(path), key, path, now_ns, memo)):
                 cache[path] = reused
                 out[path] = reused.credentials
                 continue
@@ -156,13 +158,12 @@ def scan_directory(
             continue
         out[path] = parsed
         if cache is not None:
-            sources = tuple((s, _stat(s)) for c in parsed for s in c.sources)
-            content = _content(data, [s for s, _ in sources])
-            if content is not None and all(k for _, k in sources):
-                settled = _settled(key, now_ns) and all(
-                    k and _settled(k, now_ns) for _, k in sources
-                )
-                cache[path] = _Parsed(key, parsed, sources, content, settled)
+            # Secret files are stat'ed after the parse read them: only a stat older than the
+            # scan proves the parse saw that content; a racy one means parsing again.
+            sources = tuple((s, memo.stat(s)) for c in parsed for s in c.sources)
+            if all(_settled(k, now_ns) for _, k in sources):
+                digest = hashlib.sha256(data).digest()
+                cache[path] = _Parsed(key, parsed, sources, digest, _settled(key, now_ns))
     if cache is not None:
         for gone in cache.keys() - {p for p, r in out.items() if isinstance(r, list)}:
             del cache[gone]
