@@ -232,16 +232,25 @@ def test_racy_entries_are_checked_by_content(tmp_path: Path, monkeypatch: Any) -
     assert counting.take() == ["a.toml"]
 
 
-def test_a_racy_secret_file_is_not_cached(tmp_path: Path, monkeypatch: Any) -> None:
-    # Its stat is taken after the parse read it: only an old stat proves what was read.
+def test_a_racy_secret_file_is_checked_by_value(tmp_path: Path, monkeypatch: Any) -> None:
+    # Its stat is taken after the parse read it: only the value the parse used, compared
+    # with what the file holds now, proves nothing changed in between.
     monkeypatch.setattr(watcher, "RACY", 3600.0)
-    (tmp_path / "b.secret").write_text("s")
-    (tmp_path / "b.toml").write_text(body("b", secret_file="b.secret"))
+    secret, path = tmp_path / "b.secret", tmp_path / "b.toml"
+    secret.write_text("first")
+    path.write_text(body("b", secret_file="b.secret"))
     counting, cache = CountingParse(), ScanCache()
     for _ in range(2):
         scan_directory(tmp_path, parse=counting, cache=cache)
-    assert counting.take() == ["b.toml", "b.toml"]
-    assert not cache
+    assert counting.take() == ["b.toml"]
+    secret.write_text("other")  # same size; its stat made to look unchanged below
+    entry = cache[path]
+    stale = tuple((s, watcher._key(os.stat(s)), d) for s, _, d in entry.sources)
+    cache[path] = dataclasses.replace(entry, sources=stale)
+    result = scan_directory(tmp_path, parse=counting, cache=cache)
+    assert result is not None
+    assert result[path][0].client_secret.reveal() == "other"  # type: ignore[index]
+    assert counting.take() == ["b.toml"]
 
 
 async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) -> None:

@@ -62,6 +62,11 @@ def read_secret_file(path: Path) -> str:
     return data.decode("utf-8").rstrip("\r\n")
 
 
+def secret_digest(value: str) -> bytes:
+    """What a credential remembers of a secret file's value (the watcher compares it)."""
+    return hashlib.sha256(value.encode()).digest()
+
+
 class _Native(BaseModel):
     """The fields common to every auth method; the method's own fields are extras, checked
     against its ``fields`` and validated by the method itself."""
@@ -194,7 +199,7 @@ class _Resolver:
         self.read = read
         self.creds_dir = credentials_directory
         self.seen: list[str] = []
-        self.files: list[Path] = []
+        self.files: list[tuple[Path, bytes]] = []
 
     def _locate(self, name: str) -> Path:
         p = Path(name)
@@ -206,7 +211,6 @@ class _Resolver:
 
     def file(self, name: str, field: str) -> str:
         where = self._locate(name)
-        self.files.append(where)
         try:
             value = self.read(where)
         except FileNotFoundError:
@@ -218,6 +222,7 @@ class _Resolver:
             raise CredentialError(
                 self.path, f"cannot read {where}: {reason}", field=field
             ) from None
+        self.files.append((where, secret_digest(value)))
         return self._keep(value, field)
 
     def var(self, name: str, field: str) -> str:

@@ -114,8 +114,9 @@ class Credential:
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     on_refresh: Action | None = None  # what to tell consumers after a refresh
     digest: str = ""
-    #: the files its secrets were read from: a re-scan re-parses the credential when one changes
-    sources: tuple[Path, ...] = field(default=(), compare=False)
+    #: the files its secrets were read from, each with the SHA-256 of the value read: a re-scan
+    #: re-parses the credential when one changes
+    sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False)
 
     @property
     def identity(self) -> str:

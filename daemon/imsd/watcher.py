@@ -16,11 +16,10 @@ A re-scan re-parses only what changed: a file whose ``stat`` (device, inode, siz
 ctime), and that of every secret file its credentials read, matches the previous scan keeps
 its parse. Two writes within one tick of the filesystem clock can leave equal stats, so a
 file changed within :data:`RACY` seconds of the scan that parsed it is "racy" (git's word):
-the next scan trusts it only if its bytes hash as before. A credential whose secret file is
-racy is not cached at all (that stat is taken after the parse read the file, so only an old
-stat proves what was read). Errors are never cached. At 10,000 files the periodic re-scan
-otherwise spent 5 % of a core parsing files that had not changed; a reload re-reads
-everything.
+the next scan trusts it only if its bytes hash as before and its secret files still hold the
+values the parse used (their stats are taken after the parse read them). Errors are never
+cached. At 10,000 files the periodic re-scan otherwise spent 5 % of a core parsing files that
+had not changed; a reload re-reads everything.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import structlog
 from watchfiles import awatch
 
 from imsd.catalog import Catalog, Event, ScanResult
-from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE
+from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE, read_secret_file, secret_digest
 from imsd.model import Credential, CredentialError
 
 __all__ = ["RACY", "STEP_MS", "DirectoryWatcher", "Parse", "ScanCache", "scan_directory"]
@@ -63,9 +62,9 @@ StatKey = tuple[int, int, int, int, int]
 class _Parsed:
     key: StatKey
     credentials: list[Credential]
-    sources: tuple[tuple[Path, StatKey | None], ...]
+    sources: tuple[tuple[Path, StatKey | None, bytes], ...]  # stat, digest of the value read
     content: bytes  # hash of the file's bytes, for a racy entry
-    settled: bool  # the file's stat was older than RACY when taken: it alone can be trusted
+    settled: bool  # every stat was older than RACY when taken: the stats alone can be trusted
 
 
 #: A previous scan's successful parses, by path; filled and pruned by :func:`scan_directory`.
@@ -77,11 +76,12 @@ def _key(st: os.stat_result) -> StatKey:
 
 
 class _Memo:
-    """Stats taken once per scan: many credentials often share one secret file (10,000
-    stats of the same file, otherwise)."""
+    """Stats and secret values taken once per scan: many credentials often share one secret
+    file (10,000 stats of the same file, otherwise)."""
 
     def __init__(self) -> None:
         self._stats: dict[Path, StatKey | None] = {}
+        self._digests: dict[Path, bytes | None] = {}
 
     def stat(self, path: Path) -> StatKey | None:
         if path not in self._stats:
@@ -90,6 +90,14 @@ class _Memo:
             except OSError:
                 self._stats[path] = None
         return self._stats[path]
+
+    def digest(self, path: Path) -> bytes | None:
+        if path not in self._digests:
+            try:
+                self._digests[path] = secret_digest(read_secret_file(path))
+            except (OSError, ValueError):
+                self._digests[path] = None
+        return self._digests[path]
 
 
 def _settled(key: StatKey | None, now_ns: int) -> bool:
@@ -102,13 +110,18 @@ def _reuse(
     """The cached parse of *path* if nothing it was made from changed, else None."""
     if cached is None or cached.key != key:
         return None
-    if not all(memo.stat(source) == k for source, k in cached.sources):
+    if not all(memo.stat(source) == k for source, k, _ in cached.sources):
         return None
     if cached.settled:
         return cached
+    # Racy: the same stats may hide new content. The file's bytes must hash as parsed, and
+    # each secret file must hold the value the parse used (its stat was taken after the read).
     if hashlib.sha256(_read(path)).digest() != cached.content:
         return None
-    return dataclasses.replace(cached, settled=_settled(key, now_ns))
+    if not all(memo.digest(source) == d for source, _, d in cached.sources):
+        return None
+    settled = _settled(key, now_ns) and all(_settled(k, now_ns) for _, k, _ in cached.sources)
+    return dataclasses.replace(cached, settled=settled)
 
 
 def _candidate(name: str) -> bool:
@@ -158,12 +171,10 @@ def scan_directory(
             continue
         out[path] = parsed
         if cache is not None:
-            # Secret files are stat'ed after the parse read them: only a stat older than the
-            # scan proves the parse saw that content; a racy one means parsing again.
-            sources = tuple((s, memo.stat(s)) for c in parsed for s in c.sources)
-            if all(_settled(k, now_ns) for _, k in sources):
-                digest = hashlib.sha256(data).digest()
-                cache[path] = _Parsed(key, parsed, sources, digest, _settled(key, now_ns))
+            sources = tuple((s, memo.stat(s), d) for c in parsed for s, d in c.sources)
+            settled = _settled(key, now_ns) and all(_settled(k, now_ns) for _, k, _ in sources)
+            digest = hashlib.sha256(data).digest()
+            cache[path] = _Parsed(key, parsed, sources, digest, settled)
     if cache is not None:
         for gone in cache.keys() - {p for p, r in out.items() if isinstance(r, list)}:
             del cache[gone]
