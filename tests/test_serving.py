@@ -28,15 +28,19 @@ from tests.test_daemon import SECRET, make_settings, wait_for, write_cred
 pytestmark = pytest.mark.anyio
 
 
+def add_client(fake: FakeIms) -> None:
+    fake.state.add_client(
+        "client-a",
+        secrets=[SECRET],
+        scopes=["openid", "AdobeID", "read_organizations"],
+        org_id="0123456789ABCDEF01234567@AdobeOrg",
+    )
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
     with FakeIms.in_thread() as f:
-        f.state.add_client(
-            "client-a",
-            secrets=[SECRET],
-            scopes=["openid", "AdobeID", "read_organizations"],
-            org_id="0123456789ABCDEF01234567@AdobeOrg",
-        )
+        add_client(f)
         yield f
 
 
@@ -124,12 +128,7 @@ async def test_reload_reparses_with_a_new_default_ims_url(
     lines = path.read_text().splitlines(True)
     path.write_text("".join(line for line in lines if "ims_url" not in line))
     with FakeIms.in_thread() as other:
-        other.state.add_client(
-            "client-a",
-            secrets=[SECRET],
-            scopes=["openid", "AdobeID", "read_organizations"],
-            org_id="0123456789ABCDEF01234567@AdobeOrg",
-        )
+        add_client(other)
         d = await running(ims_url=fake.url)
         assert fake.state.request_count() == 1
         current: Settings = d.settings

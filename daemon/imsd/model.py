@@ -116,7 +116,7 @@ class Credential:
     digest: str = ""
     #: the files its secrets were read from, each with the SHA-256 of the value read: a re-scan
     #: re-parses the credential when one changes
-    sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False)
+    sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def identity(self) -> str:
