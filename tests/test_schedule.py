@@ -128,6 +128,18 @@ def test_clock_watch(
     assert watch.jumped(wall[1] + 30, mono[1] + 30) is None
 
 
+def test_clock_watch_adds_up_small_drifts() -> None:
+    watch = ClockWatch(1000.0, 5.0)
+    wall, mono = 1000.0, 5.0
+    reported = []
+    for _ in range(10):  # 0.3 s of drift per 30 s check: each alone within tolerance
+        wall, mono = wall + 30.3, mono + 30.0
+        reported.append(watch.jumped(wall, mono))
+    assert reported[:3] == [None, None, None]
+    assert reported[3] == pytest.approx(1.2)
+    assert reported[4:7] == [None, None, None]
+
+
 def test_token_states() -> None:
     g = grant(issued=0, life=100)
     assert token_state(None, 0, failing=False) is CredentialState.PENDING

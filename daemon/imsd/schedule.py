@@ -106,7 +106,8 @@ def sleep_for(now: float, wake_at: float) -> float:
 class ClockWatch:
     """Notices wall-clock jumps: feed it both clocks at each check; :meth:`jumped` returns
     how far the wall clock moved beyond (or short of) the monotonic clock since the last
-    check, or None when it kept pace within *tolerance* seconds."""
+    reported jump, or None while it kept pace within *tolerance* seconds. Measured from the
+    last report, not the last check, so small drifts cannot add up unnoticed."""
 
     def __init__(self, wall: float, mono: float, tolerance: float = 1.0) -> None:
         self._wall, self._mono = wall, mono
@@ -114,8 +115,10 @@ class ClockWatch:
 
     def jumped(self, wall: float, mono: float) -> float | None:
         drift = (wall - self._wall) - (mono - self._mono)
+        if abs(drift) <= self.tolerance:
+            return None
         self._wall, self._mono = wall, mono
-        return drift if abs(drift) > self.tolerance else None
+        return drift
 
 
 def token_state(grant: Grant | None, now: float, *, failing: bool) -> CredentialState:
