@@ -11,12 +11,22 @@ from hypothesis import strategies as st
 from imsd.credentials import builtin_auth_methods
 from imsd.flows import (
     Flow,
+    check_grant,
     classify_error,
     expires_in_unit,
     flow_for,
     parse_token_response,
 )
-from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsErrorKind, Secret
+from imsd.model import (
+    Credential,
+    CredentialError,
+    Grant,
+    HttpResponse,
+    ImsError,
+    ImsErrorKind,
+    Secret,
+)
+from imsd.render import rfc3339
 
 NOW = 1_800_000_000.0
 SECRET = "p8e-FlowSecret-0123456789"
@@ -106,6 +116,32 @@ def test_lifetime(body: dict[str, Any], unit: str, lifetime: float) -> None:
         {"access_token": "t", "expires_in": 10**12},
         {"access_token": "a b", "expires_in": 10},
         {"access_token": "t", "expires_in": True},
+        {"access_token": "t", "expires_in": float("nan")},
+        {"access_token": "t", "expires_in": float("inf")},
+        {"access_token": "t", "expires_in": 10**400},  # float() cannot convert it
+        # Claims that are present but not finite numbers fail the attempt (no fallback).
+        {
+            "access_token": jwt_token({"created_at": float("nan"), "expires_in": "60000"}),
+            "expires_in": 60,
+        },
+        {
+            "access_token": jwt_token({"created_at": float("inf"), "expires_in": "60000"}),
+            "expires_in": 60,
+        },
+        {
+            "access_token": jwt_token({"created_at": 10**400, "expires_in": "60000"}),
+            "expires_in": 60,
+        },
+        {
+            "access_token": jwt_token(
+                {"created_at": str(int(NOW * 1000)), "expires_in": float("nan")}
+            ),
+            "expires_in": 60,
+        },
+        {
+            "access_token": jwt_token({"created_at": str(int(NOW * 1000)), "expires_in": "NaN"}),
+            "expires_in": 60,
+        },
     ],
 )
 def test_malformed_success_is_transient(body: Any) -> None:
@@ -113,6 +149,21 @@ def test_malformed_success_is_transient(body: Any) -> None:
         parse_token_response(resp(200, body), now=NOW)
     assert err.value.kind is ImsErrorKind.TRANSIENT
     assert err.value.code == "invalid_response"
+
+
+def test_check_grant_refuses_unusable_times() -> None:
+    ok = Grant(Secret("t"), "bearer", NOW, NOW + 60)
+    assert check_grant(ok) is ok
+    for issued, expires in [
+        (float("nan"), NOW),
+        (NOW, float("nan")),
+        (NOW, float("inf")),
+        (-1.0, NOW),
+        (NOW, 1e300),
+        (NOW, NOW),
+    ]:
+        with pytest.raises(ImsError, match="invalid_response"):
+            check_grant(Grant(Secret("t"), "bearer", issued, expires))
 
 
 @pytest.mark.parametrize(
@@ -181,3 +232,29 @@ def test_fuzz_responses_never_crash_or_leak(status: int, body: bytes, retry: str
     else:
         assert SECRET not in str(error)
         assert len(str(error)) < 400
+
+
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.text(max_size=20),
+    st.none(),
+)
+
+
+@given(created=_NUMBERS, life=_NUMBERS, expires_in=_NUMBERS)
+def test_numbers_from_ims_never_crash(created: Any, life: Any, expires_in: Any) -> None:
+    """Whatever numbers the claims and the body carry, the answer is a Grant whose times
+    render, or an invalid_response; never another exception."""
+    claims = {k: v for k, v in (("created_at", created), ("expires_in", life)) if v is not None}
+    body = {"access_token": jwt_token(claims), "expires_in": expires_in}
+    error: ImsError | None = None
+    try:
+        g = parse_token_response(resp(200, body), now=NOW)
+    except ImsError as e:
+        error = e
+    if error is not None:
+        assert error.code == "invalid_response"
+        return
+    assert NOW - 300 <= g.issued_at < g.expires_at <= NOW + 300 + 366 * 86400
+    rfc3339(g.issued_at), rfc3339(g.expires_at)

@@ -11,7 +11,7 @@ from imsd.credentials import builtin_auth_methods
 from imsd.fakeims.server import FakeIms
 from imsd.flows import Flow
 from imsd.imsclient import ImsClient, check_url
-from imsd.model import Credential, ImsError, ImsErrorKind, Secret
+from imsd.model import Credential, Grant, ImsError, ImsErrorKind, Secret
 
 pytestmark = pytest.mark.anyio
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
@@ -76,6 +76,25 @@ async def test_connection_refused_and_reset_are_transient(fake: FakeIms) -> None
         assert err.value.kind is ImsErrorKind.TRANSIENT
         assert "s3cret" not in str(err.value)
     assert codes == ["network_error", "network_error"]
+
+
+@pytest.mark.parametrize(
+    "times", [(float("nan"), 2e9), (1.8e9, float("inf")), (1.8e9, 1e300), (1.8e9, 1.7e9)]
+)
+async def test_a_grant_with_unusable_times_is_a_failed_attempt(
+    fake: FakeIms, times: tuple[float, float]
+) -> None:
+    """A third-party flow may build its Grant itself: its times are checked at the driver,
+    so a NaN fails the attempt (the last good token stays) instead of crashing later."""
+
+    def flow() -> Flow:
+        yield from ()
+        return Grant(Secret("t"), "bearer", *times)
+
+    async with ImsClient() as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(flow())
+    assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "invalid_response")
 
 
 async def test_timeout(fake: FakeIms) -> None:

@@ -52,6 +52,24 @@ def test_round_trip_and_rejections() -> None:
     assert set(decode(json.dumps(doc).encode())) == {"b"}  # the bad entry alone is dropped
 
 
+@pytest.mark.parametrize(
+    ("literal", "whole_file"),
+    [("NaN", True), ("Infinity", True), ("-Infinity", True), ("1e400", False), ("9" * 400, False)],
+)
+def test_non_finite_times_are_rejected(literal: str, whole_file: bool) -> None:
+    """NaN/Infinity are not JSON: the file is corrupt. A number that parses but is infinite
+    or too large drops its entry. Either way nothing non-finite reaches a Grant."""
+    g = Grant(Secret("tok"), "bearer", 100.0, 200.0)
+    doc = json.loads(encode({"a": Stored("id-a", g), "b": Stored("id-b", g)}))
+    doc["credentials"]["a"]["grant"]["expires_at"] = "@"
+    data = json.dumps(doc).replace('"@"', literal).encode()
+    if whole_file:
+        with pytest.raises(StateError, match="not JSON"):
+            decode(data)
+    else:
+        assert set(decode(data)) == {"b"}
+
+
 def test_state_file_modes(tmp_path: Path) -> None:
     state = StateFile(tmp_path / "state")
     state.save({"a": Stored("x", Grant(Secret("tok"), "bearer", 1.0, 2.0))})
@@ -94,3 +112,30 @@ async def test_corrupt_state_is_reported_not_fatal(tmp_path: Path, fake: FakeIms
     assert "state.ignored" in stream.getvalue()
     assert decode((s.state_dir / "tokens.json").read_bytes())  # rewritten cleanly
     logs.configure("warning", "json")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("literal", "event"), [("NaN", "state.ignored"), ("1e400", "state.entry_ignored")]
+)
+async def test_state_with_non_finite_times_is_ignored_not_fatal(
+    tmp_path: Path, fake: FakeIms, literal: str, event: str
+) -> None:
+    """A stored token whose times are NaN/inf under the right identity used to reach
+    ``rfc3339`` at start and crash it; it is logged and ignored, and a token fetched anew."""
+    s = make_settings(tmp_path)
+    write_cred(s.credentials_dir, "alpha", fake)
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    path = s.state_dir / "tokens.json"
+    doc = json.loads(path.read_bytes())
+    doc["credentials"]["alpha"]["grant"]["expires_at"] = "@"
+    path.write_text(json.dumps(doc).replace('"@"', literal))
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    try:
+        assert await run_once(s, load_registry(), give_up_after=10) == 0
+    finally:
+        logs.configure("warning", "json")
+    assert event in stream.getvalue()
+    assert fake.state.request_count() == 2  # not restored: fetched again
+    assert decode(path.read_bytes())["alpha"].grant is not None  # rewritten cleanly

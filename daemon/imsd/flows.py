@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from collections.abc import Generator, Mapping
 from email.utils import parsedate_to_datetime
@@ -30,11 +31,13 @@ from imsd.model import (
     ImsError,
     ImsErrorKind,
     Secret,
+    usable_time,
 )
 
 __all__ = [
     "AuthMethodLike",
     "Flow",
+    "check_grant",
     "classify_error",
     "expires_in_unit",
     "flow_for",
@@ -67,6 +70,8 @@ _MAX_LIFETIME: Final = 366 * 86400.0  # IMS tokens live a day; a year is certain
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _FORM: Final = {"Accept": "application/json"}
 _BEARER: Final = "bearer"
+_DIGITS: Final = re.compile(r"[0-9]{1,16}(\.[0-9]{1,16})?")
+_SECONDS: Final = re.compile(r"[0-9]{1,12}")  # Retry-After delta-seconds (ASCII digits only)
 
 
 def expires_in_unit(path: str) -> str:
@@ -136,16 +141,22 @@ def _claims(token: str) -> dict[str, Any]:
 
 
 def _number(value: Any) -> float | None:
+    """A finite float from a JSON number or a digit string, else None. IMS's JSON may carry
+    NaN, Infinity or a 400-digit integer (which ``float()`` cannot even convert)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and re.fullmatch(r"\d{1,16}(\.\d+)?", value.strip()):
-        return float(value)
-    return None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        value = float(value)
+    if not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _invalid(why: str, status: int) -> ImsError:
+def _invalid(why: str, status: int | None) -> ImsError:
     return ImsError(ImsErrorKind.TRANSIENT, "invalid_response", why, status=status)
 
 
@@ -166,6 +177,9 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
     kind = body.get("token_type")
     token_type = kind.lower() if isinstance(kind, str) and kind.isalpha() else _BEARER
     claims = _claims(token)
+    for key in ("created_at", "expires_in"):
+        if key in claims and _number(claims[key]) is None:
+            raise _invalid(f"token claim {key} is not a finite number", resp.status)
     created, lifetime_ms = _number(claims.get("created_at")), _number(claims.get("expires_in"))
     if created is not None and lifetime_ms is not None and 0 < lifetime_ms <= _MAX_LIFETIME * 1e3:
         issued, expires = created / 1000.0, (created + lifetime_ms) / 1000.0
@@ -184,7 +198,20 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
         raise _invalid("token is already expired", resp.status)
     rotated = body.get("refresh_token")
     refresh = Secret(rotated) if isinstance(rotated, str) and _usable(rotated) else None
-    return Grant(Secret(token), token_type, issued, expires, refresh)
+    return check_grant(Grant(Secret(token), token_type, issued, expires, refresh), resp.status)
+
+
+def check_grant(grant: Grant, status: int | None = None) -> Grant:
+    """*grant* if its times are usable (finite, in range, expiry after issue), else the
+    ImsError of an invalid response: whatever an auth method computed, a NaN or an absurd
+    time must fail the attempt, not crash the scheduler or the renderer later."""
+    if not (
+        usable_time(grant.issued_at)
+        and usable_time(grant.expires_at)
+        and grant.expires_at > grant.issued_at
+    ):
+        raise _invalid("token times are not finite or out of range", status)
+    return grant
 
 
 def flow_for(

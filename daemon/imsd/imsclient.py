@@ -18,7 +18,7 @@ import anyio
 import httpx
 
 from imsd import __version__
-from imsd.flows import Flow
+from imsd.flows import Flow, check_grant
 from imsd.model import Grant, HttpRequest, HttpResponse, ImsError, ImsErrorKind
 from imsd.schedule import RateLimiter
 
@@ -119,8 +119,13 @@ class ImsClient:
                 response = await self.send(request)
                 request = _step(flow, response)
         except StopIteration as stop:
-            grant: Grant = stop.value
-            return grant
+            grant = stop.value
+            if not isinstance(grant, Grant):
+                raise ImsError(
+                    ImsErrorKind.TRANSIENT, "auth_method_error", "the auth flow returned no Grant"
+                ) from None
+            # A third-party flow may build its Grant without parse_token_response's checks.
+            return check_grant(grant)
         finally:
             flow.close()
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTH_S2S",
     "DEFAULT_IMS_URL",
+    "MAX_TIMESTAMP",
     "NAME_RE",
     "OUTPUT_KINDS",
     "Credential",
@@ -32,6 +33,7 @@ __all__ = [
     "ImsError",
     "ImsErrorKind",
     "Secret",
+    "usable_time",
 ]
 
 DEFAULT_IMS_URL: Final = "https://ims-na1.adobelogin.com"
@@ -39,6 +41,17 @@ AUTH_S2S: Final = "oauth_server_to_server"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: Output kinds a credential may ask for; ``outputs`` defaults to all of them.
 OUTPUT_KINDS: Final = ("token", "json", "headers", "env")
+#: The latest time a grant may carry: the end of year 9999, the last one RFC 3339 can write.
+MAX_TIMESTAMP: Final = 253_402_300_799
+
+
+def usable_time(value: object) -> bool:
+    """A Unix time every part of imsd can handle: a real number (not a bool), finite and
+    between the epoch and :data:`MAX_TIMESTAMP`. NaN, infinities and huge numbers (which
+    IMS's JSON or a state file may carry) crash ``datetime`` and never compare sanely."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= MAX_TIMESTAMP  # False for NaN; exact for ints of any size
 
 
 class Secret:

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import structlog
 
-from imsd.model import Grant, Secret
+from imsd.model import Grant, Secret, usable_time
 from imsd.sinks import atomic_write
 
 __all__ = ["STATE_VERSION", "StateError", "StateFile", "Stored", "decode", "encode"]
@@ -69,8 +69,8 @@ def _grant(raw: Any) -> Grant:
     issued, expires = raw.get("issued_at"), raw.get("expires_at")
     if not isinstance(token, str) or not token or not isinstance(ttype, str):
         raise StateError("grant lacks an access token")
-    if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in (issued, expires)):
-        raise StateError("grant times are not numbers")
+    if not (usable_time(issued) and usable_time(expires)):
+        raise StateError("grant times are not finite numbers in range")
     assert isinstance(issued, int | float)
     assert isinstance(expires, int | float)
     if expires <= issued:
@@ -78,11 +78,16 @@ def _grant(raw: Any) -> Grant:
     return Grant(Secret(token), ttype, float(issued), float(expires))
 
 
+def _not_json(name: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259), although Python's parser accepts them."""
+    raise ValueError(name)
+
+
 def decode(data: bytes) -> dict[str, Stored]:
     """Parse a state file; raise StateError for anything but a well-formed current one.
     Individual malformed entries are dropped (and reported by the caller's count)."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise StateError("not JSON") from None
     if not isinstance(doc, dict) or doc.get("kind") != _KIND:
