@@ -199,6 +199,25 @@ def test_classify(
         assert e.retry_after == 7
 
 
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("7", 7.0),
+        (" 120 ", 120.0),
+        ("9" * 400, float("inf")),  # parsed, then capped by the scheduler
+        ("\u00b2", None),  # "²".isdigit() is True, float("²") raises
+        ("-5", None),
+        ("1.5", None),
+        ("Fri, 15 Jan 2027 08:00:10 GMT", 7210.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 253402300799.0 - 1_799_992_800.0),
+        ("Mon, 01 Jan 1990 00:00:00 GMT", 0.0),
+    ],
+)
+def test_retry_after_values(header: str, expected: float | None) -> None:
+    e = classify_error(resp(429, {}, **{"retry-after": header}), now=1_799_992_800.0)
+    assert e.retry_after == (pytest.approx(expected) if expected is not None else None)
+
+
 def test_retry_after_http_date() -> None:
     e = classify_error(
         resp(429, {}, **{"retry-after": "Fri, 15 Jan 2027 08:00:10 GMT"}), now=1_799_992_800.0

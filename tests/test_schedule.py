@@ -76,6 +76,58 @@ def test_retry_after_is_honoured() -> None:
     assert retry_at(100.0, e, 1, P, 0.9, None) == 142.0
 
 
+def throttled(retry_after: float | None) -> ImsError:
+    return ImsError(
+        ImsErrorKind.THROTTLED, "too_many_requests", status=429, retry_after=retry_after
+    )
+
+
+YEAR = 365 * DAY
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expires_at", "expected"),
+    [
+        (42.0, None, 142.0),  # honoured
+        (10 * YEAR, None, 100.0 + P.backoff_cap),  # capped at the backoff cap
+        (float("inf"), None, 100.0 + P.backoff_cap),  # a 400-digit header parses as inf
+        (0.0, None, 100.0 + MIN_WAIT),
+        (-5.0, None, 100.0 + MIN_WAIT),
+        (float("nan"), None, 100.0 + 0.5),  # ignored: plain backoff (attempt 1, rand 0.5)
+        # A valid token: never past expires − margin while that lies ahead …
+        (10 * YEAR, 100.0 + 700.0, 100.0 + 100.0),
+        (200.0, 100.0 + 700.0, 100.0 + 100.0),
+        (50.0, 100.0 + 700.0, 150.0),
+        # … and inside the margin: the cap, and just before expiry at the latest.
+        (10 * YEAR, 100.0 + 500.0, 100.0 + P.backoff_cap),
+        (10 * YEAR, 100.0 + 120.0, 100.0 + 119.0),
+        # An expired token does not bound anything.
+        (10 * YEAR, 50.0, 100.0 + P.backoff_cap),
+    ],
+)
+def test_retry_after_table(retry_after: float, expires_at: float | None, expected: float) -> None:
+    assert retry_at(100.0, throttled(retry_after), 1, P, 0.5, expires_at) == pytest.approx(expected)
+
+
+@given(
+    now=st.floats(0, 2e9),
+    retry_after=st.floats(allow_nan=True, allow_infinity=True),
+    left=st.one_of(st.none(), st.floats(-DAY, 30 * DAY)),
+    attempt=st.integers(1, 100),
+    rand=st.floats(0, 1, exclude_max=True),
+)
+def test_retry_after_is_bounded(
+    now: float, retry_after: float, left: float | None, attempt: int, rand: float
+) -> None:
+    """Whatever Retry-After IMS sends, the retry comes within the backoff cap, and while a
+    valid token lies beyond the refresh margin, no later than that margin."""
+    expires = None if left is None else now + left
+    wake = retry_at(now, throttled(retry_after), attempt, P, rand, expires)
+    assert now < wake <= now + P.backoff_cap + 1e-6
+    if expires is not None and now < expires - P.min_margin:
+        assert wake <= expires - P.min_margin + 1e-6
+
+
 def test_permanent_waits_the_cap() -> None:
     e = ImsError(ImsErrorKind.PERMANENT, "invalid_client", status=401)
     assert retry_at(100.0, e, 1, P, 0.1, 150.0) == 100.0 + P.backoff_cap

@@ -71,7 +71,7 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _FORM: Final = {"Accept": "application/json"}
 _BEARER: Final = "bearer"
 _DIGITS: Final = re.compile(r"[0-9]{1,16}(\.[0-9]{1,16})?")
-_SECONDS: Final = re.compile(r"[0-9]{1,12}")  # Retry-After delta-seconds (ASCII digits only)
+_SECONDS: Final = re.compile(r"[0-9]+")  # Retry-After delta-seconds
 
 
 def expires_in_unit(path: str) -> str:
@@ -88,8 +88,8 @@ def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _SECONDS.fullmatch(value):  # str.isdigit() also takes "²", which float() refuses
+        return float(value)  # a 400-digit value is inf: the scheduler caps it
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - now)
     except (TypeError, ValueError, IndexError, OverflowError):

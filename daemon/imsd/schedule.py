@@ -8,7 +8,8 @@ later than ``expires − min_margin``. For a token so short-lived that the margi
 refresh before it was issued, the margin gives way to half the lifetime.
 
 After a failure the wait is exponential backoff with full jitter (AWS-style: a uniform draw
-in ``[0, min(cap, initial × 2^(attempt−1))]``), a ``Retry-After`` when IMS sent one, the cap
+in ``[0, min(cap, initial × 2^(attempt−1))]``), a ``Retry-After`` when IMS sent one (at most
+the cap, and never past the refresh margin of a token still served), the cap
 for permanent errors (a human must fix the file; its change wakes the worker at once), and
 never past the current token's expiry while that token is still good.
 
@@ -80,17 +81,24 @@ def retry_at(
 ) -> float:
     """When to try again after *error*.
 
-    A ``Retry-After`` is honoured exactly (it is IMS telling us when it will answer); when it
-    or the backoff would run past the expiry of the token still being served, the retry
-    moves to just before that expiry instead, the last chance to keep a valid token.
+    A ``Retry-After`` is honoured (it is IMS telling us when it will answer) up to the
+    backoff cap: one answer must not park a credential for years. While a token is still
+    being served it also never pushes the retry past ``expires − min_margin``, where a
+    refresh is due anyway. When a wait would run past the expiry of that token, the retry
+    moves to just before the expiry instead, the last chance to keep a valid token.
     """
+    retry_after = error.retry_after if error.kind is ImsErrorKind.THROTTLED else None
+    if retry_after is not None and math.isnan(retry_after):  # a plugin's ImsError: ignore it
+        retry_after = None
     if error.kind is ImsErrorKind.PERMANENT:
         wait = policy.backoff_cap
-    elif error.kind is ImsErrorKind.THROTTLED and error.retry_after is not None:
-        wait = max(MIN_WAIT, error.retry_after)
+    elif retry_after is not None:
+        wait = min(policy.backoff_cap, max(MIN_WAIT, retry_after))
     else:
         wait = backoff_delay(attempt, policy, rand)
     wake = now + wait
+    if retry_after is not None and expires_at is not None and now < expires_at - policy.min_margin:
+        wake = min(wake, expires_at - policy.min_margin)
     if expires_at is not None and now < expires_at and error.kind is not ImsErrorKind.PERMANENT:
         last_chance = max(now + MIN_WAIT, expires_at - min(policy.backoff_initial, 1.0))
         wake = min(wake, last_chance)
