@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
 from imsd.flows import parse_token_response
 from imsd.model import HttpResponse
@@ -127,6 +129,30 @@ def test_fault_switches_and_counters(client: httpx.Client, fake: FakeIms) -> Non
     assert client.post("/_fake/faults", json={"fail": 1}).json() == {"ok": True}
     assert client.post("/ims/token/v3", data=FORM).status_code == 503
     assert client.get("/_fake/stats").json()["requests"] == 6
+
+
+def test_bomb_and_drip_switches(client: httpx.Client, fake: FakeIms) -> None:
+    """The hostile answers the IMS client must survive: a gzip bomb (sent whatever
+    Accept-Encoding asked) and a body dripped one byte at a time."""
+    fake.state.bomb_next(1)
+    with client.stream("POST", "/ims/token/v3", data=FORM) as r:
+        raw = b"".join(r.iter_raw())  # not decoded
+    assert (r.status_code, r.headers["content-encoding"]) == (200, "gzip")
+    assert raw == gzip_bomb()
+    assert len(raw) < 200_000
+    inflate = zlib.decompressobj(31)
+    assert inflate.decompress(gzip_bomb(), 1 << 20) == bytes(1 << 20)
+    assert inflate.unconsumed_tail  # far more where that came from
+    assert client.post("/ims/token/v3", data=FORM).status_code == 200  # one bomb only
+    fake.state.drip(0.001)
+    with client.stream("POST", "/ims/token/v3", data={}) as r:
+        pieces = list(r.iter_raw())
+    fake.state.drip(0)
+    assert r.headers["x-fake-drip"] == "0.001"
+    assert json.loads(b"".join(pieces))["error"] == "invalid_request"
+    assert len(pieces) > 10  # it came a byte or a few at a time
+    assert client.post("/_fake/faults", json={"bomb": 1}).json() == {"ok": True}
+    assert client.post("/ims/token/v3", data=FORM).headers["content-encoding"] == "gzip"
 
 
 def test_rate_limit(client: httpx.Client, fake: FakeIms) -> None:

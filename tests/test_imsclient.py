@@ -1,20 +1,24 @@
 from __future__ import annotations
 
+import gzip
 import socket
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from imsd.credentials import builtin_auth_methods
+from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
 from imsd.flows import Flow
 from imsd.imsclient import ImsClient, check_url
-from imsd.model import Credential, Grant, ImsError, ImsErrorKind, Secret
+from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, Secret
 
 pytestmark = pytest.mark.anyio
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
+GZIP = {"content-encoding": "gzip"}
 
 
 def client_credentials_flow(cred: Credential, now: float) -> Flow:
@@ -128,3 +132,56 @@ async def test_body_cap_and_insecure_urls() -> None:
     check_url("http://127.0.0.1:8080/ims/token/v3")
     check_url("http://[::1]:8080/x")
     check_url("https://ims-na1.adobelogin.com/ims/token/v3")
+
+
+async def test_gzip_bomb_is_refused_without_decoding(fake: FakeIms) -> None:
+    """A hostile IMS answers 100 MiB of zeros gzipped into 100 KiB, whatever was asked. The
+    answer is refused from its headers: memory stays far below even one decoded chunk."""
+    gzip_bomb()  # the fake's copy, built before measuring
+    fake.state.bomb_next(1)
+    tracemalloc.start()
+    try:
+        async with ImsClient() as client:
+            with pytest.raises(ImsError) as err:
+                await client.run(client_credentials_flow(cred(fake.url), 0.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "response_compressed")
+    assert peak < 8 << 20, f"peak {peak >> 20} MiB"
+    async with ImsClient() as client:  # the next answer is a plain one again
+        await client.run(client_credentials_flow(cred(fake.url), 0.0))
+
+
+async def test_identity_asked_and_raw_bytes_capped() -> None:
+    """Accept-Encoding is identity even when a flow asks otherwise; an endless body without
+    Content-Length is read no further than the cap; a compressed one is not read at all."""
+    seen: list[str] = []
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield b"x" * 1000
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["accept-encoding"])
+        if request.url.path == "/gzip":
+            return httpx.Response(200, content=gzip.compress(b"{}"), headers=GZIP)
+        return httpx.Response(200, content=endless())
+
+    def flow(path: str) -> Flow:
+        headers = {"accept-encoding": "gzip, br"}
+        yield HttpRequest("POST", f"https://ims.example{path}", headers=headers)
+        raise AssertionError("unreachable")
+
+    async with ImsClient(transport=httpx.MockTransport(answer), max_body=10_000) as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(flow("/endless"))
+        assert err.value.code == "response_too_large"
+        assert pulled <= 11
+        with pytest.raises(ImsError) as err:
+            await client.run(flow("/gzip"))
+        assert err.value.code == "response_compressed"
+    assert seen == ["identity", "identity"]

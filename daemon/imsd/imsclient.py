@@ -1,13 +1,15 @@
 """The thin I/O driver for auth flows: httpx, a global concurrency cap and a rate limit.
 
 TLS verification is always on. Plain ``http://`` is refused except to loopback (the fake
-IMS). Response bodies are read with a size cap, and every transport failure becomes a
+IMS). Response bodies are asked for and read uncompressed, with a size cap on the raw bytes
+(a compressed answer is refused), and every transport failure becomes a
 TRANSIENT :class:`~imsd.model.ImsError` whose message holds no request content.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -25,6 +27,7 @@ from imsd.schedule import RateLimiter
 __all__ = ["ImsClient", "check_url"]
 
 MAX_BODY: Final = 1 << 20
+_TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
 USER_AGENT: Final = f"imsd/{__version__}"
 
 
@@ -46,6 +49,14 @@ def check_url(url: str) -> None:
     raise ImsError(
         ImsErrorKind.PERMANENT, "insecure_url", "IMS URLs must be https (http only to loopback)"
     )
+
+
+def _headers(request: HttpRequest) -> dict[str, str]:
+    """The flow's headers, with ``Accept-Encoding: identity`` whatever the flow asked: the
+    body cap counts raw bytes, so nothing may arrive compressed."""
+    out = {k: v for k, v in request.headers.items() if k.lower() != "accept-encoding"}
+    out["Accept-Encoding"] = "identity"
+    return out
 
 
 def _step(flow: Flow, response: HttpResponse | None) -> HttpRequest:
@@ -129,6 +140,30 @@ class ImsClient:
         finally:
             flow.close()
 
+    async def _read_body(self, resp: httpx.Response) -> bytes:
+        """The raw body, refused once it exceeds the cap. Raw bytes, never decoded ones: a
+        compressed answer (sent although identity was asked) is refused before its body is
+        read, so a small gzip bomb cannot expand into gigabytes, one chunk at a time."""
+
+        def refuse(code: str, why: str) -> ImsError:
+            self._note(resp.status_code)
+            return ImsError(ImsErrorKind.TRANSIENT, code, why, status=resp.status_code)
+
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            shown = encoding if _TOKEN.fullmatch(encoding) else "?"
+            raise refuse("response_compressed", f"IMS response is encoded ({shown[:20]})")
+        too_large = f"IMS response exceeds {self._max_body} bytes"
+        length = resp.headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and int(length) > self._max_body:
+            raise refuse("response_too_large", too_large)
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > self._max_body:
+                raise refuse("response_too_large", too_large)
+        return bytes(body)
+
     def _note(self, code: int | str) -> None:
         if self._on_response is not None:
             self._on_response(code)
@@ -146,19 +181,9 @@ class ImsClient:
                     request.method,
                     request.url,
                     data=dict(request.form) or None,
-                    headers=dict(request.headers),
+                    headers=_headers(request),
                 ) as resp:
-                    body = bytearray()
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > self._max_body:
-                            self._note(resp.status_code)
-                            raise ImsError(
-                                ImsErrorKind.TRANSIENT,
-                                "response_too_large",
-                                f"IMS response exceeds {self._max_body} bytes",
-                                status=resp.status_code,
-                            )
+                    body = await self._read_body(resp)
             except httpx.TimeoutException:
                 self._note("network_error")
                 raise ImsError(
@@ -172,4 +197,4 @@ class ImsClient:
                 ) from None
         self._note(resp.status_code)
         headers = {k.lower(): v for k, v in resp.headers.items()}
-        return HttpResponse(resp.status_code, headers, bytes(body))
+        return HttpResponse(resp.status_code, headers, body)

@@ -15,8 +15,10 @@ import base64
 import binascii
 import email.parser
 import email.policy
+import functools
 import json
 import secrets
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,12 +29,14 @@ import anyio
 from imsd.fakeims.state import FakeImsState
 from imsd.httpserver import AbortConnection, Request, Response
 
-__all__ = ["GATEWAY_RULES", "FakeImsApp", "GatewayRule"]
+__all__ = ["DRIP_HEADER", "GATEWAY_RULES", "FakeImsApp", "GatewayRule", "gzip_bomb"]
 
 _TOKEN_PATHS: Final = frozenset(
     {"/ims/token/v3", "/ims/token/v2", "/ims/token/v1", "/ims/token", "/ims/exchange/jwt"}
 )
 _JSON_UTF8: Final = "application/json;charset=UTF-8"
+#: Marks an answer whose body the connection sends one byte per this many seconds.
+DRIP_HEADER: Final = "x-fake-drip"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,14 @@ def _multipart(content_type: str, body: bytes) -> dict[str, str]:
         if isinstance(name, str) and isinstance(payload, bytes):
             out[name] = payload.decode("utf-8", "replace")
     return out
+
+
+@functools.cache
+def gzip_bomb(mib: int = 100) -> bytes:
+    """*mib* MiB of zeros, gzip-compressed (about a thousandth of that), 1 MiB at a time."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    chunk = bytes(1 << 20)
+    return b"".join([*(z.compress(chunk) for _ in range(mib)), z.flush()])
 
 
 def params_of(req: Request) -> dict[str, str]:
@@ -122,6 +134,14 @@ class FakeImsApp:
             hang = self.state.hang_seconds()
             if hang > 0:
                 await anyio.sleep(hang)
+            if self.state.take_bomb():
+                return self._dripping(
+                    Response(
+                        200,
+                        gzip_bomb(),
+                        [("Content-Type", _JSON_UTF8), ("Content-Encoding", "gzip")],
+                    )
+                )
             host = req.header("host")
             origin = f"http://{host}" if host else None
             status, body, headers = self.state.token_request(path, params_of(req), origin=origin)
@@ -133,7 +153,14 @@ class FakeImsApp:
             [("Content-Type", _JSON_UTF8), ("x-debug-id", secrets.token_hex(8))],
         )
         out.headers.extend(headers.items())
-        return out
+        return self._dripping(out)
+
+    def _dripping(self, resp: Response) -> Response:
+        """Mark *resp* for the connection to drip (:mod:`imsd.fakeims.server`), when asked."""
+        drip = self.state.drip_seconds()
+        if drip > 0:
+            resp.headers.append((DRIP_HEADER, f"{drip:g}"))
+        return resp
 
     def _validate(self, req: Request) -> Response:
         params = params_of(req)
@@ -216,6 +243,8 @@ class FakeImsApp:
                 state.throttle_next(int(body.get("throttle", 0)), float(body.get("retry_after", 1)))
                 state.hang(float(body.get("hang", 0)))
                 state.reset_next(int(body.get("reset", 0)))
+                state.drip(float(body.get("drip", 0)))
+                state.bomb_next(int(body.get("bomb", 0)))
             elif path == "/_fake/lifetime":
                 state.token_lifetime = float(body["seconds"])
             else:

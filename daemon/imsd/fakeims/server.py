@@ -3,21 +3,24 @@ or in the foreground (``imsd fake-ims``)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Final
+from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
 import anyio.from_thread
 
-from imsd.fakeims.app import FakeImsApp
+from imsd.fakeims.app import DRIP_HEADER, FakeImsApp
 from imsd.fakeims.state import FakeImsState
 from imsd.httpserver import HttpServer, bound_port, tcp_listener
 
 __all__ = ["FakeIms", "run_fake_ims"]
+
+_DRIP: Final = re.compile(rb"\r\n" + DRIP_HEADER.encode() + rb": *([0-9.]+)\r", re.IGNORECASE)
 
 DEMO_SCOPES: Final = (
     "openid",
@@ -26,6 +29,61 @@ DEMO_SCOPES: Final = (
     "additional_info.projectedProductContext",
     "session",
 )
+
+
+class _DripStream(anyio.abc.ByteStream):
+    """A connection that sends an answer marked with :data:`DRIP_HEADER` head first, then
+    its body one byte per that many seconds: every read gets a byte in time, so only an
+    overall deadline ends the exchange. Anything else passes through unchanged."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self._inner = inner
+
+    async def send(self, item: bytes) -> None:
+        head, sep, body = item.partition(b"\r\n\r\n")
+        mark = _DRIP.search(head) if sep else None
+        if mark is None:
+            await self._inner.send(item)
+            return
+        await self._inner.send(head + sep)
+        for i in range(len(body)):
+            await anyio.sleep(float(mark.group(1)))
+            await self._inner.send(body[i : i + 1])
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._inner.extra_attributes
+
+
+class _DripListener(anyio.abc.Listener[anyio.abc.ByteStream]):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner  # one socket listener (HttpServer calls its accept())
+
+    async def accept(self) -> anyio.abc.ByteStream:
+        return _DripStream(await self._inner.accept())
+
+    async def serve(
+        self,
+        handler: Callable[[anyio.abc.ByteStream], Any],
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        raise NotImplementedError("HttpServer accepts itself")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return cast("Mapping[Any, Callable[[], Any]]", self._inner.extra_attributes)
 
 
 class FakeIms:
@@ -46,8 +104,9 @@ class FakeIms:
         self.url = f"http://{shown}:{bound_port(listener)}"
         try:
             server = HttpServer(self.app.handle, idle_timeout=30.0)
+            sockets = getattr(listener, "listeners", [listener])  # IPv4 and IPv6
             async with anyio.create_task_group() as tg:
-                await tg.start(server.serve, [listener])
+                await tg.start(server.serve, [_DripListener(inner) for inner in sockets])
                 task_status.started(self.url)
         finally:
             with anyio.CancelScope(shield=True):

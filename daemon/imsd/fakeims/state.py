@@ -10,7 +10,8 @@ lock, so the state is safe to drive from a test thread while the server runs in 
 Tokens are shaped like IMS's (reference/ims-protocol.md §4): JWT-like, with ``created_at``
 and ``expires_in`` as millisecond strings and no ``exp``; they are HMAC-signed with a key
 private to this instance so :meth:`validate_token` (and the fake gateway) can tell ours from
-forgeries. Faults are consumed in a fixed order per request: reset, hang, fail, throttle.
+forgeries. Faults are consumed in a fixed order per request: reset, hang, bomb, fail,
+throttle; a drip applies to whatever answer is then sent.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class LogEntry:
 class _Faults:
     reset: int = 0
     hang: float = 0.0
+    drip: float = 0.0
+    bomb: int = 0
     fail: int = 0
     fail_status: int = 503
     throttle: int = 0
@@ -185,6 +188,18 @@ class FakeImsState:
         with self._lock:
             self._faults.hang = seconds
 
+    def drip(self, seconds: float) -> None:
+        """Send every token answer's body one byte per *seconds* (0 clears): an IMS that
+        never lets a per-read timeout fire."""
+        with self._lock:
+            self._faults.drip = seconds
+
+    def bomb_next(self, n: int) -> None:
+        """Answer the next *n* token requests with a gzip bomb (``Content-Encoding: gzip``,
+        100 MiB of zeros in about 100 KiB), whatever ``Accept-Encoding`` asked."""
+        with self._lock:
+            self._faults.bomb = n
+
     def rate_limit(self, requests: int | None, per: float = 1.0) -> None:
         """Throttle any client minting more than *requests* per *per* seconds."""
         with self._lock:
@@ -241,6 +256,17 @@ class FakeImsState:
     def hang_seconds(self) -> float:
         with self._lock:
             return self._faults.hang
+
+    def drip_seconds(self) -> float:
+        with self._lock:
+            return self._faults.drip
+
+    def take_bomb(self) -> bool:
+        with self._lock:
+            if self._faults.bomb > 0:
+                self._faults.bomb -= 1
+                return True
+            return False
 
     # -- tokens ------------------------------------------------------------------------------
 
