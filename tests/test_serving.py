@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import anyio
 import httpx
 import pytest
 from imsd import logs
-from imsd.config import Settings, load_settings
+from imsd.config import RELOAD, Reload, Settings, load_settings
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
 from imsd.registry import load_registry
@@ -247,3 +248,99 @@ async def test_sighup_with_broken_config_keeps_serving(
     assert os.stat(d.settings.socket).st_ino == socket_inode
     assert d.metrics_port == old_port
     logs.configure("warning", "json")
+
+
+def _changed_value(field: str, tmp_path: Path) -> Any:
+    """A valid value different from make_settings' for each setting. A new setting fails
+    here until it is given one, and its row in config.RELOAD is then tested."""
+    values: dict[str, Any] = {
+        "credentials_dir": tmp_path / "creds-2",
+        "output_dir": tmp_path / "tokens-2",
+        "state_dir": tmp_path / "state-2",
+        "socket": tmp_path / "imsd-2.sock",
+        "metrics_address": "127.0.0.2:0",
+        "ims_url": "http://127.0.0.1:1",
+        "log_format": "console",
+        "log_level": "error",
+        "file_mode": 0o640,
+        "file_group": "0",
+        "socket_mode": 0o600,
+        "socket_group": "0",
+        "allowed_uids": [0, 65534],
+        "allowed_gids": [65534],
+        "min_refresh_interval": 7.0,
+        "max_connections": 77,
+        "plugin_dirs": [tmp_path],
+        "refresh_fraction": 0.7,
+        "jitter_fraction": 0.01,
+        "min_margin": 0.25,
+        "backoff_initial": 0.1,
+        "backoff_cap": 0.6,
+        "recheck_interval": 0.3,
+        "max_concurrent_requests": 4,
+        "request_rate": 5.0,
+        "request_burst": 3,
+        "request_timeout": 5.0,
+        "debounce_ms": 300,
+        "rescan_interval": 30.0,
+    }
+    assert field in values, f"give the new setting {field!r} a changed value here"
+    return values[field]
+
+
+def _in_effect(d: Daemon, field: str, value: Any) -> bool:
+    """Whether the running daemon acts on *value*, read from the component that uses it."""
+    api, sup = d._api, d.supervisor
+    assert api is not None
+    assert sup is not None
+    effects: dict[str, Any] = {
+        "allowed_uids": lambda: api.allowed_uids == frozenset(value),
+        "allowed_gids": lambda: api.allowed_gids == frozenset(value),
+        "min_refresh_interval": lambda: api.min_refresh_interval == value,
+        "max_connections": lambda: {s.max_connections for s in d._servers.values()} == {value},
+        "socket": lambda: d.socket_address == value and value.is_socket(),
+        "socket_mode": lambda: os.stat(d.settings.socket).st_mode & 0o777 == value,
+        "socket_group": lambda: os.stat(d.settings.socket).st_gid == int(value),
+        "metrics_address": lambda: d.metrics_port is not None,
+        "log_level": lambda: logging.getLogger().level == logging.ERROR,
+        "ims_url": lambda: d.watcher is not None,
+    }
+    policy = sup.policy
+    if hasattr(policy, field):
+        return bool(getattr(policy, field) == value)
+    return bool(effects[field]()) if field in effects else True
+
+
+async def test_reload_applies_or_warns_for_every_setting(
+    tmp_path: Path, fake: FakeIms, running: Any
+) -> None:
+    """SIGHUP either applies a setting or keeps it and names it in a warning, as the one
+    table config.RELOAD says, for every field of Settings."""
+    stream = io.StringIO()
+    write_cred(tmp_path / "creds", "alpha", fake)
+    target: dict[str, Settings] = {}
+    d = await running(reload=lambda: target["next"])
+    assert set(RELOAD) == set(Settings.model_fields)
+    try:
+        for field, how in RELOAD.items():
+            logs.configure("info", "json", stream)
+            stream.seek(0)
+            stream.truncate()
+            old = getattr(d.settings, field)
+            value = _changed_value(field, tmp_path)
+            assert value != old, field
+            target["next"] = d.settings.model_copy(update={field: value})
+            await d.reload()
+            warnings = [x for x in stream.getvalue().splitlines() if "reload_needs_restart" in x]
+            if how is Reload.APPLIED:
+                assert getattr(d.settings, field) == value, field
+                assert warnings == [], field
+                assert _in_effect(d, field, value), field
+            else:
+                assert getattr(d.settings, field) == old, field
+                assert len(warnings) == 1, field
+                assert f'"{field}"' in warnings[0], field
+        async with uds(d) as c:  # still serving, on the socket of the last change
+            assert (await c.get("/livez")).status_code == 200
+    finally:
+        logs.configure("warning", "json")

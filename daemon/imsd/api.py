@@ -31,6 +31,7 @@ log = structlog.get_logger("imsd.api")
 
 _CRED = re.compile(r"^/v1/credentials/([A-Za-z0-9._-]{1,64})/(token|headers|refresh)$")
 _SERVING: Final = (CredentialState.VALID, CredentialState.STALE)
+_REFUSAL_LOG_EVERY: Final = 60.0  # seconds between two refusal log lines for one uid
 
 
 def default_allowed_uids() -> frozenset[int]:
@@ -83,14 +84,35 @@ class Api:
         self.store = supervisor.store
         self.products = products
         self.metrics = metrics
+        self.allowed_uids: frozenset[int] = frozenset()
+        self.allowed_gids: frozenset[int] = frozenset()
+        self.min_refresh_interval = min_refresh_interval
+        self.set_access(
+            allowed_uids=allowed_uids,
+            allowed_gids=allowed_gids,
+            min_refresh_interval=min_refresh_interval,
+        )
+        self._clock = clock
+        # Refusals are counted in the socket_requests metric; the log says it once a minute
+        # per uid, so a refused client in a loop cannot fill the disk.
+        self._refusals: dict[int | None, tuple[float, int]] = {}
+        # The token document only changes with the credential or the grant: render it once.
+        self._documents: dict[str, tuple[object, object, Response]] = {}
+
+    def set_access(
+        self,
+        *,
+        allowed_uids: Collection[int] | None,
+        allowed_gids: Collection[int],
+        min_refresh_interval: float,
+    ) -> None:
+        """Who may use the socket and how often a refresh may be forced; a reload calls it,
+        and the next request on any connection, old or new, is checked against it."""
         self.allowed_uids = frozenset(
             default_allowed_uids() if allowed_uids is None else allowed_uids
         )
         self.allowed_gids = frozenset(allowed_gids)
         self.min_refresh_interval = min_refresh_interval
-        self._clock = clock
-        # The token document only changes with the credential or the grant: render it once.
-        self._documents: dict[str, tuple[object, object, Response]] = {}
 
     async def handle(self, req: Request) -> Response:
         resp, endpoint = await self._route(req)
@@ -102,18 +124,33 @@ class Api:
         peer = req.peer
         if peer is None:
             return False  # the socket API is Unix-only; no peer means no identity
-        return peer.uid in self.allowed_uids or peer.gid in self.allowed_gids
+        if peer.uid in self.allowed_uids or peer.gid in self.allowed_gids:
+            return True
+        return not self.allowed_gids.isdisjoint(peer.groups)  # supplementary groups
+
+    def _log_refusal(self, req: Request) -> None:
+        peer = req.peer
+        uid = peer.uid if peer else None
+        now = time.monotonic()
+        logged, suppressed = self._refusals.get(uid, (-math.inf, 0))
+        if now - logged < _REFUSAL_LOG_EVERY:
+            self._refusals[uid] = (logged, suppressed + 1)
+            return
+        if len(self._refusals) > 4096:  # many uids: forget them rather than grow
+            self._refusals.clear()
+        self._refusals[uid] = (now, 0)
+        log.warning(
+            "api.peer_refused",
+            uid=uid,
+            gid=peer.gid if peer else None,
+            pid=peer.pid if peer else None,
+            path=req.path,
+            suppressed=suppressed,  # refusals of this uid not logged since its last line
+        )
 
     async def _route(self, req: Request) -> tuple[Response, str]:
         if not self._allowed(req):
-            peer = req.peer
-            log.warning(
-                "api.peer_refused",
-                uid=peer.uid if peer else None,
-                gid=peer.gid if peer else None,
-                pid=peer.pid if peer else None,
-                path=req.path,
-            )
+            self._log_refusal(req)
             return _error(403, "forbidden", "this user may not use the imsd socket"), "refused"
         health = _health(req.path, self.store, self._clock)
         if health is not None:
@@ -208,11 +245,25 @@ class Api:
         if entry.credential is None:
             return self._unavailable(entry) or _error(503, "invalid", "credential is invalid")
         now = self._clock()
+        try:
+            allowed_at = self.supervisor.forced_refresh_at(entry.name, self.min_refresh_interval)
+        except KeyError:
+            return _error(404, "unknown_credential", f"no credential named {entry.name!r}")
+        if allowed_at is not None and now < allowed_at:
+            # Too soon after the last attempt, or inside a failing credential's backoff: IMS
+            # is not asked (its rate budget is shared by every credential).
+            wait = str(max(1, math.ceil(allowed_at - now)))
+            if entry.consecutive_failures == 0 and self._unavailable(entry) is None:
+                resp = self._token(entry)  # possibly the cached document: never mutate it
+                return Response(resp.status, resp.body, [*resp.headers, ("Retry-After", wait)])
+            return _error(
+                429,
+                "too_many_requests",
+                f"{entry.name}: the next attempt is allowed in {wait} s"
+                + (f" (last error: {entry.error()})" if entry.error() else ""),
+                **{"Retry-After": wait},
+            )
         last = entry.last_refresh
-        if last is not None and now - last < self.min_refresh_interval:
-            wait = math.ceil(self.min_refresh_interval - (now - last))
-            resp = self._token(entry)  # possibly the cached document: never mutate it
-            return Response(resp.status, resp.body, [*resp.headers, ("Retry-After", str(wait))])
         try:
             await self.supervisor.refresh(entry.name)
         except KeyError:

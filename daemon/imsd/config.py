@@ -7,6 +7,7 @@ belong to credential files.
 
 from __future__ import annotations
 
+import enum
 import grp
 import os
 import tomllib
@@ -14,12 +15,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from imsd.model import DEFAULT_IMS_URL
 from imsd.schedule import RefreshPolicy
 
-__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "RELOAD",
+    "ConfigError",
+    "Reload",
+    "Settings",
+    "load_settings",
+]
 
 DEFAULT_CONFIG: Final = Path("/etc/imsd/imsd.toml")
 ENV_PREFIX: Final = "IMSD_"
@@ -39,6 +49,8 @@ def _octal(v: Any) -> Any:
 
 
 Mode = Annotated[int, BeforeValidator(_octal), Field(ge=0, le=0o777)]
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseModel):
@@ -60,6 +72,9 @@ class Settings(BaseModel):
     allowed_uids: list[int] | None = None  # None: the daemon's own uid and root
     allowed_gids: list[int] = Field(default_factory=list)
     min_refresh_interval: float = Field(30.0, ge=0)
+    # Open connections per listener (socket API, metrics); the oldest idle are shed first.
+    # Lowered at start when the descriptor limit could not hold them all (README "Limits").
+    max_connections: int = Field(1024, ge=8, le=1_000_000)
     # Local plugin modules (*.py), loaded after the installed entry points.
     plugin_dirs: list[Path] = Field(default_factory=list)
     # The refresh rule (README "Refresh rule").
@@ -77,6 +92,13 @@ class Settings(BaseModel):
     # Watching.
     debounce_ms: int = Field(200, ge=10, le=10_000)
     rescan_interval: float = Field(60.0, gt=0)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return v.lower()
 
     def refresh_policy(self) -> RefreshPolicy:
         return RefreshPolicy(
@@ -108,6 +130,56 @@ def _gid(key: str, group: str | None) -> int | None:
 
 
 FIELDS: Final = frozenset(Settings.model_fields)
+
+
+class Reload(enum.Enum):
+    """What SIGHUP does with a changed setting."""
+
+    APPLIED = "applied"  # in effect for the next request, refresh or scan
+    RESTART = "restart"  # the running value is kept, and the reload logs a warning naming it
+
+
+_A, _R = Reload.APPLIED, Reload.RESTART
+
+#: Every setting, and whether a reload applies it. The one place this is decided: the daemon's
+#: reload reads it, the README's table repeats it, and a test walks it for every field.
+RELOAD: Final[Mapping[str, Reload]] = {
+    # The watcher, the sinks and the state file are built around these paths and modes.
+    "credentials_dir": _R,
+    "output_dir": _R,
+    "state_dir": _R,
+    "file_mode": _R,
+    "file_group": _R,
+    # Listeners are rebound when their address or mode changes; access rules apply to the
+    # next request, also on connections opened before the reload.
+    "socket": _A,
+    "socket_mode": _A,
+    "socket_group": _A,
+    "metrics_address": _A,
+    "allowed_uids": _A,
+    "allowed_gids": _A,
+    "min_refresh_interval": _A,
+    "max_connections": _A,
+    # Every credential file is re-parsed with the new default IMS host.
+    "ims_url": _A,
+    "log_format": _R,  # the handler and its stream are chosen once, at start
+    "log_level": _A,
+    "plugin_dirs": _R,  # plugins are loaded once: a module cannot be unloaded
+    # The refresh rule: the next schedule computed uses it.
+    "refresh_fraction": _A,
+    "jitter_fraction": _A,
+    "min_margin": _A,
+    "backoff_initial": _A,
+    "backoff_cap": _A,
+    "recheck_interval": _A,
+    # The IMS client (its pool, rate bucket and timeouts) lives as long as the process.
+    "max_concurrent_requests": _R,
+    "request_rate": _R,
+    "request_burst": _R,
+    "request_timeout": _R,
+    "debounce_ms": _R,
+    "rescan_interval": _R,
+}
 
 
 def _format(source: str, err: ValidationError) -> ConfigError:

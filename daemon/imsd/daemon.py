@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,10 +17,10 @@ import anyio
 import anyio.abc
 import structlog
 
-from imsd import sdnotify
+from imsd import logs, sdnotify
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
-from imsd.config import ConfigError, Settings
+from imsd.config import RELOAD, ConfigError, Reload, Settings
 from imsd.credentials import parse_credentials
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
 from imsd.imsclient import ImsClient
@@ -33,9 +34,34 @@ from imsd.store import TokenStore
 from imsd.supervisor import Supervisor
 from imsd.watcher import DirectoryWatcher, scan_directory
 
-__all__ = ["Daemon", "credential_parser", "run_once"]
+__all__ = ["Daemon", "credential_parser", "raise_nofile_limit", "run_once"]
 
 log = structlog.get_logger("imsd.daemon")
+
+#: Descriptors kept out of the listeners' reach: IMS connections, file writes, the watcher,
+#: the state file, actions. Connection caps are lowered so that attackers can never take them.
+FD_RESERVE: Final = 256
+_LISTENERS: Final = 2  # the socket API and the metrics listener
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in effect.
+
+    A seccomp filter (the unit's ``~@resources``) may forbid it: then the limit is what the
+    service manager set (``LimitNOFILE=``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_cap(configured: int, nofile: int) -> int:
+    """Connections per listener that the descriptor limit can hold beside the reserve."""
+    return max(8, min(configured, (nofile - FD_RESERVE) // _LISTENERS))
 
 
 def credential_parser(
@@ -96,6 +122,9 @@ class Daemon:
         self.watcher: DirectoryWatcher | None = None
         self._api_scope: anyio.CancelScope | None = None
         self._health_scope: anyio.CancelScope | None = None
+        self._api: Api | None = None
+        self._servers: dict[str, HttpServer] = {}
+        self._nofile = 1 << 20
         self._reload_requested = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.socket_address: Path | None = None
@@ -109,6 +138,15 @@ class Daemon:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         s = self.settings
+        self._nofile = raise_nofile_limit()
+        if connection_cap(s.max_connections, self._nofile) < s.max_connections:
+            log.warning(
+                "daemon.connection_cap_lowered",
+                max_connections=connection_cap(s.max_connections, self._nofile),
+                configured=s.max_connections,
+                nofile=self._nofile,
+                hint="raise LimitNOFILE= (or ulimit -n) to keep the configured cap",
+            )
         sink = _sink(s)
         try:
             async with _client(s, self.metrics) as client, anyio.create_task_group() as tg:
@@ -172,7 +210,7 @@ class Daemon:
             self._api_scope.cancel()
             self._unlink_socket()
         assert self.supervisor is not None
-        api = Api(
+        api = self._api = Api(
             self.supervisor,
             self.registry.products,
             metrics=self.metrics,
@@ -192,7 +230,8 @@ class Daemon:
             s.socket.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             listener = await unix_listener(s.socket, mode=s.socket_mode, gid=s.socket_gid())
             self.socket_address = s.socket
-        self._api_scope = await tg.start(self._serve, HttpServer(api.handle), listener)
+        server = self._server("socket", api.handle, s)
+        self._api_scope = await tg.start(self._serve, server, listener)
 
     async def _bind_health(self, tg: anyio.abc.TaskGroup, s: Settings) -> None:
         if self._health_scope is not None:
@@ -204,7 +243,17 @@ class Daemon:
         listener = await tcp_listener(host, port)
         self.metrics_port = bound_port(listener)
         health = HealthApi(self.store, self.metrics, clock=self._clock)
-        self._health_scope = await tg.start(self._serve, HttpServer(health.handle), listener)
+        server = self._server("metrics", health.handle, s)
+        self._health_scope = await tg.start(self._serve, server, listener)
+
+    def _server(self, name: str, handler: Any, s: Settings) -> HttpServer:
+        server = self._servers[name] = HttpServer(
+            handler,
+            name=name,
+            max_connections=connection_cap(s.max_connections, self._nofile),
+            observer=self.metrics,
+        )
+        return server
 
     @staticmethod
     async def _serve(
@@ -268,14 +317,32 @@ class Daemon:
                 return
         else:
             new = old
-        fixed = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
+        fixed = [
+            f
+            for f, how in RELOAD.items()
+            if how is Reload.RESTART and getattr(new, f) != getattr(old, f)
+        ]
         if fixed:
-            log.warning("daemon.reload_needs_restart", settings=fixed)
+            log.warning(
+                "daemon.reload_needs_restart",
+                settings=fixed,
+                kept="the running values of these settings until a restart",
+            )
             new = new.model_copy(update={f: getattr(old, f) for f in fixed})
         self.settings = new
+        if new.log_level != old.log_level:
+            logs.set_level(new.log_level)
         sup = self.supervisor
         if sup is not None:
             sup.policy = new.refresh_policy()
+        if self._api is not None:
+            self._api.set_access(
+                allowed_uids=new.allowed_uids,
+                allowed_gids=new.allowed_gids,
+                min_refresh_interval=new.min_refresh_interval,
+            )
+        for server in self._servers.values():
+            server.max_connections = connection_cap(new.max_connections, self._nofile)
         tg = self._tg
         if tg is not None:
             if _api_changed(old, new):
@@ -311,23 +378,6 @@ class Daemon:
                 fields.append("WATCHDOG=1")  # only while the scheduler makes progress
             if fields:
                 sdnotify.notify(*fields, env=self._env)
-
-
-#: Settings that only take effect on restart (the watcher and sinks are built around them).
-_RESTART_ONLY: Final = (
-    "credentials_dir",
-    "output_dir",
-    "state_dir",
-    "file_mode",
-    "file_group",
-    "max_concurrent_requests",
-    "request_rate",
-    "request_burst",
-    "request_timeout",
-    "debounce_ms",
-    "rescan_interval",
-    "log_format",
-)
 
 
 def _api_changed(old: Settings, new: Settings) -> bool:

@@ -4,12 +4,21 @@ Theory of operation
 -------------------
 Each accepted connection runs in its own task: read one request under a deadline (idle
 keep-alive clients and slow-loris senders time out and never hold anything but their own
-task), call the handler, write the response, and loop while keep-alive allows. Protocol
+task), call the handler, write the response under a deadline too (a client that never reads
+its answer is dropped, its buffers with it), and loop while keep-alive allows. Protocol
 errors get their status (400 malformed, 413 body too large, 431 headers too large) with a
 JSON body and ``Connection: close``; a handler exception becomes a 500 and is logged without
 the request body. On cancellation every connection task unwinds; :meth:`HttpServer.shutdown`
 first stops accepting and lets in-flight requests finish within a grace period, answering
 them with ``Connection: close``.
+
+Hostile clients must never end the daemon or starve its refreshes of file descriptors. Each
+server holds at most ``max_connections``; a newcomer beyond that sheds the connection that
+has been idle (waiting for its next request, or for its peer to read) the longest, and is
+itself closed when every connection is busy in a handler. An ``accept()`` failure (EMFILE,
+ENFILE, ENOBUFS…) is logged (at most once per ``_ACCEPT_LOG_EVERY`` seconds), sheds the
+oldest idle connection to free a descriptor, and retries after a short growing pause: it
+never escapes the listener's task.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -37,6 +46,7 @@ from anyio.abc import SocketAttribute
 
 __all__ = [
     "AbortConnection",
+    "ConnectionObserver",
     "Handler",
     "HttpServer",
     "PeerCred",
@@ -51,6 +61,16 @@ __all__ = [
 log = structlog.get_logger("imsd.httpserver")
 
 _REASONS: Final = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large"}
+_ACCEPT_LOG_EVERY: Final = 10.0  # seconds between two log lines about failing accept()
+_ACCEPT_PAUSE_MAX: Final = 1.0  # longest pause after a failed accept()
+
+
+class ConnectionObserver(Protocol):
+    """Where a server reports what it does to connections (:class:`imsd.metrics.Metrics`)."""
+
+    def connection_event(self, listener: str, event: str) -> None:
+        """*event* is ``shed`` (an idle connection closed for a newcomer), ``refused`` (a
+        newcomer closed, every connection busy) or ``accept_error``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +78,7 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups, as the peer had them at connect()
 
 
 @dataclass(slots=True)
@@ -111,13 +132,40 @@ class _Reject(Exception):
         self.status = status
 
 
+# Linux's SO_PEERGROUPS (4.13+); Python's socket module does not name it.
+_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+
+
 def peer_cred(stream: anyio.abc.ByteStream) -> PeerCred | None:
     sock = stream.extra(SocketAttribute.raw_socket, None)
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
+    return PeerCred(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> tuple[int, ...]:
+    """The peer's supplementary groups: from the kernel (taken at connect(), so a process
+    cannot change them afterwards), else from ``/proc/PID/status`` on older kernels."""
+    for size in (4 * 64, 4 * 65536):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue  # more groups than the first buffer holds
+            if e.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                break
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
 
 
 class HttpServer:
@@ -129,8 +177,14 @@ class HttpServer:
         max_body: int = 64 * 1024,
         max_header_bytes: int = 16 * 1024,
         max_requests_per_connection: int = 1000,
+        max_connections: int = 1024,
+        name: str = "http",
+        observer: ConnectionObserver | None = None,
     ) -> None:
         self._handler = handler
+        self.name = name
+        self.max_connections = max_connections
+        self._observer = observer
         self._idle = idle_timeout
         self._max_body = max_body
         self._max_hdr = max_header_bytes
@@ -138,10 +192,17 @@ class HttpServer:
         self._draining = False
         self._accepting: anyio.CancelScope | None = None
         self._conns: anyio.abc.TaskGroup | None = None
-        # Per connection, the monotonic time by which its current request must have been
-        # read (inf while it is handled). One sweeper enforces them all: cheaper than a
-        # cancel scope with a deadline around every read.
+        # Per open connection, the monotonic time by which its current request must have
+        # been read or its response written (inf while a handler runs). One sweeper enforces
+        # them all: cheaper than a cancel scope with a deadline around every read. The
+        # smallest finite deadline is also the connection idle the longest: the one to shed.
         self._deadlines: dict[anyio.CancelScope, float] = {}
+        self._accept_errors = 0  # since the last log line about them
+        self._accept_logged = -math.inf
+
+    @property
+    def connections(self) -> int:
+        return len(self._deadlines)
 
     async def serve(
         self,
@@ -157,7 +218,9 @@ class HttpServer:
                 async with anyio.create_task_group() as accept:
                     accept.start_soon(self._sweep)
                     for listener in listeners:
-                        accept.start_soon(listener.serve, self._connection, conns)
+                        # A TCP listener may be several sockets (IPv4 and IPv6).
+                        for inner in getattr(listener, "listeners", [listener]):
+                            accept.start_soon(self._accept_loop, inner, conns)
                     task_status.started()
             # Accepting stopped by shutdown(): in-flight connections finish under its deadline.
 
@@ -168,6 +231,65 @@ class HttpServer:
             self._accepting.cancel()
         if self._conns is not None:
             self._conns.cancel_scope.deadline = anyio.current_time() + grace
+
+    async def _accept_loop(self, listener: Any, conns: anyio.abc.TaskGroup) -> None:
+        """Accept on one socket listener (anyio's own ``serve`` lets an accept error end the
+        task group, and the daemon with it)."""
+        pause = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.ClosedResourceError:
+                return
+            except (OSError, anyio.BrokenResourceError) as e:
+                # Out of descriptors (or kernel memory): free one of ours, wait, try again.
+                # The pending connection stays in the backlog meanwhile.
+                self._shed_oldest_idle()
+                self._accept_failed(e)
+                pause = min(max(2 * pause, 0.01), _ACCEPT_PAUSE_MAX)
+                await anyio.sleep(pause)
+                continue
+            pause = 0.0
+            if len(self._deadlines) >= self.max_connections and not self._shed_oldest_idle():
+                self._event("refused")
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                continue
+            conns.start_soon(self._connection, stream)
+
+    def _shed_oldest_idle(self) -> bool:
+        oldest: anyio.CancelScope | None = None
+        when = math.inf
+        for scope, deadline in self._deadlines.items():
+            if deadline < when:
+                oldest, when = scope, deadline
+        if oldest is None:
+            return False
+        del self._deadlines[oldest]  # counted as gone now; its task closes the socket
+        oldest.cancel()
+        self._event("shed")
+        return True
+
+    def _accept_failed(self, e: BaseException) -> None:
+        self._event("accept_error")
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_logged >= _ACCEPT_LOG_EVERY:
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+            log.warning(
+                "http.accept_failed",
+                listener=self.name,
+                error=os.strerror(cause.errno)
+                if isinstance(cause, OSError) and cause.errno
+                else type(e).__name__,
+                errors=self._accept_errors,
+                connections=len(self._deadlines),
+            )
+            self._accept_logged, self._accept_errors = now, 0
+
+    def _event(self, event: str) -> None:
+        if self._observer is not None:
+            self._observer.connection_event(self.name, event)
 
     async def _sweep(self) -> None:
         """Cancel connections whose request has not arrived in time (idle keep-alive clients,
@@ -186,7 +308,7 @@ class HttpServer:
             try:
                 await self._serve_connection(stream, scope)
             finally:
-                del self._deadlines[scope]
+                self._deadlines.pop(scope, None)  # already gone if it was shed
 
     async def _serve_connection(
         self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
@@ -198,6 +320,8 @@ class HttpServer:
             peer = None
         async with stream:
             for served in range(1, self._max_requests + 1):
+                if scope.cancel_called:
+                    return
                 self._deadlines[scope] = time.monotonic() + self._idle
                 try:
                     event, body = await self._read(conn, stream)
@@ -220,6 +344,10 @@ class HttpServer:
                         {"error": "internal_error", "message": "internal server error"}, 500
                     )
                 last = served == self._max_requests  # told, so the client reconnects cleanly
+                if scope.cancel_called:
+                    return
+                # The answer must be taken within the same deadline as a request.
+                self._deadlines[scope] = time.monotonic() + self._idle
                 if not await self._send(conn, stream, resp, head=req.method == "HEAD", last=last):
                     return
                 if conn.our_state is h11.MUST_CLOSE or self._draining:

@@ -18,7 +18,7 @@ from typing import Any, Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["FORMATS", "JournalRenderer", "configure", "redact", "scrub"]
+__all__ = ["FORMATS", "JournalRenderer", "configure", "redact", "scrub", "set_level"]
 
 FORMATS: Final = ("json", "console", "journald")
 
@@ -139,3 +139,14 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=False,
     )
+
+
+def set_level(level: str) -> None:
+    """Change the level in place (SIGHUP), keeping the handler, format and stream."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    logging.getLogger().setLevel(numeric)
+    for noisy in ("httpx", "httpcore", "watchfiles"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))

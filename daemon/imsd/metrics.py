@@ -102,6 +102,14 @@ class Metrics:
             namespace="imsd",
             registry=r,
         )
+        self.connections = Counter(
+            "http_connection_events",
+            "Connections shed (idle, for a newcomer), refused (all busy) and failed accept()s"
+            " per listener.",
+            ["listener", "event"],
+            namespace="imsd",
+            registry=r,
+        )
         build = Gauge("build_info", "imsd version.", ["version"], namespace="imsd", registry=r)
         build.labels(__version__).set(1)
         r.register(_StoreCollector(store, clock))
@@ -118,6 +126,9 @@ class Metrics:
         for result in RESULTS:
             with contextlib.suppress(KeyError):
                 self.refreshes.remove(credential, result)
+
+    def connection_event(self, listener: str, event: str) -> None:
+        self.connections.labels(listener, event).inc()
 
     def ims_response(self, code: int | str) -> None:
         self.ims_requests.labels(str(code)).inc()

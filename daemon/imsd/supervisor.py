@@ -101,6 +101,7 @@ class _Worker:
     announced: Grant | None = None  # the last grant plugins were told about
     done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
     refresh_token: Secret | None = None  # newest of a rotating chain (auth = refresh_token)
+    attempted_at: float = -math.inf  # wall clock when the last IMS attempt began
     action_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
@@ -373,6 +374,21 @@ class Supervisor:
             raise KeyError(name)
         return entry
 
+    def forced_refresh_at(self, name: str, min_interval: float) -> float | None:
+        """When a forced refresh of *name* may next reach IMS: *min_interval* after the last
+        attempt or success, whatever its outcome, and not before the retry that the backoff
+        (or a ``Retry-After``) set for a failing credential. None while an attempt is in
+        flight: joining it costs IMS nothing. Raises KeyError for an unknown credential."""
+        w = self._workers[name]
+        if w.flight is not None:
+            return None
+        entry = self.store.get(name)
+        last = max(w.attempted_at, (entry.last_refresh if entry else None) or -math.inf)
+        at = last + min_interval
+        if w.last_kind is not None:
+            at = max(at, w.next_at)
+        return at
+
     # -- the worker loop ---------------------------------------------------------------------
 
     async def _loop(self, w: _Worker) -> None:
@@ -412,7 +428,7 @@ class Supervisor:
     async def _attempt(self, w: _Worker) -> None:
         cred = w.cred
         entry = self.store.upsert(cred.name, cred.path)
-        started = self._clock()
+        started = w.attempted_at = self._clock()
         try:
             try:
                 flow = flow_for(cred, self.auth_methods, now=started, refresh_token=w.refresh_token)

@@ -1,0 +1,396 @@
+"""Attacks from the outside review (issue 13), replayed against a real daemon process: local
+users exhausting descriptors, a user removed from the allow-list, supplementary groups, and
+forced-refresh floods. Real processes, real sockets, real second users (created when the
+suite runs as root; skipped otherwise, but never under ``CI=true``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from imsd.fakeims.server import FakeIms
+
+from tests.test_daemon import write_cred
+from tests.test_serving import add_client
+
+# The peer runs as another user, who cannot read this checkout's venv (often under /root):
+# a system Python with the standard library is all it needs.
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+def _need_root() -> None:
+    reason = "needs root to create a throwaway user"
+    if os.geteuid() != 0 or SYSTEM_PYTHON is None or shutil.which("useradd") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (and /usr/bin/python3, useradd); CI must run it")
+        pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+@pytest.fixture
+def make_user() -> Iterator[object]:
+    """``make_user(groups=[...])`` creates a throwaway system user; removed at the end."""
+    _need_root()
+    made_users: list[str] = []
+    made_groups: list[str] = []
+
+    def make(groups: tuple[str, ...] = ()) -> User:
+        name = f"imsdt{secrets.token_hex(4)}"
+        cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        if groups:
+            cmd += ["--groups", ",".join(groups)]
+        subprocess.run([*cmd, name], check=True, capture_output=True)
+        made_users.append(name)
+        import pwd
+
+        pw = pwd.getpwnam(name)
+        return User(name, pw.pw_uid, pw.pw_gid)
+
+    def group() -> tuple[str, int]:
+        name = f"imsdg{secrets.token_hex(4)}"
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        made_groups.append(name)
+        import grp
+
+        return name, grp.getgrnam(name).gr_gid
+
+    make.group = group  # type: ignore[attr-defined]
+    yield make
+    for name in made_users:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+    for name in made_groups:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeIms]:
+    with FakeIms.in_thread() as f:
+        add_client(f)
+        yield f
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="imsd-attack-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class DaemonProc:
+    def __init__(self, root: Path, config: str, *, nofile: int | None = None) -> None:
+        self.root = root
+        self.socket = root / "run" / "imsd.sock"
+        self.config = root / "imsd.toml"
+        self.metrics_port = _free_port()
+        self.write_config(config)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
+
+        def limit() -> None:  # the container default that the review's attack ran into
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.stderr = (root / "stderr.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imsd", "run", "--config", str(self.config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            preexec_fn=limit,  # setrlimit only, before exec
+        )
+
+    def write_config(self, extra: str) -> None:
+        r = self.root
+        (r / "run").mkdir(mode=0o755, exist_ok=True)  # other users reach the socket
+        values = {
+            "credentials_dir": f'"{r / "creds"}"',
+            "output_dir": f'"{r / "tokens"}"',
+            "state_dir": f'"{r / "state"}"',
+            "socket": f'"{self.socket}"',
+            "socket_mode": '"666"',
+            "metrics_address": f'"127.0.0.1:{self.metrics_port}"',
+            "log_format": '"json"',
+            "min_margin": "1.0",
+            "backoff_initial": "0.2",
+            "backoff_cap": "1.0",
+            "recheck_interval": "0.5",
+            "request_rate": "100.0",
+        }
+        for line in extra.splitlines():  # the test's own settings win
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+        tmp = r / "imsd.toml.tmp"
+        tmp.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+        os.replace(tmp, self.config)
+
+    def log(self) -> str:
+        return (self.root / "stderr.log").read_text(errors="replace")
+
+    def get(self, path: str, method: str = "GET", timeout: float = 5.0) -> httpx.Response:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://imsd",
+            timeout=timeout,
+        ) as c:
+            return c.request(method, path)
+
+    def wait_ready(self, limit: float = 20.0) -> None:
+        deadline = time.monotonic() + limit
+        while True:
+            assert self.proc.poll() is None, self.log()
+            with contextlib.suppress(httpx.HTTPError):
+                if self.get("/readyz").status_code == 200:
+                    return
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+@pytest.fixture
+def daemon_proc(world: Path) -> Iterator[object]:
+    procs: list[DaemonProc] = []
+
+    def start(config: str = "", *, nofile: int | None = None) -> DaemonProc:
+        d = DaemonProc(world, config, nofile=nofile)
+        procs.append(d)
+        return d
+
+    yield start
+    for d in procs:
+        d.stop()
+
+
+# -- High 1: descriptor exhaustion ----------------------------------------------------------
+
+
+def _flood(addresses: Sequence[tuple[int, object]], count: int) -> list[socket.socket]:
+    """Open *count* idle connections spread over the addresses (family, address)."""
+    out: list[socket.socket] = []
+    for i in range(count):
+        family, address = addresses[i % len(addresses)]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            s.connect_ex(address)  # type: ignore[arg-type]
+        out.append(s)
+    return out
+
+
+def test_descriptor_exhaustion_never_ends_the_daemon_nor_its_refreshes(
+    world: Path, fake: FakeIms, daemon_proc: object
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4500:
+        pytest.skip(f"the attacker needs 4,500 descriptors; the hard limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4500), hard))
+    fake.state.token_lifetime = 3.0  # a refresh about every 2.4 s
+    write_cred(world / "creds", "alpha", fake)
+    d = daemon_proc(nofile=1024)  # type: ignore[operator]
+    d.wait_ready()
+    targets: list[tuple[int, object]] = [
+        (socket.AF_INET, ("127.0.0.1", d.metrics_port)),
+        (socket.AF_UNIX, str(d.socket)),
+    ]
+    token = world / "tokens" / "alpha" / "token"
+    before = fake.state.request_count()
+    seen: set[bytes] = set()
+    attack: list[socket.socket] = []
+    try:
+        started = time.monotonic()
+        attack += _flood(targets, 2000)
+        while time.monotonic() - started < 9.0:
+            if time.monotonic() - started > 4.0 and len(attack) < 4000:
+                attack += _flood(targets, 2000)  # a second wave once the first was shed
+            assert d.proc.poll() is None, f"the daemon died under the attack:\n{d.log()}"
+            data = token.read_bytes()
+            assert fake.state.validate_token(data.decode()) is not None  # never expired
+            seen.add(data)
+            time.sleep(0.1)
+        # Served while still under attack: a new client sheds an idle attacker.
+        assert d.get("/livez").status_code == 200
+        r = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5)
+        assert 'imsd_http_connection_events_total{event="shed",listener="metrics"}' in r.text
+    finally:
+        for s in attack:
+            s.close()
+    # ~2.4 s apart: three or more new tokens in 9 s, each one written.
+    assert fake.state.request_count() - before >= 3
+    assert len(seen) >= 3
+    assert d.proc.poll() is None
+
+
+# -- High 2: SIGHUP applies the access rules -------------------------------------------------
+
+PEER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+for line in sys.stdin:  # one request per line read: a keep-alive connection across a reload
+    s.sendall(b"GET /v1/credentials/alpha/token HTTP/1.1\\r\\nHost: imsd\\r\\n\\r\\n")
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        head += s.recv(65536)
+    fields = [h.split(b":", 1) for h in head.split(b"\\r\\n")[1:] if b":" in h]
+    length = int(dict((k.lower(), v) for k, v in fields)[b"content-length"])
+    body = head.split(b"\\r\\n\\r\\n", 1)[1]
+    while len(body) < length:
+        body += s.recv(65536)
+    print(head.split(b" ")[1].decode(), flush=True)
+"""
+
+
+def _peer(user: User, sock: Path) -> subprocess.Popen[str]:
+    assert SYSTEM_PYTHON is not None
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", PEER, str(sock)],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=list(os.getgrouplist(user.name, user.gid)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+
+def _ask(peer: subprocess.Popen[str]) -> str:
+    assert peer.stdin is not None
+    assert peer.stdout is not None
+    peer.stdin.write("go\n")
+    peer.stdin.flush()
+    line = peer.stdout.readline().strip()
+    assert line, peer.stderr.read() if peer.stderr else ""
+    return line
+
+
+def _wait_for_log(d: DaemonProc, needle: str, count: int = 1, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while d.log().count(needle) < count:
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+
+
+def test_sighup_applies_the_allow_list(
+    world: Path, fake: FakeIms, daemon_proc: object, make_user: object
+) -> None:
+    user: User = make_user()  # type: ignore[operator]
+    write_cred(world / "creds", "alpha", fake)
+    d = daemon_proc(f"allowed_uids = [0, {user.uid}]\n")  # type: ignore[operator]
+    d.wait_ready()
+    peer = _peer(user, d.socket)
+    try:
+        assert _ask(peer) == "200"
+        d.write_config("allowed_uids = [0]\n")
+        d.proc.send_signal(signal.SIGHUP)
+        _wait_for_log(d, "daemon.reloaded")
+        assert _ask(peer) == "403"  # the same keep-alive connection, checked again
+        fresh = _peer(user, d.socket)
+        try:
+            assert _ask(fresh) == "403"
+        finally:
+            fresh.kill()
+            fresh.wait()
+    finally:
+        peer.kill()
+        peer.wait()
+    assert "daemon.reload_needs_restart" not in d.log()
+
+
+def test_supplementary_group_members_are_allowed(
+    world: Path, fake: FakeIms, daemon_proc: object, make_user: object
+) -> None:
+    group_name, gid = make_user.group()  # type: ignore[attr-defined]
+    member: User = make_user(groups=(group_name,))  # type: ignore[operator]
+    outsider: User = make_user()  # type: ignore[operator]
+    assert member.gid != gid  # the group is a supplementary one, not the primary
+    write_cred(world / "creds", "alpha", fake)
+    d = daemon_proc(f"allowed_uids = [0]\nallowed_gids = [{gid}]\n")  # type: ignore[operator]
+    d.wait_ready()
+    for user, want in ((member, "200"), (outsider, "403")):
+        peer = _peer(user, d.socket)
+        try:
+            assert _ask(peer) == want, user
+        finally:
+            peer.kill()
+            peer.wait()
+
+
+def test_refused_peers_are_logged_once_a_minute_and_counted(
+    world: Path, fake: FakeIms, daemon_proc: object, make_user: object
+) -> None:
+    user: User = make_user()  # type: ignore[operator]
+    write_cred(world / "creds", "alpha", fake)
+    d = daemon_proc("allowed_uids = [0]\n")  # type: ignore[operator]
+    d.wait_ready()
+    peer = _peer(user, d.socket)
+    try:
+        for _ in range(300):
+            assert _ask(peer) == "403"
+    finally:
+        peer.kill()
+        peer.wait()
+    assert d.log().count("api.peer_refused") == 1
+    text = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).text
+    assert 'imsd_socket_requests_total{code="403",endpoint="refused"} 300.0' in text
+
+
+# -- Medium 9: forced refreshes of a failing credential ---------------------------------------
+
+
+def test_forced_refresh_flood_on_a_failing_credential_obeys_backoff(
+    world: Path, fake: FakeIms, daemon_proc: object
+) -> None:
+    write_cred(world / "creds", "bad", fake, secret="p8e-wrong-00000000000000000")
+    d = daemon_proc("min_refresh_interval = 5.0\nbackoff_cap = 30.0\n")  # type: ignore[operator]
+    deadline = time.monotonic() + 20
+    while fake.state.request_count() == 0:  # its first attempt (invalid_client)
+        assert time.monotonic() < deadline, d.log()
+        assert d.proc.poll() is None, d.log()
+        time.sleep(0.05)
+    time.sleep(0.2)
+    before = fake.state.request_count()
+    statuses = [d.get("/v1/credentials/bad/refresh", method="POST") for _ in range(200)]
+    assert fake.state.request_count() - before <= 1
+    assert {r.status_code for r in statuses} <= {429, 502}
+    limited = [r for r in statuses if r.status_code == 429]
+    assert len(limited) >= 199
+    assert int(limited[0].headers["Retry-After"]) >= 1
+    assert limited[0].json()["error"] == "too_many_requests"
