@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import httpx
 import pytest
 from imsd.httpserver import (
@@ -169,3 +170,95 @@ async def test_shutdown_drains_in_flight(tcp: int) -> None:
         await started.wait()
         await server.shutdown(grace=5)
     assert result == [(200, "done", "close")]
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def connection_event(self, listener: str, event: str) -> None:
+        self.seen.append((listener, event))
+
+
+async def test_connection_cap_sheds_the_oldest_idle_first() -> None:
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    events = _Events()
+    server = HttpServer(echo, idle_timeout=30.0, max_connections=3, observer=events, name="t")
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, [listener])
+        idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(3)]
+        for s in idle:  # in order, so the first is the oldest idle
+            await s.send(b"GET / HTTP/1.1\r\n")
+            await anyio.sleep(0.05)
+        await wait_connections(server, 3)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            assert (await c.get("/newcomer")).status_code == 200
+        with anyio.fail_after(5):
+            assert await closed_by_peer(idle[0])
+        assert ("t", "shed") in events.seen
+        for s in idle[1:]:  # the younger ones were left alone
+            with anyio.move_on_after(0.2):
+                await s.receive()
+                pytest.fail("a younger idle connection was closed")
+        for s in idle:
+            await s.aclose()
+        assert server.connections <= 3
+        tg.cancel_scope.cancel()
+
+
+async def wait_connections(server: HttpServer, n: int) -> None:
+    with anyio.fail_after(5):
+        while server.connections != n:
+            await anyio.sleep(0.01)
+
+
+class _FlakyListener:
+    """A listener whose accept() fails like a process out of descriptors, then recovers."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def accept(self) -> Any:
+        if self.failures:
+            self.failures -= 1
+            await anyio.lowlevel.checkpoint()
+            raise OSError(24, "Too many open files")
+        return await self.inner.accept()
+
+
+async def test_accept_errors_never_end_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    events = _Events()
+    flaky = _FlakyListener(listener.listeners[0], failures=5)  # type: ignore[attr-defined]
+    async with anyio.create_task_group() as tg:
+        await tg.start(HttpServer(echo, observer=events, name="t").serve, [flaky])
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            assert (await c.get("/after")).status_code == 200
+        assert events.seen.count(("t", "accept_error")) == 5
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
+    big = Response(200, b"x" * (1 << 20))
+
+    async def handler(req: Request) -> Response:
+        return big
+
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    server = HttpServer(handler, idle_timeout=1.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, [listener])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 20)  # pipelined, never read
+            await wait_connections(server, 1)
+            await wait_connections(server, 0)  # the write deadline dropped it
+        finally:
+            sock.close()
+        tg.cancel_scope.cancel()

@@ -291,7 +291,7 @@ class HealthApi:
         if req.method not in ("GET", "HEAD"):
             return _error(405, "method_not_allowed", "use GET", Allow="GET, HEAD")
         if req.path == "/metrics":
-            body, content_type = self.metrics.render(req.header("accept"))
+            body, content_type = await self.metrics.scrape(req.header("accept"))
             return Response(200, body, [("Content-Type", content_type)])
         health = _health(req.path, self.store, self._clock)
         if health is not None:

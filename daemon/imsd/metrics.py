@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Final
 
+import anyio
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from imsd import __version__
+from imsd.model import CredentialState
 from imsd.store import TokenStore
 
 __all__ = ["RESULTS", "Metrics"]
@@ -33,10 +36,35 @@ _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # halves the series; nobody reads _created
 
 
+#: A scrape's rendering is reused for this long: a scrape flood costs one rendering a second.
+SCRAPE_CACHE: Final = 1.0
+
+_Row = tuple[str, float | None, float | None, int | None]
+
+
 class _StoreCollector(Collector):
+    """Reads the store as frozen on the event loop by :meth:`freeze`, so that the encoder
+    can run in a worker thread while the loop goes on changing the store."""
+
     def __init__(self, store: TokenStore, clock: Callable[[], float]) -> None:
         self._store = store
         self._clock = clock
+        self._frozen: tuple[list[_Row], dict[CredentialState, int]] | None = None
+
+    def freeze(self) -> None:
+        rows: list[_Row] = [
+            (
+                e.name,
+                e.grant.expires_at if e.grant is not None else None,
+                e.last_refresh,
+                e.consecutive_failures if e.credential is not None else None,
+            )
+            for e in self._store
+        ]
+        self._frozen = (rows, self._store.counts(self._clock()))
+
+    def thaw(self) -> None:
+        self._frozen = None
 
     def collect(self) -> Iterator[Metric]:
         expiry = GaugeMetricFamily(
@@ -55,15 +83,21 @@ class _StoreCollector(Collector):
             labels=["credential"],
         )
         states = GaugeMetricFamily("imsd_credentials", "Credentials by state.", labels=["state"])
-        now = self._clock()
-        for entry in self._store:
-            if entry.grant is not None:
-                expiry.add_metric([entry.name], entry.grant.expires_at)
-            if entry.last_refresh is not None:
-                success.add_metric([entry.name], entry.last_refresh)
-            if entry.credential is not None:
-                failures.add_metric([entry.name], entry.consecutive_failures)
-        for state, count in self._store.counts(now).items():
+        if self._frozen is None:  # called on the loop itself (render)
+            self.freeze()
+            assert self._frozen is not None
+            rows, counts = self._frozen
+            self.thaw()
+        else:
+            rows, counts = self._frozen
+        for name, expires_at, last_refresh, failing in rows:
+            if expires_at is not None:
+                expiry.add_metric([name], expires_at)
+            if last_refresh is not None:
+                success.add_metric([name], last_refresh)
+            if failing is not None:
+                failures.add_metric([name], failing)
+        for state, count in counts.items():
             states.add_metric([state.value], count)
         yield from (expiry, success, failures, states)
 
@@ -112,9 +146,14 @@ class Metrics:
         )
         build = Gauge("build_info", "imsd version.", ["version"], namespace="imsd", registry=r)
         build.labels(__version__).set(1)
-        r.register(_StoreCollector(store, clock))
+        self._collector = _StoreCollector(store, clock)
+        r.register(self._collector)
+        self._scrapes: dict[str, tuple[float, bytes]] = {}  # content type -> (when, body)
+        self._render_lock = anyio.Lock()
+        self.renderings = 0  # how many times the exposition was encoded (tests, bench)
 
     def added(self, credential: str) -> None:
+        self._scrapes.clear()  # a new credential's series show at the next scrape
         for result in RESULTS:  # rates start at zero instead of appearing on first failure
             self.refreshes.labels(credential, result)
 
@@ -123,6 +162,7 @@ class Metrics:
         self.refresh_duration.observe(duration)
 
     def forget(self, credential: str) -> None:
+        self._scrapes.clear()  # a removed credential's series never outlive it
         for result in RESULTS:
             with contextlib.suppress(KeyError):
                 self.refreshes.remove(credential, result)
@@ -136,4 +176,23 @@ class Metrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape, OpenMetrics when the scraper asks for it."""
         encoder, content_type = choose_encoder(accept or "")
+        self.renderings += 1
         return encoder(self.registry), content_type
+
+    async def scrape(self, accept: str | None) -> tuple[bytes, str]:
+        """:meth:`render` for the metrics listener: encoded in a worker thread (35k series
+        take long enough to stall token reads on the loop), one rendering at a time, and
+        reused for :data:`SCRAPE_CACHE` seconds by every scraper asking the same format."""
+        encoder, content_type = choose_encoder(accept or "")
+        async with self._render_lock:
+            cached = self._scrapes.get(content_type)
+            if cached is not None and time.monotonic() - cached[0] < SCRAPE_CACHE:
+                return cached[1], content_type
+            self._collector.freeze()
+            try:
+                self.renderings += 1
+                body = await anyio.to_thread.run_sync(encoder, self.registry)
+            finally:
+                self._collector.thaw()
+            self._scrapes[content_type] = (time.monotonic(), body)
+            return body, content_type
