@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from imsd.config import Settings
+from imsd.config import RELOAD, Reload, Settings
 from imsd.flows import PERMANENT_CODES
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -33,6 +33,14 @@ def test_config_reference_lists_every_setting_with_its_default() -> None:
             assert float(text) == float(value), key
         else:
             assert text == str(value), key
+
+
+def test_reload_section_matches_the_reload_table() -> None:
+    section = _between("<!-- reload:start -->", "<!-- reload:end -->")
+    applied, restart = section.split("- kept until a restart")
+    for key, how in RELOAD.items():
+        part = applied if how is Reload.APPLIED else restart
+        assert f"`{key}`" in part, (key, how)
 
 
 def test_troubleshooting_explains_every_permanent_error() -> None:
