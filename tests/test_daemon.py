@@ -240,7 +240,7 @@ async def test_outage_serves_last_token_until_expiry_then_recovers(
 
 async def test_throttled_honours_retry_after(tmp_path: Path, fake: FakeIms, daemon: Any) -> None:
     fake.state.throttle_next(1, retry_after=1)
-    s = make_settings(tmp_path)
+    s = make_settings(tmp_path, backoff_cap=2.0)  # Retry-After is capped at the backoff cap
     write_cred(s.credentials_dir, "alpha", fake)
     await daemon(s)
     await wait_for(lambda: (s.output_dir / "alpha" / "token").exists())

@@ -120,7 +120,8 @@ async def test_throttling_storm_honours_retry_after_and_the_global_rate(
     for i in range(20):
         fake.state.add_client(f"c{i}", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
     fake.state.throttle_next(10, retry_after=1)
-    s = make_settings(tmp_path, request_rate=10.0, request_burst=2)
+    # backoff_cap above the Retry-After, which is capped at it
+    s = make_settings(tmp_path, request_rate=10.0, request_burst=2, backoff_cap=2.0)
     for i in range(20):
         write_cred(s.credentials_dir, f"cred{i}", fake, client_id=f"c{i}")
     await start(s)
