@@ -2,19 +2,23 @@ from __future__ import annotations
 
 import gzip
 import socket
+import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from imsd.catalog import Added
 from imsd.credentials import builtin_auth_methods
 from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
 from imsd.flows import Flow
 from imsd.imsclient import ImsClient, check_url
 from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, Secret
+from imsd.registry import load_registry
+from imsd.supervisor import Supervisor
 
 pytestmark = pytest.mark.anyio
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
@@ -108,6 +112,59 @@ async def test_timeout(fake: FakeIms) -> None:
             await client.run(client_credentials_flow(cred(fake.url), 0.0))
     fake.state.hang(0)
     assert err.value.code == "timeout"
+
+
+async def test_a_dripping_ims_is_cut_at_the_overall_deadline(fake: FakeIms) -> None:
+    """One byte every 50 ms never trips a per-read timeout of 0.5 s; the whole exchange has
+    that deadline. (The outer fail_after only turns a hang into a failure.)"""
+    fake.state.drip(0.05)  # a token answer of ~800 bytes would take 40 s
+    codes: list[int | str] = []
+    try:
+        with anyio.fail_after(20):
+            async with ImsClient(timeout=0.5, on_response=codes.append) as client:
+                with pytest.raises(ImsError) as err:
+                    await client.run(client_credentials_flow(cred(fake.url), 0.0))
+    finally:
+        fake.state.drip(0)
+    assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "timeout")
+    assert codes == ["network_error"]
+
+
+class NullSink:
+    def write(self, name: str, files: Mapping[str, bytes]) -> None:
+        pass
+
+    def remove(self, name: str) -> None:
+        pass
+
+    def in_memory(self) -> bool:
+        return True
+
+
+async def test_watchdog_sees_an_exchange_past_its_deadline(fake: FakeIms) -> None:
+    """A fetch in flight used to be never "stuck". If the deadline ever fails to end an
+    exchange (a blocked loop, a bug), the watchdog must see it: the client's monotonic clock
+    is stepped past deadline + grace while the fake IMS holds the answer."""
+    mono = [0.0]
+    fake.state.hang(30)
+    try:
+        async with (
+            ImsClient(timeout=30, monotonic=lambda: mono[0]) as client,
+            anyio.create_task_group() as tg,
+        ):
+            sup = Supervisor(client=client, sink=NullSink(), products=load_registry().products)
+            await tg.start(sup.run)
+            await sup.apply([Added(cred(fake.url))])
+            with anyio.fail_after(10):
+                while fake.state.in_flight == 0:
+                    await anyio.sleep(0.01)
+            now = time.time()
+            assert sup.stuck(now, grace=60) == []  # in flight, within its deadline
+            mono[0] += 30 + 60 + 1
+            assert sup.stuck(now, grace=60) == ["c"]
+            tg.cancel_scope.cancel()
+    finally:
+        fake.state.hang(0)
 
 
 async def test_concurrency_cap(fake: FakeIms) -> None:

@@ -84,6 +84,7 @@ class ImsClient:
         transport: httpx.AsyncBaseTransport | None = None,
         on_response: Callable[[int | str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limiter = anyio.CapacityLimiter(max_concurrent)
         self._max_concurrent = max_concurrent
@@ -93,6 +94,8 @@ class ImsClient:
         self._transport = transport
         self._on_response = on_response
         self._clock = clock
+        self._monotonic = monotonic  # exchange ages (tests step it to play a stuck exchange)
+        self._since: dict[object, float] = {}  # exchange owner → when its exchange began
         self._http: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> ImsClient:
@@ -127,7 +130,7 @@ class ImsClient:
         try:
             request = _step(flow, None)
             while True:
-                response = await self.send(request)
+                response = await self.send(request, owner=flow)
                 request = _step(flow, response)
         except StopIteration as stop:
             grant = stop.value
@@ -168,33 +171,64 @@ class ImsClient:
         if self._on_response is not None:
             self._on_response(code)
 
-    async def send(self, request: HttpRequest) -> HttpResponse:
+    async def send(self, request: HttpRequest, *, owner: object = None) -> HttpResponse:
+        """One exchange: *request* sent, the whole answer read, within :attr:`deadline`
+        (httpx's timeouts are per read: an IMS dripping a byte a second would never trip
+        them). Waiting for a slot under the concurrency cap and the rate limit is not
+        counted. *owner* (the flow, from :meth:`run`) names the exchange for
+        :meth:`overran`."""
         if self._http is None:
             raise RuntimeError("ImsClient is not open (use 'async with')")
         check_url(request.url)
+        key = owner if owner is not None else object()
         async with self._limiter:
             delay = self._rate.reserve(time.monotonic())
             if delay > 0:
                 await anyio.sleep(delay)
+            self._since[key] = self._monotonic()
             try:
-                async with self._http.stream(
-                    request.method,
-                    request.url,
-                    data=dict(request.form) or None,
-                    headers=_headers(request),
-                ) as resp:
-                    body = await self._read_body(resp)
-            except httpx.TimeoutException:
+                with anyio.fail_after(self._timeout):
+                    resp, body = await self._exchange(request)
+            except TimeoutError:
                 self._note("network_error")
                 raise ImsError(
-                    ImsErrorKind.TRANSIENT, "timeout", f"no answer within {self._timeout}s"
+                    ImsErrorKind.TRANSIENT,
+                    "timeout",
+                    f"no complete answer within {self._timeout:g}s",
                 ) from None
-            except httpx.HTTPError as e:
-                self._note("network_error")
-                host = urlsplit(request.url).netloc
-                raise ImsError(
-                    ImsErrorKind.TRANSIENT, "network_error", f"{type(e).__name__} ({host})"
-                ) from None
+            finally:
+                del self._since[key]
         self._note(resp.status_code)
         headers = {k.lower(): v for k, v in resp.headers.items()}
         return HttpResponse(resp.status_code, headers, body)
+
+    async def _exchange(self, request: HttpRequest) -> tuple[httpx.Response, bytes]:
+        assert self._http is not None
+        try:
+            async with self._http.stream(
+                request.method,
+                request.url,
+                data=dict(request.form) or None,
+                headers=_headers(request),
+            ) as resp:
+                return resp, await self._read_body(resp)
+        except httpx.TimeoutException:
+            raise TimeoutError from None  # one message for a per-read and the overall timeout
+        except httpx.HTTPError as e:
+            self._note("network_error")
+            host = urlsplit(request.url).netloc
+            raise ImsError(
+                ImsErrorKind.TRANSIENT, "network_error", f"{type(e).__name__} ({host})"
+            ) from None
+
+    @property
+    def deadline(self) -> float:
+        """Seconds an exchange may take, from sending the request to the body's last byte."""
+        return self._timeout
+
+    def overran(self, owner: object, grace: float) -> bool:
+        """Whether *owner*'s exchange in progress has outlived :attr:`deadline` by more than
+        *grace* seconds: the deadline did not fire (a blocked loop, a bug), which the
+        systemd watchdog must see (:meth:`imsd.supervisor.Supervisor.stuck`)."""
+        since = self._since.get(owner)
+        return since is not None and self._monotonic() - since > self._timeout + grace

@@ -97,6 +97,7 @@ class _Worker:
     write_pending: bool = False  # the current grant is not on disk yet
     write_attempt: int = 0
     flight: anyio.Event | None = None  # set when the in-flight fetch ends
+    flow: Flow | None = None  # the in-flight fetch's flow (the watchdog asks the client)
     last_kind: ImsErrorKind | None = None  # kind of the last failed attempt
     announced: Grant | None = None  # the last grant plugins were told about
     done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
@@ -423,7 +424,7 @@ class Supervisor:
             await self._attempt(w)
         finally:
             w.flight.set()
-            w.flight = None
+            w.flight, w.flow = None, None
 
     async def _attempt(self, w: _Worker) -> None:
         cred = w.cred
@@ -434,6 +435,7 @@ class Supervisor:
                 flow = flow_for(cred, self.auth_methods, now=started, refresh_token=w.refresh_token)
             except CredentialError as e:  # the method's plugin is gone (a reload)
                 raise ImsError(ImsErrorKind.PERMANENT, "unsupported_auth", e.reason) from None
+            w.flow = flow
             grant = await self.client.run(flow)
         except ImsError as e:
             entry.consecutive_failures += 1
@@ -545,12 +547,15 @@ class Supervisor:
             await anyio.to_thread.run_sync(lambda: notify(hook, **kwargs))
 
     def stuck(self, now: float, grace: float) -> list[str]:
-        """Credentials whose refresh is overdue by more than *grace* with nothing in flight:
-        the watchdog stops pinging systemd when the scheduler stops making progress."""
+        """Credentials whose refresh is overdue by more than *grace* with nothing in flight,
+        or whose IMS exchange has outlived the client's deadline by more than *grace*: the
+        watchdog stops pinging systemd when the scheduler stops making progress."""
+        overran = getattr(self.client, "overran", None)  # ImsClient's; test doubles lack it
         return [
             name
             for name, w in self._workers.items()
-            if w.flight is None and w.next_at and now > w.next_at + grace
+            if (w.flight is None and w.next_at and now > w.next_at + grace)
+            or (w.flow is not None and overran is not None and overran(w.flow, grace))
         ]
 
     def write_pending(self, name: str) -> bool:
