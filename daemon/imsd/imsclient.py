@@ -152,7 +152,7 @@ class ImsClient:
             self._note(resp.status_code)
             return ImsError(ImsErrorKind.TRANSIENT, code, why, status=resp.status_code)
 
-        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        encoding = resp.headers.get("content-encoding", "").strip().lower() or "identity"
         if encoding != "identity":
             shown = encoding if _TOKEN.fullmatch(encoding) else "?"
             raise refuse("response_compressed", f"IMS response is encoded ({shown[:20]})")
