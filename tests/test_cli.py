@@ -143,3 +143,19 @@ def test_demo_prints_a_working_curl_line() -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("alpha", "alpha"),
+        ("\x1b[2J\x1b]0;pwned\x07x", "\\x1b[2J\\x1b]0;pwned\\x07x"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("caf\u00e9 \u2192 ok", "caf\u00e9 \u2192 ok"),
+    ],
+)
+def test_status_never_prints_control_characters(raw: str, shown: str) -> None:
+    from imsd.cli import printable
+
+    assert printable(raw) == shown
+    assert all(c.isprintable() for c in printable(raw))

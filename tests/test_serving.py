@@ -106,6 +106,10 @@ async def test_socket_api(tmp_path: Path, fake: FakeIms, running: Any) -> None:
         r = await c.get("/readyz")
         assert r.status_code == 503
         assert "bad" in r.json()["failing"]
+    # The unauthenticated TCP listener counts the failing credentials and names none.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.metrics_port}") as m:
+        r = await m.get("/readyz")
+    assert (r.status_code, r.json()) == (503, {"status": "not ready", "failing": 1})
 
 
 async def test_disallowed_peer_is_refused(tmp_path: Path, fake: FakeIms, running: Any) -> None:

@@ -54,13 +54,21 @@ def readiness(store: TokenStore, now: float) -> tuple[bool, dict[str, str]]:
     return not failing, failing
 
 
-def _health(path: str, store: TokenStore, clock: Callable[[], float]) -> Response | None:
+def _health(
+    path: str, store: TokenStore, clock: Callable[[], float], *, detail: bool
+) -> Response | None:
+    """``/livez`` and ``/readyz``. Without *detail* (the unauthenticated TCP listener) the
+    failing credentials are counted, not named: names and IMS error texts are for the
+    peer-checked socket."""
     if path == "/livez":
         return Response.json({"status": "ok"})
     if path == "/readyz":
         ready, failing = readiness(store, clock())
         return Response.json(
-            {"status": "ready" if ready else "not ready", "failing": failing},
+            {
+                "status": "ready" if ready else "not ready",
+                "failing": failing if detail else len(failing),
+            },
             status=200 if ready else 503,
         )
     return None
@@ -152,7 +160,7 @@ class Api:
         if not self._allowed(req):
             self._log_refusal(req)
             return _error(403, "forbidden", "this user may not use the imsd socket"), "refused"
-        health = _health(req.path, self.store, self._clock)
+        health = _health(req.path, self.store, self._clock, detail=True)
         if health is not None:
             return health, req.path.lstrip("/")
         if req.path == "/v1/credentials":
@@ -293,7 +301,7 @@ class HealthApi:
         if req.path == "/metrics":
             body, content_type = await self.metrics.scrape(req.header("accept"))
             return Response(200, body, [("Content-Type", content_type)])
-        health = _health(req.path, self.store, self._clock)
+        health = _health(req.path, self.store, self._clock, detail=False)
         if health is not None:
             return health
         return _error(404, "not_found", f"no such endpoint: {req.path}")

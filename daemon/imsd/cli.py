@@ -191,6 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
+def printable(value: object) -> str:
+    """*value* for a terminal: control characters (escape sequences from a hostile file
+    name or IMS answer) shown as ``\\xNN`` instead of being interpreted."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     from imsd.client import ImsdUnavailable, request
 
@@ -200,8 +209,9 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'NAME':<24} {'STATE':<8} {'EXPIRES':<21} LAST ERROR")
             for row in rows:
                 print(
-                    f"{row['name']:<24} {row['state']:<8} {row['expires_at'] or '-':<21} "
-                    f"{row['last_error'] or ''}"
+                    f"{printable(row['name']):<24} {printable(row['state']):<8} "
+                    f"{printable(row['expires_at'] or '-'):<21} "
+                    f"{printable(row['last_error'] or '')}"
                 )
             return 0
         if args.command == "token":
