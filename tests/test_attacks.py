@@ -24,6 +24,7 @@ import httpx
 import pytest
 from imsd.fakeims.server import FakeIms
 
+from tests.requirements import need_root, need_tool
 from tests.test_daemon import write_cred
 from tests.test_serving import add_client
 
@@ -33,11 +34,9 @@ SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
 def _need_root() -> None:
-    reason = "needs root to create a throwaway user"
-    if os.geteuid() != 0 or SYSTEM_PYTHON is None or shutil.which("useradd") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (and /usr/bin/python3, useradd); CI must run it")
-        pytest.skip(reason)
+    need_root("a throwaway second user plays the local attacker")
+    need_tool("useradd", "apt-get install passwd")
+    need_tool("python3", "apt-get install python3 (the other user's client)")
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.requirements import need_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def tool(name: str, hint: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path=str(BIN))
-    assert found, f"{name} not found: {hint}"
-    return found
+    return need_tool(name, hint)
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

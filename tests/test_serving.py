@@ -7,7 +7,6 @@ import functools
 import io
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -24,6 +23,7 @@ from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
 from imsd.registry import load_registry
 
+from tests.requirements import need_tool
 from tests.test_daemon import SECRET, make_settings, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
@@ -195,8 +195,7 @@ async def test_metrics_and_health(tmp_path: Path, fake: FakeIms, running: Any) -
     ):
         assert name in text
     assert "_created" not in text
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool not found: apt-get install prometheus (.ci/run does)"
+    promtool = need_tool("promtool", "apt-get install prometheus")
     check = await anyio.run_process(
         [promtool, "check", "metrics"], input=text.encode(), check=False
     )
