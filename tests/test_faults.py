@@ -27,8 +27,12 @@ import httpx
 import pytest
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
-from imsd.model import CredentialState
+from imsd.imsclient import ImsClient
+from imsd.model import Credential, CredentialState, Grant, Secret
 from imsd.registry import load_registry
+from imsd.schedule import WRITE_RETRY_CAP, RefreshPolicy
+from imsd.sinks import FileSink
+from imsd.supervisor import Supervisor, _Worker
 
 from tests.test_daemon import ORG, SCOPES, SECRET, make_settings, wait_for, write_cred
 
@@ -318,6 +322,35 @@ async def test_disk_full_keeps_old_files_and_recovers(
     filler.unlink()
     await wait_for(lambda: token.read_text() != first)
     assert entry.last_error is None
+
+
+async def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> None:
+    """A write retry costs IMS nothing: after many failed writes (ENOSPC) the next one is
+    due within WRITE_RETRY_CAP, not the 300 s IMS backoff cap, and never after the token
+    expires."""
+    sup = Supervisor(
+        client=ImsClient(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+        sink=FileSink(tmp_path),
+        products=load_registry().products,
+        policy=RefreshPolicy(backoff_cap=300.0),
+        clock=lambda: 1000.0,
+        rand=lambda: 0.999,
+    )
+    c = Credential(
+        name="alpha",
+        path=tmp_path / "alpha.toml",
+        auth="oauth_server_to_server",
+        client_id="client-a",
+        client_secret=Secret(SECRET),
+        org_id=ORG,
+        scopes=tuple(SCOPES),
+    )
+    w = _Worker(c, write_attempt=20)
+    entry = sup.store.upsert("alpha", c.path)
+    entry.grant = Grant(Secret("t"), "bearer", 900.0, 1000.0 + 86400)
+    assert 1000.0 < sup._write_retry_at(w) <= 1000.0 + WRITE_RETRY_CAP
+    entry.grant = Grant(Secret("t"), "bearer", 900.0, 1002.0)
+    assert 1000.0 < sup._write_retry_at(w) <= 1002.0
 
 
 # -- clock jumps and suspend ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from imsd.model import CredentialState, Grant, ImsError, ImsErrorKind, Secret
 from imsd.schedule import (
     MIN_WAIT,
+    WRITE_RETRY_CAP,
     ClockWatch,
     RateLimiter,
     RefreshPolicy,
@@ -14,6 +15,7 @@ from imsd.schedule import (
     retry_at,
     sleep_for,
     token_state,
+    write_retry_at,
 )
 
 P = RefreshPolicy()
@@ -69,6 +71,41 @@ def test_backoff_table(attempt: int, rand: float, expected: float) -> None:
 @given(st.integers(1, 10**9), st.floats(0, 1, exclude_max=True))
 def test_backoff_bounded(attempt: int, rand: float) -> None:
     assert MIN_WAIT <= backoff_delay(attempt, P, rand) <= P.backoff_cap
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expires_at", "expected"),
+    [
+        (1, 0.5, 1e9, 1000.5),  # the IMS backoff while it is short
+        (3, 1.0, 1e9, 1004.0),
+        (4, 1.0, 1e9, 1000 + WRITE_RETRY_CAP),  # 8 s: capped (the IMS cap is 300 s)
+        (10**6, 0.999, 1e9, 1000 + 0.999 * WRITE_RETRY_CAP),
+        (10**6, 1.0, 1002.0, 1002.0),  # never after the token expires
+        (10**6, 1.0, 1000.01, 1000 + MIN_WAIT),  # … nor spinning
+        (10**6, 1.0, 900.0, 1000 + WRITE_RETRY_CAP),  # expired: still retried, capped
+        (1, 0.0, 1e9, 1000 + MIN_WAIT),
+    ],
+)
+def test_write_retry_table(attempt: int, rand: float, expires_at: float, expected: float) -> None:
+    assert write_retry_at(1000.0, attempt, P, rand, expires_at) == pytest.approx(expected)
+
+
+@given(
+    st.floats(0, 1e9),
+    st.integers(1, 10**9),
+    st.floats(0, 1),
+    st.floats(0, 2e9),
+    st.floats(0.001, 1e4),
+    st.floats(0.001, 1e4),
+)
+def test_write_retry_is_short_and_within_the_token_life(
+    now: float, attempt: int, rand: float, expires_at: float, initial: float, cap: float
+) -> None:
+    policy = RefreshPolicy(backoff_initial=initial, backoff_cap=cap)
+    wake = write_retry_at(now, attempt, policy, rand, expires_at)
+    assert now + MIN_WAIT * 0.999 <= wake <= now + max(MIN_WAIT, WRITE_RETRY_CAP) + 1e-6
+    if expires_at > now + MIN_WAIT:
+        assert wake <= expires_at
 
 
 def test_retry_after_is_honoured() -> None:

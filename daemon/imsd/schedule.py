@@ -38,10 +38,14 @@ __all__ = [
     "retry_at",
     "sleep_for",
     "token_state",
+    "write_retry_at",
 ]
 
 #: Shortest wait between attempts, so a zero draw or a zero Retry-After never spins.
 MIN_WAIT = 0.05
+#: Longest wait before retrying a failed write of the output files. A write retry costs IMS
+#: nothing (only local I/O), so once space returns the files follow within seconds.
+WRITE_RETRY_CAP = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,22 @@ def retry_at(
     if expires_at is not None and now < expires_at and error.kind is not ImsErrorKind.PERMANENT:
         last_chance = max(now + MIN_WAIT, expires_at - min(policy.backoff_initial, 1.0))
         wake = min(wake, last_chance)
+    return wake
+
+
+def write_retry_at(
+    now: float, attempt: int, policy: RefreshPolicy, rand: float, expires_at: float
+) -> float:
+    """When to retry the *attempt*-th consecutive failed write of a token expiring at
+    *expires_at*: full-jitter backoff capped at :data:`WRITE_RETRY_CAP` (not the IMS backoff
+    cap), and never after the token expires (past that the files are worthless anyway)."""
+    exponent = min(max(attempt, 1) - 1, 62)
+    ceiling = min(
+        WRITE_RETRY_CAP, policy.backoff_cap, policy.backoff_initial * math.ldexp(1.0, exponent)
+    )
+    wake = now + max(MIN_WAIT, rand * ceiling)
+    if expires_at > now:
+        wake = min(wake, max(now + MIN_WAIT, expires_at))
     return wake
 
 

@@ -44,10 +44,10 @@ from imsd.render import RenderError, render_outputs, rfc3339
 from imsd.schedule import (
     ClockWatch,
     RefreshPolicy,
-    backoff_delay,
     next_refresh_at,
     retry_at,
     sleep_for,
+    write_retry_at,
 )
 from imsd.sinks import SinkError
 from imsd.store import Entry, TokenStore
@@ -413,7 +413,9 @@ class Supervisor:
     def _write_retry_at(self, w: _Worker) -> float:
         if w.write_attempt == 0:
             return 0.0
-        return self._clock() + backoff_delay(w.write_attempt, self.policy, self._rand())
+        entry = self.store.get(w.cred.name)
+        expires = entry.grant.expires_at if entry is not None and entry.grant else math.inf
+        return write_retry_at(self._clock(), w.write_attempt, self.policy, self._rand(), expires)
 
     async def _fetch(self, w: _Worker) -> None:
         if w.flight is not None:  # single-flight: share the attempt in progress
