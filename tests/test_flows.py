@@ -151,6 +151,39 @@ def test_malformed_success_is_transient(body: Any) -> None:
     assert err.value.code == "invalid_response"
 
 
+@pytest.mark.parametrize(
+    ("token_type", "accepted"),
+    [
+        ("bearer", True),
+        ("Bearer", True),
+        ("BEARER", True),
+        (None, True),  # absent: IMS's bearer
+        ("mac", False),
+        ("DPoP", False),
+        ("N_A", False),
+        ("", False),
+        ("bearer ", False),
+        (1, False),
+        (["bearer"], False),
+    ],
+)
+def test_token_type_must_be_bearer(token_type: Any, accepted: bool) -> None:
+    """Every output presents the token as ``Bearer``: any other type is refused, not relabelled."""
+    body: dict[str, Any] = {"access_token": "tok", "expires_in": 60}
+    if token_type is not None:
+        body["token_type"] = token_type
+    if accepted:
+        assert parse_token_response(resp(200, body), now=NOW).token_type == "bearer"
+        return
+    with pytest.raises(ImsError) as err:
+        parse_token_response(resp(200, body), now=NOW)
+    assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "invalid_response")
+    assert "token_type is not bearer" in str(err.value)
+    # … and so is a plugin's own Grant of another type
+    with pytest.raises(ImsError, match="token_type is not bearer"):
+        check_grant(Grant(Secret("t"), str(token_type), NOW, NOW + 60))
+
+
 def test_check_grant_refuses_unusable_times() -> None:
     ok = Grant(Secret("t"), "bearer", NOW, NOW + 60)
     assert check_grant(ok) is ok

@@ -174,8 +174,11 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
     token = body.get("access_token")
     if not isinstance(token, str) or not _usable(token):
         raise _invalid("response has no usable access_token", resp.status)
-    kind = body.get("token_type")
-    token_type = kind.lower() if isinstance(kind, str) and kind.isalpha() else _BEARER
+    kind = body.get("token_type", _BEARER)
+    if not isinstance(kind, str) or kind.lower() != _BEARER:
+        # Every output presents the token as "Bearer": another type would be mislabelled.
+        raise _invalid("token_type is not bearer", resp.status)
+    token_type = _BEARER
     claims = _claims(token)
     for key in ("created_at", "expires_in"):
         if key in claims and _number(claims[key]) is None:
@@ -202,15 +205,18 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
 
 
 def check_grant(grant: Grant, status: int | None = None) -> Grant:
-    """*grant* if its times are usable (finite, in range, expiry after issue), else the
-    ImsError of an invalid response: whatever an auth method computed, a NaN or an absurd
-    time must fail the attempt, not crash the scheduler or the renderer later."""
+    """*grant* if its times are usable (finite, in range, expiry after issue) and it is a
+    bearer token, else the ImsError of an invalid response: whatever an auth method
+    computed, a NaN, an absurd time or another token type must fail the attempt, not crash
+    the scheduler or the renderer later, nor be published as ``Bearer``."""
     if not (
         usable_time(grant.issued_at)
         and usable_time(grant.expires_at)
         and grant.expires_at > grant.issued_at
     ):
         raise _invalid("token times are not finite or out of range", status)
+    if not isinstance(grant.token_type, str) or grant.token_type.lower() != _BEARER:
+        raise _invalid("token_type is not bearer", status)
     return grant
 
 
