@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +161,59 @@ def test_fuzz_secret_never_in_errors(secret: str, field: str, value: Any) -> Non
     if error is not None:
         assert secret not in str(error)
         assert error.path == "/creds/c.json"
+
+
+# -- what a scan reads ---------------------------------------------------------------------
+
+
+def test_read_user_file_takes_regular_files_only(tmp_path: Path) -> None:
+    from imsd.credentials import read_user_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in (
+        (fifo, "a FIFO"),
+        (Path("/dev/zero"), "a character device"),
+        (tmp_path, "a directory"),
+    ):
+        with pytest.raises(ValueError, match=f"not a regular file \\({kind}\\)"):
+            read_user_file(path)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * ((1 << 20) + 1))
+    with pytest.raises(ValueError, match="larger than 1 MiB"):
+        read_user_file(big)
+    (tmp_path / "ok").write_bytes(b"x" * (1 << 20))
+    (tmp_path / "link").symlink_to("ok")  # Kubernetes Secret volumes are symlinks
+    assert read_user_file(tmp_path / "link") == b"x" * (1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("auth", "field"),
+    [("refresh_token", "refresh_token_file"), ("jwt", "private_key_file")],
+)
+def test_a_fifo_for_any_secret_field_is_a_file_error(tmp_path: Path, auth: str, field: str) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    obj = {**BASE, "auth": auth, field: str(fifo)}
+    if auth == "jwt":
+        obj.update(technical_account_id="t@techacct.adobe.com", metascopes=["ent_dataservices_sdk"])
+    done: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            parse(obj)
+        except CredentialError as e:
+            done.append(e)
+
+    # A daemon thread with a generous join: a hang guard, not a timing assertion.
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(60)
+    if t.is_alive():
+        with contextlib.suppress(OSError):  # let the stuck reader see an end of file
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO blocked")
+    [err] = done
+    assert isinstance(err, CredentialError)
+    assert err.field == field
+    assert "not a regular file (a FIFO)" in str(err)

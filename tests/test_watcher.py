@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import pytest
 from imsd import watcher
 from imsd.catalog import Added, Changed, Event, Failed, Removed
 from imsd.credentials import parse_credentials
+from imsd.model import CredentialError
 from imsd.watcher import DirectoryWatcher, ScanCache, scan_directory
 
 pytestmark = pytest.mark.anyio
@@ -263,3 +268,57 @@ async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) 
     assert counting.take() == ["a.toml"]
     await w.rescan(full=True)
     assert counting.take() == ["a.toml"]
+
+
+# -- files that would block a scan -------------------------------------------------------------
+
+
+def _unblock(fifo: Path) -> None:
+    """Give a reader stuck on *fifo* its end of file (old code), so no thread is left hanging."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_fifo_secret_file_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.secret"
+    os.mkfifo(fifo)
+    (tmp_path / "piped.toml").write_text(body("p", secret_file="pipe.secret"))
+    (tmp_path / "good.toml").write_text(body("g"))
+    done: list[Any] = []
+    # A daemon thread with a generous join: a hang guard, not a timing assertion.
+    t = threading.Thread(target=lambda: done.append(scan_directory(tmp_path, parse=parse)))
+    t.daemon = True
+    t.start()
+    t.join(60)
+    if t.is_alive():
+        _unblock(fifo)
+        pytest.fail("the scan blocked on a FIFO")
+    [scan] = done
+    assert scan[tmp_path / "good.toml"][0].client_id == "g"
+    error = scan[tmp_path / "piped.toml"]
+    assert isinstance(error, CredentialError)
+    assert error.field == "client_secret_file"
+    assert f"cannot read {fifo}: not a regular file (a FIFO)" in str(error)
+
+
+def test_check_does_not_hang_on_a_fifo(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    fifo = creds / "pipe.secret"
+    os.mkfifo(fifo)
+    (creds / "piped.toml").write_text(body("p", secret_file="pipe.secret"))
+    (creds / "good.toml").write_text(body("g"))
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "imsd", "check", "--credentials-dir", str(creds)],
+            capture_output=True,
+            text=True,
+            timeout=60,  # a hang guard
+            env={k: v for k, v in os.environ.items() if not k.startswith("IMSD_")},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("imsd check hung on a FIFO")
+    assert r.returncode == 1
+    assert f"client_secret_file: cannot read {fifo}: not a regular file (a FIFO)" in r.stderr
+    assert "good.toml" not in r.stdout + r.stderr

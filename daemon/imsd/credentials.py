@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "builtin_auth_methods",
     "parse_credentials",
     "read_secret_file",
+    "read_user_file",
 ]
 
 EXTENSIONS: Final = (".toml", ".json")
@@ -53,13 +55,62 @@ _OUTPUTS: Final[tuple[Output, ...]] = ("token", "json", "headers", "env")
 assert _OUTPUTS == OUTPUT_KINDS
 
 
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def read_user_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> bytes:
+    """The bytes of the regular file at *path*, at most *limit* of them; the one way a scan
+    reads a file a credential names (and the credential files themselves).
+
+    Symlinks are followed (Kubernetes Secret volumes are made of them). Anything but a regular
+    file is refused, before opening (opening a device can have effects) and after (the path
+    may have been swapped): a FIFO's open waits for a writer and a tty's read for a line,
+    which would block the scan thread for good, and ``/dev/zero`` never ends. ``O_NONBLOCK``
+    keeps even a swapped-in FIFO from blocking the open. Raises OSError, or ValueError with a
+    reason that names no content."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"not a regular file ({_kind(mode)})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"not a regular file ({_kind(mode)})")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"file is larger than {_size(limit)}")
+    return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
+
+
 def read_secret_file(path: Path) -> str:
     """A secret file's content without its trailing newline (``echo secret > file``)."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_FILE_SIZE + 1)
-    if len(data) > MAX_FILE_SIZE:
-        raise ValueError("file is larger than 1 MiB")
-    return data.decode("utf-8").rstrip("\r\n")
+    try:
+        return read_user_file(path).decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("file is not UTF-8 text") from None  # its str() quotes a byte
 
 
 def secret_digest(value: str) -> bytes:

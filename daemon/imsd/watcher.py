@@ -39,7 +39,7 @@ import structlog
 from watchfiles import awatch
 
 from imsd.catalog import Catalog, Event, ScanResult
-from imsd.credentials import EXTENSIONS, MAX_FILE_SIZE, read_secret_file, secret_digest
+from imsd.credentials import EXTENSIONS, read_secret_file, read_user_file, secret_digest
 from imsd.model import Credential, CredentialError
 
 __all__ = ["RACY", "STEP_MS", "DirectoryWatcher", "Parse", "ScanCache", "scan_directory"]
@@ -116,7 +116,10 @@ def _reuse(
         return cached
     # Racy: the same stats may hide new content. The file's bytes must hash as parsed, and
     # each secret file must hold the value the parse used (its stat was taken after the read).
-    if hashlib.sha256(_read(path)).digest() != cached.content:
+    try:
+        if hashlib.sha256(read_user_file(path)).digest() != cached.content:
+            return None
+    except (OSError, ValueError):
         return None
     if not all(memo.digest(source) == d for source, _, d in cached.sources):
         return None
@@ -126,12 +129,6 @@ def _reuse(
 
 def _candidate(name: str) -> bool:
     return not name.startswith(".") and name.endswith(EXTENSIONS)
-
-
-def _read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(MAX_FILE_SIZE + 1)
-    return data
 
 
 def scan_directory(
@@ -160,9 +157,12 @@ def scan_directory(
                 cache[path] = reused
                 out[path] = reused.credentials
                 continue
-            data = _read(path)
+            data = read_user_file(path)
         except OSError as e:
             out[path] = CredentialError(path, f"cannot read: {e.strerror or e}")
+            continue
+        except ValueError as e:  # not a regular file, too large
+            out[path] = CredentialError(path, str(e))
             continue
         try:
             parsed = list(parse(path, data))
@@ -213,9 +213,13 @@ class DirectoryWatcher:
     def scan(self, *, full: bool = False) -> dict[Path, ScanResult] | None:
         """Scan the directory (blocking: run it in a worker thread), re-reading only changed
         files unless *full*."""
-        if full:
-            self._cache.clear()
-        return scan_directory(self.root, parse=self.parse, cache=self._cache)
+        # A private copy: a scan abandoned at shutdown (see rescan) may still be running when
+        # the next one starts. A cache entry is only trusted while its stats match, so a
+        # late swap can cost re-parses but never serve a stale credential.
+        cache: ScanCache = {} if full else dict(self._cache)
+        result = scan_directory(self.root, parse=self.parse, cache=cache)
+        self._cache = cache
+        return result
 
     async def rescan(
         self, scan: dict[Path, ScanResult] | None = None, *, full: bool = False
@@ -224,7 +228,11 @@ class DirectoryWatcher:
         resulting events, serialized with other scans. *full* re-reads every file."""
         async with self._lock:
             if scan is None:
-                scan = await anyio.to_thread.run_sync(lambda: self.scan(full=full))
+                # Abandoned on cancellation: a read stuck in the kernel (a hung NFS mount)
+                # must not hold up shutdown.
+                scan = await anyio.to_thread.run_sync(
+                    lambda: self.scan(full=full), abandon_on_cancel=True
+                )
             self.scans += 1
             if scan is None:
                 return
