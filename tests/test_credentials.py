@@ -105,6 +105,19 @@ def test_errors_name_file_and_field_never_the_secret(
     assert SECRET not in str(err.value)
 
 
+@pytest.mark.parametrize("name", [".", "..", "...", "." * 64])
+def test_all_dots_names_are_refused(name: str) -> None:
+    """A name is also its output directory: "." and ".." could never be written (and any run
+    of dots reads like them), so the file fails at once instead of a credential that never
+    publishes."""
+    with pytest.raises(CredentialError) as err:
+        parse({**BASE, "name": name})
+    assert err.value.field == "name"
+    assert "not only dots" in str(err.value)
+    [c] = parse({**BASE, "name": ".a."})  # dots with something else are fine
+    assert c.name == ".a."
+
+
 @pytest.mark.parametrize(
     ("name", "data", "needle"),
     [

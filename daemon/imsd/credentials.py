@@ -384,7 +384,9 @@ def _build(
         raise _validation_error(path, e) from None
     name = m.name or name
     if not NAME_RE.fullmatch(name):
-        raise CredentialError(path, "must be 1-64 of A-Z a-z 0-9 . _ -", field="name")
+        raise CredentialError(
+            path, "must be 1-64 of A-Z a-z 0-9 . _ -, and not only dots", field="name"
+        )
     for product in m.product:
         if product not in m.products:
             raise CredentialError(

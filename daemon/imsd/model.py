@@ -38,7 +38,9 @@ __all__ = [
 
 DEFAULT_IMS_URL: Final = "https://ims-na1.adobelogin.com"
 AUTH_S2S: Final = "oauth_server_to_server"
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: A credential name, also its output directory's name: never only dots ("." and ".." are
+#: not directories of their own, and any run of dots is easily mistaken for one).
+NAME_RE: Final = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,64}$")
 #: Output kinds a credential may ask for; ``outputs`` defaults to all of them.
 OUTPUT_KINDS: Final = ("token", "json", "headers", "env")
 #: The latest time a grant may carry: the end of year 9999, the last one RFC 3339 can write.
