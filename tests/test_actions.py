@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +40,13 @@ pytestmark = pytest.mark.anyio
         ({"signal": {"pid_file": "p", "signal": "NOPE"}}, "unknown signal 'NOPE'"),
         ({"signal": {"pid_file": "p"}}, "pid_file"),
         ({"command": ["x"], "retries": 3}, "on_refresh.retries: unknown field"),
+        ({"command": ["x"], "pass_env": "HOME"}, "on_refresh.pass_env: a list of environment"),
+        ({"command": ["x"], "pass_env": ["A=B"]}, "on_refresh.pass_env: a list of environment"),
+        ({"command": ["x"], "pass_env": ["A", "A"]}, "on_refresh.pass_env: lists a name twice"),
+        (
+            {"signal": {"pid_file": "p", "signal": "HUP"}, "pass_env": ["A"]},
+            "on_refresh.pass_env: applies to command",
+        ),
     ],
 )
 def test_parse_errors_name_the_field(table: dict[str, Any], message: str) -> None:
@@ -51,7 +60,9 @@ def test_parse_resolves_and_normalizes() -> None:
     a = parse_action({"signal": {"pid_file": "app.pid", "signal": "hup"}}, base)
     assert a == Action(signal=signal.SIGHUP, pid_file=base / "app.pid")
     b = parse_action({"command": ["systemctl", "reload", "app"], "timeout": 5}, base)
-    assert (b.command, b.timeout) == (("systemctl", "reload", "app"), 5.0)
+    assert (b.command, b.timeout, b.pass_env) == (("systemctl", "reload", "app"), 5.0, ())
+    c = parse_action({"command": ["x"], "pass_env": ["HOME", "DBUS_SYSTEM_BUS_ADDRESS"]}, base)
+    assert c.pass_env == ("HOME", "DBUS_SYSTEM_BUS_ADDRESS")
 
 
 def test_a_bad_on_refresh_is_a_credential_file_error(tmp_path: Path) -> None:
@@ -124,6 +135,50 @@ async def test_command_action_env_failure_and_timeout(tmp_path: Path) -> None:
     slow = Action(command=(sys.executable, "-c", "import time; time.sleep(30)"), timeout=0.3)
     assert not await run_action(slow, credential="c", output_dir=tmp_path)
     assert time.monotonic() - started < 20  # killed, not waited for
+
+
+async def env_of(action_table: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    """The environment an ``on_refresh`` command sees."""
+    out = tmp_path / "env.json"
+    script = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    action = parse_action({"command": [sys.executable, "-c", script], **action_table}, tmp_path)
+    assert await run_action(action, credential="c", output_dir=tmp_path / "c")
+    env: dict[str, str] = json.loads(out.read_text())
+    env.pop("LC_CTYPE", None)  # Python's own locale coercion may add it in the child
+    return env
+
+
+@pytest.fixture
+def daemon_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon's environment holds other credentials' client_secret_env values.
+    monkeypatch.setenv("OTHER_CLIENT_SECRET", "p8e-AnotherCredentialsSecret")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WANTED", "yes")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("PATH", os.environ.get("PATH", "") + ":/opt/app/bin")
+    monkeypatch.delenv("LC_ALL", raising=False)
+    monkeypatch.delenv("TZ", raising=False)
+
+
+@pytest.mark.usefixtures("daemon_env")
+async def test_a_command_gets_a_minimal_environment(tmp_path: Path) -> None:
+    env = await env_of({}, tmp_path)
+    assert env == {
+        "PATH": os.environ["PATH"],
+        "LANG": "C.UTF-8",
+        "IMSD_CREDENTIAL": "c",
+        "IMSD_OUTPUT_DIR": str(tmp_path / "c"),
+        "IMSD_TOKEN_FILE": str(tmp_path / "c" / "token"),
+    }
+    assert "p8e-AnotherCredentialsSecret" not in json.dumps(env)
+
+
+@pytest.mark.usefixtures("daemon_env")
+async def test_pass_env_adds_what_it_names(tmp_path: Path) -> None:
+    env = await env_of({"pass_env": ["WANTED", "UNSET_HERE"]}, tmp_path)
+    assert env["WANTED"] == "yes"
+    assert "UNSET_HERE" not in env
+    assert "OTHER_CLIENT_SECRET" not in env
 
 
 @pytest.fixture

@@ -6,18 +6,23 @@ A credential file may ask for one action, run after each new token's files are w
     signal = { pid_file = "/run/app/app.pid", signal = "HUP" }   # or:
     command = ["systemctl", "reload", "app.service"]
     timeout = 30                                                # seconds, commands only
+    pass_env = ["DBUS_SYSTEM_BUS_ADDRESS"]                      # commands only
 
 :func:`parse_action` is pure (a table in, an :class:`Action` or ValueError naming the field
 out). :func:`run_action` does the I/O and never raises: a missing pid file, a dead process, a
 failing or hanging command are logged and counted, and the token files stay as written. A
-command runs without a shell, with ``IMSD_CREDENTIAL``, ``IMSD_OUTPUT_DIR`` and
-``IMSD_TOKEN_FILE`` added to the daemon's environment (never the token itself), and its output
-is discarded so it cannot leak into the daemon's logs.
+command runs without a shell and its output is discarded, so it cannot leak into the daemon's
+logs. Its environment is built from scratch (:func:`action_environment`): the daemon's
+environment holds every credential's ``client_secret_env`` value, ``NOTIFY_SOCKET`` and the
+like, none of which a reload command needs. It gets ``IMSD_CREDENTIAL``, ``IMSD_OUTPUT_DIR``,
+``IMSD_TOKEN_FILE`` (never the token itself), ``PATH``, the locale and ``TZ``, and the
+variables the action names in ``pass_env``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Mapping
@@ -28,12 +33,16 @@ from typing import Any, Final
 import anyio
 import structlog
 
-__all__ = ["Action", "parse_action", "run_action"]
+__all__ = ["Action", "action_environment", "parse_action", "run_action"]
 
 log = structlog.get_logger("imsd.actions")
 
 DEFAULT_TIMEOUT: Final = 30.0
 MAX_TIMEOUT: Final = 600.0
+#: What a command gets from the daemon's environment without asking (when set there).
+BASE_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,7 @@ class Action:
     pid_file: Path | None = None
     command: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT
+    pass_env: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.signal is not None:
@@ -62,9 +72,11 @@ def _signal(name: Any) -> signal.Signals:
 def parse_action(table: Mapping[str, Any], base: Path) -> Action:
     """The action of an ``on_refresh`` table; relative paths are resolved against *base*
     (the credential file's directory)."""
-    unknown = sorted(set(table) - {"signal", "command", "timeout"})
+    unknown = sorted(set(table) - {"signal", "command", "timeout", "pass_env"})
     if unknown:
-        raise ValueError(f"on_refresh.{unknown[0]}: unknown field (signal, command, timeout)")
+        raise ValueError(
+            f"on_refresh.{unknown[0]}: unknown field (signal, command, timeout, pass_env)"
+        )
     if ("signal" in table) == ("command" in table):
         raise ValueError("on_refresh: give exactly one of signal or command")
     timeout = table.get("timeout", DEFAULT_TIMEOUT)
@@ -73,6 +85,8 @@ def parse_action(table: Mapping[str, Any], base: Path) -> Action:
     if not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"on_refresh.timeout: between 0 and {MAX_TIMEOUT:g} seconds")
     if "signal" in table:
+        if "pass_env" in table:
+            raise ValueError("on_refresh.pass_env: applies to command, not signal")
         spec = table["signal"]
         if not isinstance(spec, Mapping) or set(spec) != {"pid_file", "signal"}:
             raise ValueError('on_refresh.signal: { pid_file = "…", signal = "HUP" }')
@@ -87,7 +101,36 @@ def parse_action(table: Mapping[str, Any], base: Path) -> Action:
         or not all(isinstance(a, str) and a and "\0" not in a for a in command)
     ):
         raise ValueError("on_refresh.command: a non-empty list of strings (no shell)")
-    return Action(command=tuple(command), timeout=float(timeout))
+    return Action(
+        command=tuple(command), timeout=float(timeout), pass_env=_pass_env(table.get("pass_env"))
+    )
+
+
+def _pass_env(names: Any) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and _ENV_NAME.fullmatch(n) for n in names
+    ):
+        raise ValueError("on_refresh.pass_env: a list of environment variable names")
+    if len(set(names)) != len(names):
+        raise ValueError("on_refresh.pass_env: lists a name twice")
+    return tuple(names)
+
+
+def action_environment(
+    action: Action, *, credential: str, output_dir: Path, source: Mapping[str, str]
+) -> dict[str, str]:
+    """A command's whole environment: :data:`BASE_ENV` and the action's ``pass_env`` taken
+    from *source* (the daemon's environment) when set there, then ours, which win."""
+    env = {k: source[k] for k in (*BASE_ENV, *action.pass_env) if k in source}
+    env.setdefault("PATH", DEFAULT_PATH)  # execvpe would fall back to a shorter one
+    env.update(
+        IMSD_CREDENTIAL=credential,
+        IMSD_OUTPUT_DIR=str(output_dir),
+        IMSD_TOKEN_FILE=str(output_dir / "token"),
+    )
+    return env
 
 
 def _read_pid(path: Path) -> int:
@@ -101,7 +144,9 @@ def _read_pid(path: Path) -> int:
 async def run_action(
     action: Action, *, credential: str, output_dir: Path, env: Mapping[str, str] | None = None
 ) -> bool:
-    """Run *action* for *credential*; True on success. Never raises (except cancellation)."""
+    """Run *action* for *credential*; True on success. Never raises (except cancellation).
+    *env* is the daemon's environment, which a command's is drawn from (default
+    ``os.environ``)."""
     if action.signal is not None:
         assert action.pid_file is not None
         try:
@@ -121,11 +166,11 @@ async def run_action(
 async def _run_command(
     action: Action, credential: str, output_dir: Path, env: Mapping[str, str] | None
 ) -> bool:
-    child_env = dict(os.environ if env is None else env)
-    child_env.update(
-        IMSD_CREDENTIAL=credential,
-        IMSD_OUTPUT_DIR=str(output_dir),
-        IMSD_TOKEN_FILE=str(output_dir / "token"),
+    child_env = action_environment(
+        action,
+        credential=credential,
+        output_dir=output_dir,
+        source=os.environ if env is None else env,
     )
     error: str | None = None
     try:
