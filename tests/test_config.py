@@ -52,3 +52,43 @@ def test_env_error_names_env(tmp_path: Path) -> None:
 def test_named_config_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("https://user:hunter2-pw@ims.example.com", "user:password@"),
+        ("https://hunter2-pw@ims.example.com", "user:password@"),
+        ("https://ims.example.com/?k=hunter2-pw", "query"),
+        ("https://ims.example.com/#hunter2-pw", "fragment"),
+        ("http://ims.example.com", "https://"),
+        ("https://ims.example.com:hunter2-pw", "port"),
+    ],
+)
+def test_ims_url_refuses_userinfo_query_fragment(tmp_path: Path, url: str, needle: str) -> None:
+    """A password in the daemon's ims_url would be logged with every network error: it is
+    refused, from any layer, by an error that does not quote it."""
+    config = tmp_path / "imsd.toml"
+    config.write_text(f'ims_url = "{url}"\n')
+    layers: list[tuple[str, Path | None, dict[str, str], dict[str, str]]] = [
+        (str(config), config, {}, {}),
+        ("environment", None, {"IMSD_IMS_URL": url, "IMSD_CONFIG": ""}, {}),
+        ("command line", None, {"IMSD_CONFIG": ""}, {"ims_url": url}),
+    ]
+    for source, path, env, overrides in layers:
+        with pytest.raises(ConfigError) as err:
+            load_settings(path, env=env, overrides=overrides)
+        assert str(err.value).startswith(source)
+        assert "ims_url" in str(err.value)
+        assert needle in str(err.value)
+        assert "hunter2" not in str(err.value)
+
+
+def test_ims_url_accepts_hosts_and_loopback_http() -> None:
+    for url, expected in [
+        ("https://ims-na1.adobelogin.com/", "https://ims-na1.adobelogin.com"),
+        ("http://127.0.0.1:8765", "http://127.0.0.1:8765"),
+        ("http://[::1]:8765", "http://[::1]:8765"),
+        ("http://localhost", "http://localhost"),
+    ]:
+        assert Settings(ims_url=url).ims_url == expected

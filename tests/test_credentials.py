@@ -105,6 +105,26 @@ def test_errors_name_file_and_field_never_the_secret(
     assert SECRET not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("https://user:hunter2-pw@ims.example.com", "user:password@"),
+        ("https://hunter2-pw@ims.example.com", "user:password@"),
+        ("https://ims.example.com/?pw=hunter2-pw", "query"),
+        ("https://ims.example.com/#hunter2-pw", "fragment"),
+    ],
+)
+def test_ims_url_with_userinfo_is_refused_without_echo(url: str, needle: str) -> None:
+    """A password in ims_url would be logged with network errors; the refusal never quotes
+    it, whether the URL is the file's or the daemon's default."""
+    for obj, kw in [({**BASE, "ims_url": url}, {}), (BASE, {"default_ims_url": url})]:
+        with pytest.raises(CredentialError) as err:
+            parse(obj, **kw)
+        assert err.value.field == "ims_url"
+        assert needle in str(err.value)
+        assert "hunter2" not in str(err.value)
+
+
 @pytest.mark.parametrize("name", [".", "..", "...", "." * 64])
 def test_all_dots_names_are_refused(name: str) -> None:
     """A name is also its output directory: "." and ".." could never be written (and any run

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from imsd.model import DEFAULT_IMS_URL
+from imsd.model import DEFAULT_IMS_URL, check_ims_url
 from imsd.schedule import RefreshPolicy
 
 __all__ = [
@@ -92,6 +92,11 @@ class Settings(BaseModel):
     # Watching.
     debounce_ms: int = Field(200, ge=10, le=10_000)
     rescan_interval: float = Field(60.0, gt=0)
+
+    @field_validator("ims_url")
+    @classmethod
+    def _ims_url(cls, v: str) -> str:
+        return check_ims_url(v)  # its errors never quote the URL (a password in it)
 
     @field_validator("log_level")
     @classmethod

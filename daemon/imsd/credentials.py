@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import json
 import os
 import stat
@@ -20,7 +19,6 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,6 +32,7 @@ from imsd.model import (
     Credential,
     CredentialError,
     Secret,
+    check_ims_url,
 )
 from imsd.plugin import AuthMethod
 
@@ -176,28 +175,11 @@ class _Native(BaseModel):
         return v
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _ims_url(url: str, path: Path) -> str:
-    parts = urlsplit(url)
-    ok = (
-        parts.hostname
-        and not parts.query
-        and not parts.fragment
-        and (parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname)))
-    )
-    if not ok:
-        raise CredentialError(
-            path, "must be an https:// URL (http:// only to a loopback host)", field="ims_url"
-        )
-    return url.rstrip("/")
+    try:
+        return check_ims_url(url)
+    except ValueError as e:
+        raise CredentialError(path, str(e), field="ims_url") from None
 
 
 def _decode(path: Path, data: bytes) -> dict[str, Any]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from imsd.actions import Action
@@ -33,6 +35,7 @@ __all__ = [
     "ImsError",
     "ImsErrorKind",
     "Secret",
+    "check_ims_url",
     "usable_time",
 ]
 
@@ -54,6 +57,34 @@ def usable_time(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return 0 <= value <= MAX_TIMESTAMP  # False for NaN; exact for ints of any size
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_ims_url(url: str) -> str:
+    """*url* without a trailing slash if it can name an IMS host, else ValueError (whose
+    message never quotes the URL). Userinfo is refused: ``user:password@`` would be sent as
+    Basic auth and be printed with every network error; so are a query and a fragment."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise ValueError("must be an https:// URL with a numeric port") from None
+    if "@" in parts.netloc:
+        raise ValueError("must not contain user:password@ (credentials go in their own fields)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("must not have a query or a fragment")
+    host = parts.hostname
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))):
+        raise ValueError("must be an https:// URL (http:// only to a loopback host)")
+    return url.rstrip("/")
 
 
 class Secret:
