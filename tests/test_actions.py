@@ -5,22 +5,33 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from imsd.actions import Action, parse_action, run_action
+from imsd.actions import (
+    Action,
+    parse_action,
+    pid_file_problem,
+    process_problem,
+    process_uids,
+    run_action,
+)
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
 from imsd.model import CredentialError
 from imsd.registry import load_registry
+from structlog.testing import capture_logs
 
 from tests.test_auth import force_refresh
 from tests.test_daemon import make_settings, wait_for, write_cred
@@ -115,6 +126,134 @@ async def test_signal_action(tmp_path: Path, child: tuple[subprocess.Popen[bytes
     assert not await run_action(action, credential="c", output_dir=tmp_path)
     pid_file.unlink()
     assert not await run_action(action, credential="c", output_dir=tmp_path)
+
+
+# -- pid files a less-privileged user could write ----------------------------------------------
+
+
+@pytest.fixture
+def other_uid() -> Iterator[int]:
+    """The uid of a throwaway system user, removed afterwards (needs root)."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run this as root with useradd: it needs a second real user")
+        pytest.skip("needs root and useradd to create a second user")
+    name = f"imsdt{secrets.token_hex(4)}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+class Blocked:
+    """A root-owned process that blocks SIGHUP and says which signals are pending: whether
+    it was signalled is read, not waited for."""
+
+    def __init__(self) -> None:
+        script = textwrap.dedent(
+            """
+            import signal, sys
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            print("ready", flush=True)
+            for _ in sys.stdin:
+                print(",".join(sorted(s.name for s in signal.sigpending())), flush=True)
+            """
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().decode().strip()
+
+    def pending(self) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"?\n")
+        self.proc.stdin.flush()
+        return self.readline()
+
+
+@pytest.fixture
+def blocked() -> Iterator[Blocked]:
+    b = Blocked()
+    yield b
+    b.proc.kill()
+    b.proc.wait()
+
+
+async def test_a_pid_file_owned_by_another_user_is_refused(
+    tmp_path: Path, other_uid: int, blocked: Blocked
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(f"{blocked.proc.pid}\n")
+    pid_file.chmod(0o644)
+    os.chown(pid_file, other_uid, -1)  # that user names a root process
+    action = parse_action({"signal": {"pid_file": "app.pid", "signal": "HUP"}}, tmp_path)
+    with capture_logs() as logs:
+        assert not await run_action(action, credential="c", output_dir=tmp_path)
+    assert blocked.pending() == ""  # not signalled
+    [failed] = logs
+    assert failed["event"] == "on_refresh.failed"
+    assert f"owned by uid {other_uid}, not by the daemon's uid (0) or root" in failed["error"]
+    os.chown(pid_file, 0, -1)  # the same file owned by root: signalled
+    assert await run_action(action, credential="c", output_dir=tmp_path)
+    assert blocked.pending() == "SIGHUP"
+
+
+@pytest.mark.parametrize(
+    ("prepare", "reason"),
+    [
+        (lambda p: p.chmod(0o664), "writable by group or others"),
+        (lambda p: p.chmod(0o646), "writable by group or others"),
+        (lambda p: os.link(p, p.with_name("second")), "more than one hard link"),
+        (
+            lambda p: (p.rename(p.with_name("real")), p.symlink_to("real")),
+            "is a symlink; refusing",
+        ),
+    ],
+    ids=["group-writable", "other-writable", "hard-link", "symlink"],
+)
+async def test_pid_files_others_could_have_written_are_refused(
+    tmp_path: Path,
+    blocked: Blocked,
+    prepare: Callable[[Path], object],
+    reason: str,
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(f"{blocked.proc.pid}\n")
+    pid_file.chmod(0o644)
+    prepare(pid_file)
+    action = parse_action({"signal": {"pid_file": "app.pid", "signal": "HUP"}}, tmp_path)
+    with capture_logs() as logs:
+        assert not await run_action(action, credential="c", output_dir=tmp_path)
+    assert blocked.pending() == ""
+    assert logs[0]["event"] == "on_refresh.failed"
+    assert reason in logs[0]["error"]
+
+
+def test_pid_file_and_process_rules() -> None:
+    def st(uid: int, mode: int = 0o100644, nlink: int = 1) -> os.stat_result:
+        return os.stat_result((mode, 0, 0, nlink, uid, 0, 0, 0, 0, 0))
+
+    assert pid_file_problem(st(1000), daemon_uid=1000) is None
+    assert pid_file_problem(st(0), daemon_uid=1000) is None
+    assert "owned by uid 1001" in str(pid_file_problem(st(1001), daemon_uid=1000))
+    assert "owned by uid 1001" in str(pid_file_problem(st(1001), daemon_uid=0))
+    assert "regular" in str(pid_file_problem(st(0, mode=0o010644), daemon_uid=0))
+    # The process must be one the owner could signal itself; root's pid files name anything.
+    assert process_problem(42, owner=1000, uids=(1000, 1000)) is None
+    assert process_problem(42, owner=1000, uids=(0, 1000)) is None  # a setuid program it ran
+    assert process_problem(42, owner=0, uids=(1001, 1001)) is None
+    problem = process_problem(42, owner=1000, uids=(0, 0))
+    assert problem == "process 42 belongs to uid 0, not to the pid file's owner (uid 1000)"
+    assert process_uids("Name:\tx\nUid:\t1000\t0\t1002\t0\n") == (1000, 1002)
 
 
 async def test_command_action_env_failure_and_timeout(tmp_path: Path) -> None:

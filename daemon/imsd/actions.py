@@ -17,13 +17,20 @@ environment holds every credential's ``client_secret_env`` value, ``NOTIFY_SOCKE
 like, none of which a reload command needs. It gets ``IMSD_CREDENTIAL``, ``IMSD_OUTPUT_DIR``,
 ``IMSD_TOKEN_FILE`` (never the token itself), ``PATH``, the locale and ``TZ``, and the
 variables the action names in ``pass_env``.
+
+A pid file decides which process a (possibly root) daemon signals, so it is trusted only when
+the daemon's uid or root owns it, nobody else can write it, and it is a regular file with one
+link reached without a symlink; the process must belong to the file's owner (anything, for
+root). Anything else is refused and logged.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
+import stat
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,12 +140,94 @@ def action_environment(
     return env
 
 
-def _read_pid(path: Path) -> int:
-    with open(path, "rb") as f:
-        text = f.read(64).decode("ascii", "replace").strip()
+def pid_file_problem(st: os.stat_result, daemon_uid: int) -> str | None:
+    """Why a pid file with stat *st* cannot be trusted by a daemon running as *daemon_uid*,
+    or None. Whoever can write it chooses which process the daemon signals: only the
+    daemon's own uid or root may own it, nobody else may write it, and a second hard link
+    could be a file planted elsewhere by someone else."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid not in (daemon_uid, 0):
+        return f"owned by uid {st.st_uid}, not by the daemon's uid ({daemon_uid}) or root"
+    if st.st_mode & 0o022:
+        return "writable by group or others"
+    if st.st_nlink != 1:
+        return "has more than one hard link"
+    return None
+
+
+def process_problem(pid: int, owner: int, uids: tuple[int, int]) -> str | None:
+    """Why the pid file's *owner* may not have process *pid* (real and saved uid *uids*)
+    signalled, or None: only what the owner could signal itself (kill(2)'s rule for an
+    unprivileged sender), anything when the owner is root."""
+    if owner == 0 or owner in uids:
+        return None
+    return f"process {pid} belongs to uid {uids[0]}, not to the pid file's owner (uid {owner})"
+
+
+def process_uids(status: str) -> tuple[int, int]:
+    """The real and saved uid in the text of ``/proc/PID/status``."""
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            real, _effective, saved, *_ = line.split()[1:]
+            return int(real), int(saved)
+    raise ValueError("no Uid line in the process status")
+
+
+def _read_pid(path: Path, daemon_uid: int) -> tuple[int, int]:
+    """The pid in the file at *path* and the file's owner, once the file passed
+    :func:`pid_file_problem`."""
+    # O_NOFOLLOW: a symlink would let whoever can write its directory name a file of ours;
+    # O_NONBLOCK: a FIFO must not block the worker thread.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path}: is a symlink; refusing") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        problem = pid_file_problem(st, daemon_uid)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}; refusing")
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
     if not text.isdigit() or int(text) <= 1:
         raise ValueError(f"{path}: does not hold a process id")
-    return int(text)
+    return int(text), st.st_uid
+
+
+def _signal_from_pid_file(action: Action, daemon_uid: int) -> int:
+    """Send the action's signal to the process its pid file names; the pid. Blocking."""
+    assert action.pid_file is not None
+    assert action.signal is not None
+    pid, owner = _read_pid(action.pid_file, daemon_uid)
+    # A pidfd pins the process: if the pid is reused after the check below, the signal goes
+    # to the (dead) process that was checked, not to the newcomer.
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        pidfd = None
+    try:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            raise ProcessLookupError(errno.ESRCH, os.strerror(errno.ESRCH)) from None
+        problem = process_problem(pid, owner, process_uids(status))
+        if problem is not None:
+            raise ValueError(f"{action.pid_file}: {problem}; refusing")
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, action.signal)
+        else:
+            os.kill(pid, action.signal)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
 
 
 async def run_action(
@@ -148,10 +237,8 @@ async def run_action(
     *env* is the daemon's environment, which a command's is drawn from (default
     ``os.environ``)."""
     if action.signal is not None:
-        assert action.pid_file is not None
         try:
-            pid = await anyio.to_thread.run_sync(_read_pid, action.pid_file)
-            os.kill(pid, action.signal)
+            pid = await anyio.to_thread.run_sync(_signal_from_pid_file, action, os.geteuid())
         except (OSError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             log.error(
