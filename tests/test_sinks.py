@@ -265,6 +265,42 @@ def test_cleanup_orphans(tmp_path: Path) -> None:
     assert FileSink(tmp_path / "missing").cleanup_orphans(keep=set()) == []
 
 
+STALE = "0123456789abcdef"
+
+
+def test_start_up_removes_stale_temporaries_of_a_kept_orphan(tmp_path: Path) -> None:
+    # A credential gone while its directory holds a foreign file: the directory stays, a
+    # temporary a killed write left in it goes.
+    sink = FileSink(tmp_path)
+    sink.write("gone", {"token": b"t"})
+    (tmp_path / "gone" / "mine.txt").write_text("someone else's")
+    (tmp_path / "gone" / f".token.tmp-{STALE}").write_text("stale")
+    (tmp_path / "gone" / ".token.tmp-notours").write_text("foreign")
+    assert sink.cleanup_orphans(keep=set()) == []
+    assert sorted(p.name for p in (tmp_path / "gone").iterdir()) == [
+        ".token.tmp-notours",
+        "mine.txt",
+        "token",
+    ]
+
+
+def test_start_up_removes_stale_temporaries_of_the_state_file(tmp_path: Path) -> None:
+    from imsd.persist import StateFile, Stored
+
+    state = StateFile(tmp_path)
+    state.save({"a": Stored("identity")})
+    planted = [f".tokens.json.tmp-{STALE}", f".tokens.json.tmp-{STALE[::-1]}"]
+    foreign = [".tokens.json.tmp-0123", f".other.json.tmp-{STALE}", "notes.txt"]
+    for name in planted + foreign:
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".tokens.json.tmp-{'f' * 16}").mkdir()  # not a regular file: left alone
+    assert state.load() == {"a": Stored("identity")}  # what start-up calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*foreign, f".tokens.json.tmp-{'f' * 16}", "tokens.json"]
+    )
+    assert StateFile(tmp_path / "missing").load() == {}
+
+
 def test_reader_never_sees_a_partial_or_empty_file(tmp_path: Path) -> None:
     """1,000 rewrites of varying length while a reader polls the file."""
     sink = FileSink(tmp_path)

@@ -22,7 +22,7 @@ from typing import Any, Final
 import structlog
 
 from imsd.model import Grant, Secret, usable_time
-from imsd.sinks import atomic_write
+from imsd.sinks import atomic_write, remove_stale_temporaries
 
 __all__ = ["STATE_VERSION", "StateError", "StateFile", "Stored", "decode", "encode"]
 
@@ -120,6 +120,7 @@ class StateFile:
         self.path = state_dir / FILENAME
 
     def load(self) -> dict[str, Stored]:
+        remove_stale_temporaries(self.dir, FILENAME)  # a save killed before its rename
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:

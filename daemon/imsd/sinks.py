@@ -38,7 +38,14 @@ import structlog
 
 from imsd.model import NAME_RE
 
-__all__ = ["FileSink", "SinkError", "atomic_write", "filesystem_type", "mount_type"]
+__all__ = [
+    "FileSink",
+    "SinkError",
+    "atomic_write",
+    "filesystem_type",
+    "mount_type",
+    "remove_stale_temporaries",
+]
 
 log = structlog.get_logger("imsd.sinks")
 
@@ -75,6 +82,32 @@ def _unlink_regular(dir_fd: int, entry: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def remove_stale_temporaries(directory: Path, name: str) -> list[str]:
+    """At start-up: remove the temporaries :func:`atomic_write` left for *name* in
+    *directory* (a kill between create and rename), regular files only. Never during a
+    write to that file: its temporary would go. Never raises; returns what it removed."""
+    pattern = re.compile(re.escape(f".{name}.tmp-") + "[0-9a-f]{16}")
+    try:
+        fd = os.open(directory, _DIR_FLAGS)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        log.warning("sink.cleanup_failed", path=str(directory), error=e.strerror)
+        return []
+    removed: list[str] = []
+    try:
+        for entry in os.listdir(fd):
+            if pattern.fullmatch(entry) and _unlink_regular(fd, entry):
+                removed.append(entry)
+    except OSError as e:
+        log.warning("sink.cleanup_failed", path=str(directory), error=e.strerror)
+    finally:
+        os.close(fd)
+    if removed:
+        log.info("sink.stale_removed", path=str(directory), files=removed)
+    return removed
 
 
 def atomic_write(
@@ -364,13 +397,16 @@ class FileSink:
                     continue  # a file, a symlink, or gone: not a credential directory of ours
                 try:
                     entries = os.listdir(fd)
+                    # Stale temporaries go from every credential directory, also from one
+                    # kept below for its foreign files.
+                    for entry in entries:
+                        if _TMP.fullmatch(entry):
+                            _unlink_regular(fd, entry)
                     if name in keep:
-                        for entry in entries:
-                            if _TMP.fullmatch(entry):
-                                _unlink_regular(fd, entry)
                         continue
                 finally:
                     os.close(fd)
+                entries = [e for e in entries if not _TMP.fullmatch(e)]
                 if not all(_is_ours(e) for e in entries):
                     log.warning("sink.orphan_kept", credential=name, reason="foreign files")
                     continue
