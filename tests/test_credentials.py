@@ -250,3 +250,60 @@ def test_a_fifo_for_any_secret_field_is_a_file_error(tmp_path: Path, auth: str, 
     assert isinstance(err, CredentialError)
     assert err.field == field
     assert "not a regular file (a FIFO)" in str(err)
+
+
+# -- where secret files may be --------------------------------------------------------------
+
+
+def _secret_ref(field: str, ref: str) -> dict[str, Any]:
+    obj = {k: v for k, v in BASE.items() if k != "client_secret"}
+    if field == "client_secret_file":
+        return {**obj, "client_secret_file": ref}
+    return {**obj, "client_secret": SECRET, "auth": "refresh_token", field: ref}
+
+
+@pytest.mark.parametrize("field", ["client_secret_file", "refresh_token_file"])
+@pytest.mark.parametrize("ref", ["../outside.secret", "sub/../../outside.secret", ".."])
+def test_a_relative_secret_path_may_not_leave_the_directory(
+    tmp_path: Path, field: str, ref: str
+) -> None:
+    creds = tmp_path / "creds"
+    (creds / "sub").mkdir(parents=True)
+    (tmp_path / "outside.secret").write_text(SECRET)
+    for creds_dir in (None, creds):  # next to the file, or in $CREDENTIALS_DIRECTORY
+        with pytest.raises(CredentialError) as err:
+            parse_credentials(
+                creds / "c.json",
+                json.dumps(_secret_ref(field, ref)).encode(),
+                env={},
+                credentials_directory=creds_dir,
+            )
+        assert err.value.field == field
+        assert "may not leave the credentials directory" in str(err.value)
+
+
+def test_relative_paths_inside_and_absolute_paths_are_read(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    (creds / "sub").mkdir(parents=True)
+    (creds / "sub" / "a.secret").write_text("in-a-subdirectory")
+    (tmp_path / "b.secret").write_text("elsewhere-absolute")
+    for ref, value in (
+        ("sub/a.secret", "in-a-subdirectory"),
+        ("./sub/../sub/a.secret", "in-a-subdirectory"),
+        (str(tmp_path / "b.secret"), "elsewhere-absolute"),
+    ):
+        data = json.dumps(_secret_ref("client_secret_file", ref)).encode()
+        [c] = parse_credentials(creds / "c.json", data, env={})
+        assert c.client_secret.reveal() == value
+
+
+@pytest.mark.parametrize("field", ["client_secret_file", "refresh_token_file"])
+def test_secret_paths_into_proc_and_sys_are_refused(tmp_path: Path, field: str) -> None:
+    # /proc/self/environ holds every client_secret_env value of the daemon.
+    (tmp_path / "link.secret").symlink_to("/proc/self/environ")
+    for ref in ("/proc/self/environ", "link.secret", "/sys/kernel/uevent_seqnum"):
+        data = json.dumps(_secret_ref(field, ref)).encode()
+        with pytest.raises(CredentialError) as err:
+            parse_credentials(tmp_path / "c.json", data, env={})
+        assert err.value.field == field
+        assert "not a file of secrets" in str(err.value)

@@ -20,7 +20,8 @@ from imsd import watcher
 from imsd.catalog import Added, Changed, Event, Failed, Removed
 from imsd.credentials import parse_credentials
 from imsd.model import CredentialError
-from imsd.watcher import DirectoryWatcher, ScanCache, scan_directory
+from imsd.watcher import DirectoryWatcher, ScanCache, dir_trust_problem, scan_directory
+from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -322,3 +323,40 @@ def test_check_does_not_hang_on_a_fifo(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert f"client_secret_file: cannot read {fifo}: not a regular file (a FIFO)" in r.stderr
     assert "good.toml" not in r.stdout + r.stderr
+
+
+# -- who else can write the directory ----------------------------------------------------------
+
+
+def test_a_directory_others_can_write_is_warned_about_once(tmp_path: Path) -> None:
+    open_dir, private = tmp_path / "open", tmp_path / "private"
+    open_dir.mkdir()
+    private.mkdir(mode=0o750)
+    open_dir.chmod(0o1777)  # the sticky bit stops no one from adding a file
+    (open_dir / "a.toml").write_text(body())
+    with capture_logs() as logs:
+        for _ in range(2):
+            assert scan_directory(open_dir, parse=parse) is not None
+            assert scan_directory(private, parse=parse) is not None
+    [warning] = [e for e in logs if e["event"] == "credentials.dir_not_private"]
+    assert warning["root"] == str(open_dir)
+    assert warning["problem"] == "writable by group and others (mode 1777)"
+    assert warning["log_level"] == "warning"
+
+
+def test_dir_trust_rules() -> None:
+    def st(uid: int, mode: int) -> os.stat_result:
+        return os.stat_result((0o040000 | mode, 0, 0, 1, uid, 0, 0, 0, 0, 0))
+
+    assert dir_trust_problem(st(0, 0o755), uid=1000, read_only=False) is None
+    assert dir_trust_problem(st(1000, 0o700), uid=1000, read_only=False) is None
+    assert dir_trust_problem(st(1001, 0o700), uid=1000, read_only=False) == "owned by uid 1001"
+    assert dir_trust_problem(st(1001, 0o700), uid=0, read_only=False) == "owned by uid 1001"
+    assert dir_trust_problem(st(0, 0o770), uid=0, read_only=False) == (
+        "writable by group (mode 0770)"
+    )
+    assert dir_trust_problem(st(0, 0o757), uid=0, read_only=False) == (
+        "writable by others (mode 0757)"
+    )
+    # A read-only mount (a Kubernetes Secret volume) cannot be written whatever its mode.
+    assert dir_trust_problem(st(0, 0o1777), uid=1000, read_only=True) is None

@@ -39,6 +39,7 @@ from imsd.plugin import AuthMethod
 __all__ = [
     "EXTENSIONS",
     "MAX_FILE_SIZE",
+    "PSEUDO_FILESYSTEMS",
     "builtin_auth_methods",
     "parse_credentials",
     "read_secret_file",
@@ -47,6 +48,9 @@ __all__ = [
 
 EXTENSIONS: Final = (".toml", ".json")
 MAX_FILE_SIZE: Final = 1 << 20
+#: Where no secret file can be: their regular files are the kernel's views (the daemon's
+#: own environment at /proc/self/environ holds every credential's client_secret_env value).
+PSEUDO_FILESYSTEMS: Final = (Path("/proc"), Path("/sys"))
 
 ReadSecret = Callable[[Path], str]
 Output = Literal["token", "json", "headers", "env"]
@@ -234,16 +238,34 @@ class _Resolver:
         self.seen: list[str] = []
         self.files: list[tuple[Path, bytes]] = []
 
-    def _locate(self, name: str) -> Path:
+    def _locate(self, name: str, field: str) -> Path:
         p = Path(name)
         if p.is_absolute():
-            return p
-        if self.creds_dir is not None and (self.creds_dir / p).exists():
-            return self.creds_dir / p
-        return self.path.parent / p
+            where = p
+        else:
+            # A relative name stays in its directory: whoever writes a credential file also
+            # picks the IMS host its secrets are sent to.
+            if os.path.normpath(name).split(os.sep)[0] == "..":
+                raise CredentialError(
+                    self.path,
+                    "a relative path may not leave the credentials directory (use an "
+                    "absolute path for a file elsewhere)",
+                    field=field,
+                )
+            if self.creds_dir is not None and (self.creds_dir / p).exists():
+                where = self.creds_dir / p
+            else:
+                where = self.path.parent / p
+        real = Path(os.path.realpath(where))  # a symlink to /proc/self/environ too
+        for pseudo in PSEUDO_FILESYSTEMS:
+            if real.is_relative_to(pseudo):
+                raise CredentialError(
+                    self.path, f"{where} is in {pseudo}, not a file of secrets", field=field
+                )
+        return where
 
     def file(self, name: str, field: str) -> str:
-        where = self._locate(name)
+        where = self._locate(name, field)
         try:
             value = self.read(where)
         except FileNotFoundError:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,15 @@ from imsd.catalog import Catalog, Event, ScanResult
 from imsd.credentials import EXTENSIONS, read_secret_file, read_user_file, secret_digest
 from imsd.model import Credential, CredentialError
 
-__all__ = ["RACY", "STEP_MS", "DirectoryWatcher", "Parse", "ScanCache", "scan_directory"]
+__all__ = [
+    "RACY",
+    "STEP_MS",
+    "DirectoryWatcher",
+    "Parse",
+    "ScanCache",
+    "dir_trust_problem",
+    "scan_directory",
+]
 
 log = structlog.get_logger("imsd.watcher")
 
@@ -127,6 +136,42 @@ def _reuse(
     return dataclasses.replace(cached, settled=settled)
 
 
+def dir_trust_problem(st: os.stat_result, *, uid: int, read_only: bool) -> str | None:
+    """Why a credentials directory with stat *st* is writable by someone other than the
+    daemon (running as *uid*) and root, or None. Whoever can add a credential file there
+    chooses the commands the daemon runs and where the files it reads are sent."""
+    if read_only:  # a read-only mount (a Kubernetes Secret volume), whatever its mode says
+        return None
+    if st.st_uid not in (0, uid):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        who = {0o020: "group", 0o002: "others", 0o022: "group and others"}[st.st_mode & 0o022]
+        return f"writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+_warned: set[tuple[Path, str]] = set()
+
+
+def _check_trust(root: Path) -> None:
+    """Warn, once per directory and problem, about a credentials directory others can write."""
+    try:
+        st = os.stat(root)
+        read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        return
+    problem = dir_trust_problem(st, uid=os.geteuid(), read_only=read_only)
+    if problem is not None and (root, problem) not in _warned:
+        _warned.add((root, problem))
+        log.warning(
+            "credentials.dir_not_private",
+            root=str(root),
+            problem=problem,
+            why="whoever can write it can make the daemon run commands and send any file "
+            "it can read to an IMS URL of their choice",
+        )
+
+
 def _candidate(name: str) -> bool:
     return not name.startswith(".") and name.endswith(EXTENSIONS)
 
@@ -142,6 +187,7 @@ def scan_directory(
     except OSError as e:
         log.error("watcher.root_unavailable", root=str(root), error=e.strerror)
         return None
+    _check_trust(root)
     out: dict[Path, ScanResult] = {}
     now_ns = time.time_ns()
     memo = _Memo()
