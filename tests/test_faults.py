@@ -353,6 +353,29 @@ async def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> 
     assert 1000.0 < sup._write_retry_at(w) <= 1002.0
 
 
+async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
+    tmp_path: Path, fake: FakeIms, start: Any
+) -> None:
+    """A client id with a leading quote cannot go into an env file (systemd would unquote
+    it, docker not): the token, token.json and headers files are still written, the env file
+    is left out, and the credential says so (stale, with the reason) instead of "valid"."""
+    fake.state.add_client('"client-q', secrets=[SECRET], scopes=SCOPES, org_id=ORG)
+    s = make_settings(tmp_path)
+    write_cred(s.credentials_dir, "alpha", fake, client_id='\\"client-q')
+    d = await start(s)
+    out = s.output_dir / "alpha"
+    await wait_for(lambda: (out / "token").exists())
+    entry = entry_of(d, "alpha")
+    await wait_for(lambda: entry.last_error is not None)
+    assert sorted(p.name for p in out.iterdir()) == ["generic.headers", "token", "token.json"]
+    assert json.loads((out / "token.json").read_text())["client_id"] == '"client-q'
+    assert entry.state(time.time()) is CredentialState.STALE
+    assert entry.last_error.startswith("writing outputs: generic.env not written (alpha: ")
+    assert "'ADOBE_API_KEY' has a value" in entry.last_error
+    token = (out / "token").read_text()
+    assert token not in entry.last_error
+
+
 # -- clock jumps and suspend ---------------------------------------------------------------------
 
 

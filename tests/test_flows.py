@@ -184,6 +184,36 @@ def test_token_type_must_be_bearer(token_type: Any, accepted: bool) -> None:
         check_grant(Grant(Secret("t"), str(token_type), NOW, NOW + 60))
 
 
+@pytest.mark.parametrize(
+    ("token", "accepted"),
+    [
+        (jwt_token({"a": 1}), True),
+        ("AbC-._~+/09==", True),  # every RFC 6750 b64token character
+        ("a\\b", False),  # reads as "ab" in a systemd env file
+        ('"abc', False),  # systemd unquotes a leading quote
+        ("'abc", False),
+        ("a=b", False),  # "=" only as trailing padding
+        ("a,b", False),
+        ("a\u00e9b", False),
+        ("x" * 16385, False),
+    ],
+)
+def test_access_token_must_be_a_bearer_token(token: str, accepted: bool) -> None:
+    """Real IMS tokens are JWTs (base64url and dots). A token outside RFC 6750's b64token
+    cannot go into an Authorization header as is and reads differently in the env and
+    token files: the answer is invalid, and the last good token stays published."""
+    body = {"access_token": token, "token_type": "bearer", "expires_in": 60}
+    if accepted:
+        assert parse_token_response(resp(200, body), now=NOW).access_token.reveal() == token
+        return
+    with pytest.raises(ImsError) as err:
+        parse_token_response(resp(200, body), now=NOW)
+    assert (err.value.kind, err.value.code) == (ImsErrorKind.TRANSIENT, "invalid_response")
+    assert token not in str(err.value)
+    with pytest.raises(ImsError, match="invalid_response"):  # a plugin's own Grant too
+        check_grant(Grant(Secret(token), "bearer", NOW, NOW + 60))
+
+
 def test_check_grant_refuses_unusable_times() -> None:
     ok = Grant(Secret("t"), "bearer", NOW, NOW + 60)
     assert check_grant(ok) is ok

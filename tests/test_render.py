@@ -15,10 +15,12 @@ from imsd.plugin import Product, TokenView
 from imsd.registry import load_registry
 from imsd.render import (
     RenderError,
+    Unrendered,
     document,
     product_env,
     product_headers,
     render_outputs,
+    render_safe,
     rfc3339,
     token_view,
 )
@@ -238,6 +240,52 @@ def test_env_values_that_read_the_same_everywhere_are_kept_verbatim() -> None:
 def test_invalid_extra_headers(extra: dict[str, str]) -> None:
     with pytest.raises(RenderError, match=r"^c: extra_headers: "):
         render_outputs(cred(extra_headers=extra), GRANT, PRODUCTS)
+
+
+@pytest.mark.parametrize("token", ["abc\\def.ghi", '"abc.def', "'abc.def", "abc.def\\"])
+def test_a_token_unsafe_in_env_files_still_writes_the_safe_files(token: str) -> None:
+    """A backslash or a leading quote reads differently in systemd and docker env files, so
+    the env file is left out and reported; ``token``, ``token.json`` and the headers file,
+    which carry it verbatim (or JSON-escaped), are still rendered. (IMS answers with such a
+    token are refused earlier, in flows; this holds for any other source.)"""
+    grant = Grant(Secret(token), "bearer", 1_800_000_000.0, 1_800_086_400.0)
+    files, left_out = render_safe(cred(products=("generic", "cja")), grant, PRODUCTS)
+    assert sorted(files) == ["cja.headers", "generic.headers", "token", "token.json"]
+    assert files["token"] == token.encode()
+    assert json.loads(files["token.json"])["access_token"] == token
+    assert f"Authorization: Bearer {token}\n".encode() in files["generic.headers"]
+    assert [u.files for u in left_out] == [("generic.env",), ("cja.env",)]
+    for u in left_out:
+        assert "'ADOBE_ACCESS_TOKEN' has a value" in u.reason
+        assert token not in str(u)
+    assert str(left_out[0]).startswith("generic.env not written (c: product 'generic': ")
+
+
+def test_one_unsafe_product_holds_back_only_its_own_files() -> None:
+    c = cred(products=("hostile", "generic"))
+    bad = Hostile({"x-a": "v\nb"}, env={"KEY": "a\\b"})
+    files, left_out = render_safe(c, GRANT, {"hostile": bad, **PRODUCTS})
+    assert sorted(files) == ["generic.env", "generic.headers", "token", "token.json"]
+    assert list(json.loads(files["token.json"])["headers"]) == ["generic"]
+    assert [u.files for u in left_out] == [
+        ("hostile.headers", "headers.hostile in token.json"),
+        ("hostile.env",),
+    ]
+    # an unknown product (a plugin gone after a reload) is left out the same way
+    files, left_out = render_safe(cred(products=("generic", "nope")), GRANT, PRODUCTS)
+    assert sorted(files) == ["generic.env", "generic.headers", "token", "token.json"]
+    assert left_out == [
+        Unrendered(
+            ("nope.headers", "nope.env", "headers.nope in token.json"),
+            "c: unknown product 'nope'",
+        )
+    ]
+    _, left_out = render_safe(cred(products=("nope",), outputs=("json",)), GRANT, PRODUCTS)
+    assert str(left_out[0]) == "headers.nope in token.json not written (c: unknown product 'nope')"
+    assert render_safe(cred(products=("nope",), outputs=("token",)), GRANT, PRODUCTS) == (
+        {"token": TOKEN.encode()},
+        [],
+    )
 
 
 # -- properties ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "classify_error",
     "expires_in_unit",
     "flow_for",
+    "is_bearer_token",
     "parse_token_response",
 ]
 
@@ -70,6 +71,11 @@ _MAX_LIFETIME: Final = 366 * 86400.0  # IMS tokens live a day; a year is certain
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _FORM: Final = {"Accept": "application/json"}
 _BEARER: Final = "bearer"
+# RFC 6750 b64token, the only syntax a bearer token can take in an Authorization header. Real
+# IMS tokens are JWTs (base64url and dots); anything else is corrupt or hostile, and a quote or
+# a backslash would read differently in an env file than in the token file.
+_B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_MAX_TOKEN: Final = 16384
 _DIGITS: Final = re.compile(r"[0-9]{1,16}(\.[0-9]{1,16})?")
 _SECONDS: Final = re.compile(r"[0-9]+")  # Retry-After delta-seconds
 
@@ -161,7 +167,13 @@ def _invalid(why: str, status: int | None) -> ImsError:
 
 
 def _usable(token: str) -> bool:
-    return bool(token) and len(token) <= 16384 and token.isprintable() and " " not in token
+    return bool(token) and len(token) <= _MAX_TOKEN and token.isprintable() and " " not in token
+
+
+def is_bearer_token(token: str) -> bool:
+    """Whether *token* can be published as an access token: an RFC 6750 b64token (which
+    every output format carries verbatim), of a sane length."""
+    return len(token) <= _MAX_TOKEN and _B64TOKEN.fullmatch(token) is not None
 
 
 def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> Grant:
@@ -206,9 +218,10 @@ def parse_token_response(resp: HttpResponse, *, now: float, unit: str = "s") -> 
 
 def check_grant(grant: Grant, status: int | None = None) -> Grant:
     """*grant* if its times are usable (finite, in range, expiry after issue) and it is a
-    bearer token, else the ImsError of an invalid response: whatever an auth method
-    computed, a NaN, an absurd time or another token type must fail the attempt, not crash
-    the scheduler or the renderer later, nor be published as ``Bearer``."""
+    bearer token (type and syntax), else the ImsError of an invalid response: whatever an
+    auth method computed, a NaN, an absurd time, another token type or a token no header
+    can carry must fail the attempt (the last good token stays published), not crash the
+    scheduler or the renderer later, nor be published."""
     if not (
         usable_time(grant.issued_at)
         and usable_time(grant.expires_at)
@@ -217,6 +230,8 @@ def check_grant(grant: Grant, status: int | None = None) -> Grant:
         raise _invalid("token times are not finite or out of range", status)
     if not isinstance(grant.token_type, str) or grant.token_type.lower() != _BEARER:
         raise _invalid("token_type is not bearer", status)
+    if not is_bearer_token(grant.access_token.reveal()):
+        raise _invalid("access_token is not an RFC 6750 bearer token", status)
     return grant
 
 

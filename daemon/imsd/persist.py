@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import structlog
 
+from imsd.flows import is_bearer_token
 from imsd.model import Grant, Secret, usable_time
 from imsd.sinks import atomic_write, remove_stale_temporaries
 
@@ -69,6 +70,8 @@ def _grant(raw: Any) -> Grant:
     issued, expires = raw.get("issued_at"), raw.get("expires_at")
     if not isinstance(token, str) or not token or not isinstance(ttype, str):
         raise StateError("grant lacks an access token")
+    if not is_bearer_token(token) or ttype.lower() != "bearer":
+        raise StateError("grant is not a bearer token")  # what IMS answers are held to
     if not (usable_time(issued) and usable_time(expires)):
         raise StateError("grant times are not finite numbers in range")
     assert isinstance(issued, int | float)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -20,10 +21,12 @@ from imsd.plugin import Product, TokenView
 
 __all__ = [
     "RenderError",
+    "Unrendered",
     "document",
     "product_env",
     "product_headers",
     "render_outputs",
+    "render_safe",
     "rfc3339",
     "token_view",
 ]
@@ -186,15 +189,45 @@ def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) ->
     return _document(cred, grant, headers)
 
 
-def render_outputs(
+@dataclass(frozen=True, slots=True)
+class Unrendered:
+    """Output files left out of a render, and why (the why names no value: safe to show)."""
+
+    files: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{', '.join(self.files)} not written ({self.reason})"
+
+
+def render_safe(
     cred: Credential, grant: Grant, products: Mapping[str, Product]
-) -> dict[str, bytes]:
-    """File name → content for every output kind in ``cred.outputs``."""
+) -> tuple[dict[str, bytes], list[Unrendered]]:
+    """File name → content for every output of ``cred.outputs`` that renders safely, and
+    what was left out. Each product's headers and env files stand alone: one that a product
+    (or a value it carries) makes unsafe does not hold back the others, nor ``token`` and
+    ``token.json``, which carry any printable value verbatim or JSON-escaped
+    (``token.json`` then lacks only that product's headers)."""
     kinds = set(cred.outputs)
-    selected = _products(cred, products)
+    left_out: list[Unrendered] = []
+    selected: list[Product] = []
+    for name in cred.products:
+        if name in products:
+            selected.append(products[name])
+            continue
+        files = [f"{name}.{kind}" for kind in ("headers", "env") if kind in kinds]
+        files += [f"headers.{name} in token.json"] if "json" in kinds else []
+        if files:
+            left_out.append(Unrendered(tuple(files), f"{cred.name}: unknown product {name!r}"))
     headers: dict[str, dict[str, str]] = {}
     if kinds & {"json", "headers"}:
-        headers = {p.name: product_headers(cred, grant, p) for p in selected}
+        for p in selected:
+            try:
+                headers[p.name] = product_headers(cred, grant, p)
+            except RenderError as e:
+                files = [f"{p.name}.headers"] if "headers" in kinds else []
+                files += [f"headers.{p.name} in token.json"] if "json" in kinds else []
+                left_out.append(Unrendered(tuple(files), str(e)))
     out: dict[str, bytes] = {}
     if "token" in kinds:
         out["token"] = grant.access_token.reveal().encode()
@@ -202,10 +235,25 @@ def render_outputs(
         doc = _document(cred, grant, headers)
         out["token.json"] = (json.dumps(doc, indent=2) + "\n").encode()
     for product in selected:
-        if "headers" in kinds:
+        if "headers" in kinds and product.name in headers:
             lines = "".join(f"{k}: {v}\n" for k, v in headers[product.name].items())
             out[f"{product.name}.headers"] = lines.encode()
         if "env" in kinds:
-            env = product_env(cred, grant, product)
+            try:
+                env = product_env(cred, grant, product)
+            except RenderError as e:
+                left_out.append(Unrendered((f"{product.name}.env",), str(e)))
+                continue
             out[f"{product.name}.env"] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
+    return out, left_out
+
+
+def render_outputs(
+    cred: Credential, grant: Grant, products: Mapping[str, Product]
+) -> dict[str, bytes]:
+    """File name → content for every output kind in ``cred.outputs``, or RenderError for the
+    first one that cannot be rendered safely."""
+    out, left_out = render_safe(cred, grant, products)
+    if left_out:
+        raise RenderError(left_out[0].reason)
     return out

@@ -28,11 +28,15 @@ class Entry:
     last_refresh: float | None = None  # wall-clock time of the last successful refresh
     last_error: str | None = None  # last refresh or write error (safe to show)
     file_error: str | None = None  # the credential file is currently broken
+    # Some output files of the current token could not be rendered safely (see last_error):
+    # the token is served but the credential is not healthy, so its state says "stale".
+    outputs_incomplete: bool = False
 
     def state(self, now: float) -> CredentialState:
         if self.credential is None:
             return CredentialState.INVALID
-        return token_state(self.grant, now, failing=self.consecutive_failures > 0)
+        failing = self.consecutive_failures > 0 or self.outputs_incomplete
+        return token_state(self.grant, now, failing=failing)
 
     def error(self) -> str | None:
         """The most relevant error to show: a broken file wins over a failed refresh."""

@@ -40,7 +40,7 @@ from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKin
 from imsd.persist import StateFile, Stored
 from imsd.plugin import AuthMethod, Product
 from imsd.registry import validate_products
-from imsd.render import RenderError, render_outputs, rfc3339
+from imsd.render import RenderError, render_safe, rfc3339
 from imsd.schedule import (
     ClockWatch,
     RefreshPolicy,
@@ -493,7 +493,7 @@ class Supervisor:
             w.write_pending = False
             return
         try:
-            files = render_outputs(w.cred, entry.grant, self.products)
+            files, left_out = render_safe(w.cred, entry.grant, self.products)
             if self.sink.in_memory():  # no device to wait for: cheaper than a thread hop
                 self.sink.write(w.cred.name, files)
             else:
@@ -511,6 +511,11 @@ class Supervisor:
         if entry.last_error and entry.last_error.startswith("writing outputs"):
             entry.last_error = None
         log.debug("sink.written", credential=w.cred.name, files=sorted(files))
+        entry.outputs_incomplete = bool(left_out)
+        if left_out:  # the same inputs render the same: no retry until the token or file changes
+            entry.last_error = f"writing outputs: {'; '.join(map(str, left_out))}"
+            log.error("sink.outputs_incomplete", credential=w.cred.name, error=entry.last_error)
+            await self._announce_failure(w.cred.name, entry.last_error)
         if w.announced is not entry.grant:
             w.announced = entry.grant
             if w.cred.on_refresh is not None and self._tg is not None:
