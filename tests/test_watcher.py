@@ -360,3 +360,27 @@ def test_dir_trust_rules() -> None:
     )
     # A read-only mount (a Kubernetes Secret volume) cannot be written whatever its mode.
     assert dir_trust_problem(st(0, 0o1777), uid=1000, read_only=True) is None
+
+
+async def test_a_stuck_scan_does_not_hold_up_cancellation(tmp_path: Path) -> None:
+    # A read stuck in the kernel (a hung NFS mount) must not keep the daemon from stopping.
+    (tmp_path / "a.toml").write_text(body())
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(path: Path, data: bytes) -> Sequence[Any]:
+        entered.set()
+        release.wait()
+        return parse(path, data)
+
+    w = DirectoryWatcher(tmp_path, parse=stuck, on_events=Recorder())
+    guard = threading.Timer(60, release.set)  # old code waits for the thread: unstick it
+    guard.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.rescan)
+            await anyio.to_thread.run_sync(entered.wait)
+            tg.cancel_scope.cancel()
+        assert not release.is_set()  # cancelled while the scan was still stuck
+    finally:
+        release.set()
+        guard.cancel()

@@ -29,7 +29,7 @@ from imsd.model import Credential, ImsErrorKind
 from imsd.persist import StateFile
 from imsd.plugin import AuthMethod
 from imsd.registry import Registry
-from imsd.sinks import FileSink
+from imsd.sinks import FileSink, make_dirs
 from imsd.store import TokenStore
 from imsd.supervisor import Supervisor
 from imsd.watcher import DirectoryWatcher, scan_directory
@@ -178,7 +178,8 @@ class Daemon:
                 )
                 # Orphans are cleaned before any worker writes, so cleanup never races a write;
                 # the same scan is the watcher's initial state (parsed once).
-                scan = await anyio.to_thread.run_sync(watcher.scan)
+                # Abandoned if cancelled: a read stuck in the kernel must not block shutdown.
+                scan = await anyio.to_thread.run_sync(watcher.scan, abandon_on_cancel=True)
                 if scan is not None:
                     await anyio.to_thread.run_sync(sink.cleanup_orphans, _current_names(scan))
                 await tg.start(watcher.run, scan)
@@ -227,7 +228,7 @@ class Daemon:
             self.socket_address = None  # systemd owns the file
             log.info("api.socket_activated")
         else:
-            s.socket.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            make_dirs(s.socket.parent, 0o750)  # exactly 0750, parents too, whatever the umask
             listener = await unix_listener(s.socket, mode=s.socket_mode, gid=s.socket_gid())
             self.socket_address = s.socket
         server = self._server("socket", api.handle, s)
