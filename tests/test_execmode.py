@@ -481,3 +481,22 @@ async def test_run_exec_without_command(tmp_path: Path) -> None:
 async def test_run_exec_unknown_credential_raises_exec_error(tmp_path: Path) -> None:
     with pytest.raises(ExecError, match="does not exist"):
         await run_exec("nope", ["true"], output_dir=tmp_path)
+
+
+async def test_no_token_env_keeps_the_token_out_of_the_environment(
+    tmp_path: Path, fake: FakeIms, running: Any, imsd_exec: Any
+) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    await running()
+    token = (tmp_path / "tokens" / "alpha" / "token").read_text()
+    p = await imsd_exec("--no-token-env", "alpha", "--", *child(tmp_path))
+    pid, env = await p.start_line()
+    assert "ADOBE_ACCESS_TOKEN" not in env
+    assert env["ADOBE_API_KEY"] == "client-a"
+    environ = await anyio.Path(f"/proc/{pid}/environ").read_bytes()
+    assert token.encode() not in environ
+    token_file = str(tmp_path / "tokens" / "alpha" / "token").encode()
+    assert b"IMSD_TOKEN_FILE=" + token_file in environ.split(b"\0")
+    p.signal(signal.SIGTERM)
+    assert await p.line() == "term"
+    await p.wait()

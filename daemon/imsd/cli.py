@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="on token rotation send CMD this signal (e.g. HUP)",
     )
     how.add_argument("--restart", action="store_true", help="on token rotation restart CMD")
+    p.add_argument(
+        "--no-token-env",
+        dest="token_env",
+        action="store_false",
+        help="keep the token out of CMD's environment; CMD reads $IMSD_TOKEN_FILE",
+    )
     p.add_argument("argv", nargs="*", metavar="-- CMD", help="the command to run (after --)")
     return parser
 
@@ -257,6 +263,7 @@ def _exec(args: argparse.Namespace, settings: Settings) -> int:
                 product=args.product,
                 rotate_signal=sig,
                 restart=args.restart,
+                token_env=args.token_env,
             )
         )
     except ExecError as e:

@@ -87,7 +87,11 @@ async def run_exec(
     restart: bool = False,
     poll_interval: float = 1.0,
     base_env: Mapping[str, str] | None = None,
+    token_env: bool = True,
 ) -> int:
+    """Run *command* with the credential's env variables. Without *token_env* the token
+    itself stays out of the child's environment (which processes of the same uid can read
+    in ``/proc/PID/environ``): it reads ``$IMSD_TOKEN_FILE``."""
     if not command:
         raise ExecError("no command given (imsd exec NAME -- CMD ...)")
     seen = _version(output_dir, name)  # before reading: a rotation meanwhile is not lost
@@ -101,8 +105,11 @@ async def run_exec(
     stopping = False
     while True:
         try:
+            child_env = {**base, **env}
+            if not token_env:
+                child_env.pop("ADOBE_ACCESS_TOKEN", None)
             proc = await anyio.open_process(
-                list(command), env={**base, **env}, stdin=None, stdout=None, stderr=None
+                list(command), env=child_env, stdin=None, stdout=None, stderr=None
             )
         except OSError as e:
             raise ExecError(f"cannot run {command[0]}: {e.strerror or e}") from None
