@@ -7,9 +7,11 @@ third party's auth method would be. Each flow is a generator over request/respon
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from imsd.plugin import (
     AuthMethod,
     Credential,
@@ -140,7 +142,7 @@ class Jwt:
         elif where == "private_key_passphrase_env":
             passphrase = secrets.env(str(table[where]), where)
         try:  # a key that cannot sign is a file error now, not a failed refresh later
-            load_key(pem.reveal().encode(), passphrase.reveal().encode() if passphrase else None)
+            _loaded_key(pem, passphrase)
         except PrivateKeyError as e:
             raise ValueError(f"{source}: {e}") from None
         options: dict[str, Any] = {
@@ -156,13 +158,33 @@ class Jwt:
         return jwt_flow(credential, now)
 
 
+#: Loaded keys by the digest of their PEM and passphrase. Parsing an encrypted key runs its
+#: key derivation (deliberately slow): it is done once, by ``validate`` in the scan thread,
+#: not on the event loop at every refresh. Bounded: old versions of edited keys fall out.
+_KEYS: dict[bytes, RSAPrivateKey] = {}
+_KEYS_MAX: Final = 1024
+
+
+def _loaded_key(pem: Secret, passphrase: Secret | None) -> RSAPrivateKey:
+    secret = passphrase.reveal().encode() if passphrase is not None else None
+    digest = hashlib.sha256(
+        pem.reveal().encode() + b"\0" + (secret if secret is not None else b"\1")
+    ).digest()
+    key = _KEYS.get(digest)
+    if key is None:
+        key = load_key(pem.reveal().encode(), secret)
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.pop(next(iter(_KEYS)), None)
+        _KEYS[digest] = key
+    return key
+
+
 def jwt_flow(cred: Credential, now: float) -> Flow:
     opts = cred.options
     passphrase = opts.get("passphrase")
     try:
-        key = load_key(
-            opts["private_key"].reveal().encode(),
-            passphrase.reveal().encode() if isinstance(passphrase, Secret) else None,
+        key = _loaded_key(
+            opts["private_key"], passphrase if isinstance(passphrase, Secret) else None
         )
     except PrivateKeyError as e:
         raise ImsError(ImsErrorKind.PERMANENT, "invalid_private_key", str(e)) from None

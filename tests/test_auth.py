@@ -240,6 +240,34 @@ def test_jwt_key_with_passphrase_and_digest_follows_the_key_file(tmp_path: Path)
     assert (c2.digest, c2.identity) != (c.digest, c.identity)
 
 
+def test_an_encrypted_key_is_loaded_once_when_the_file_is_read_not_per_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imsd_plugins.auth as auth_plugin
+
+    loads: list[bool] = []
+    real = auth_plugin.load_key
+
+    def counting(pem: bytes, passphrase: bytes | None = None) -> Any:
+        loads.append(passphrase is not None)
+        return real(pem, passphrase)
+
+    monkeypatch.setattr(auth_plugin, "load_key", counting)
+    (tmp_path / "private.key").write_bytes(private_pem(rsa_key(2), b"open sesame"))
+    (tmp_path / "pass").write_text("open sesame\n")
+    text = BASE + (
+        f'auth = "jwt"\ntechnical_account_id = "{TECH}"\nmetascopes = "ent_dataservices_sdk"\n'
+        'private_key_file = "private.key"\nprivate_key_passphrase_file = "pass"\n'
+    )
+    [c] = parse(tmp_path, text)
+    assert loads == [True]  # in validate: the scan thread, off the event loop
+    for i in range(3):  # refreshes sign with the loaded key: no key derivation again
+        flow = auth_plugin.jwt_flow(c, time.time() + i)
+        request = next(flow)
+        assert "jwt_token" in request.form
+    assert loads == [True]
+
+
 # -- the fake IMS's JWT checks, pure --------------------------------------------------------------
 
 
