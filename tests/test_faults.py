@@ -376,6 +376,73 @@ async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
     assert token not in entry.last_error
 
 
+# -- a hostile file system: umask 000, planted directories -------------------------------------
+
+
+async def test_umask_000_creates_no_world_writable_directory(
+    tmp_path: Path, fake: FakeIms, start: Any
+) -> None:
+    """The output, state and socket paths' missing parents used to be made 0777 under
+    ``umask 000`` (Path.mkdir(parents=True)): any local user could swap a token directory."""
+    old = os.umask(0)
+    try:
+        s = make_settings(tmp_path).model_copy(
+            update={
+                "output_dir": tmp_path / "run" / "out" / "tokens",
+                "state_dir": tmp_path / "lib" / "deep" / "state",
+                "socket": tmp_path / "sock" / "deep" / "imsd.sock",
+            }
+        )
+        write_cred(s.credentials_dir, "alpha", fake)
+        d = await start(s)
+        await wait_for(lambda: (s.output_dir / "alpha" / "token").exists())
+        assert d.supervisor is not None
+        await wait_for(lambda: (s.state_dir / "tokens.json").exists())
+    finally:
+        os.umask(old)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+        for p in (
+            s.output_dir.parent.parent,
+            s.output_dir.parent,
+            s.output_dir,
+            s.state_dir.parent,
+            s.state_dir,
+            s.socket.parent.parent,
+            s.socket.parent,
+        )
+    }
+    assert modes == {
+        "run": 0o755,
+        "run/out": 0o755,
+        "run/out/tokens": 0o755,
+        "lib/deep": 0o700,
+        "lib/deep/state": 0o700,
+        "sock/deep": 0o750,
+        "sock": 0o750,
+    }
+
+
+async def test_a_planted_output_dir_of_another_user_fails_the_credential(
+    tmp_path: Path, fake: FakeIms, start: Any
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    s = make_settings(tmp_path)
+    planted = s.output_dir / "alpha"
+    planted.mkdir(mode=0o755)
+    os.chown(planted, 65534, 65534)
+    write_cred(s.credentials_dir, "alpha", fake)
+    d = await start(s)
+    entry = entry_of(d, "alpha")
+    await wait_for(lambda: entry.last_error is not None)
+    assert "alpha: owned by uid 65534, not by imsd or root; refusing" in entry.last_error
+    assert entry.last_error.startswith("writing outputs: ")
+    assert list(planted.iterdir()) == []
+    st = planted.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o755, 65534)
+
+
 # -- clock jumps and suspend ---------------------------------------------------------------------
 
 

@@ -17,10 +17,15 @@ from imsd.fakeims.server import FakeIms
 from imsd.model import Grant, Secret
 from imsd.persist import StateError, StateFile, Stored, decode, encode
 from imsd.registry import load_registry
+from imsd.sinks import SinkError
 
 from tests.test_daemon import SECRET, SECRET2, make_settings, write_cred
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
+
+
+def mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
 
 
 @pytest.fixture
@@ -89,6 +94,43 @@ def test_state_file_modes(tmp_path: Path) -> None:
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     assert state.path.stat().st_mode & 0o777 == 0o600
     assert set(state.load()) == {"a"}
+
+
+def test_state_dir_is_never_chmod_ed_through_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "shared"
+    target.mkdir()
+    os.chmod(target, 0o500)
+    (tmp_path / "state").symlink_to(target)
+    state = StateFile(tmp_path / "state")
+    with pytest.raises(SinkError, match="not a directory \\(a symlink\\?\\); refusing"):
+        state.save({"a": Stored("x", Grant(Secret("tok"), "bearer", 1.0, 2.0))})
+    assert mode(target) == 0o500  # was chmod-ed 0700 through the link
+    assert list(target.iterdir()) == []
+
+
+def test_state_dir_and_parents_are_0700_under_umask_000(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        state = StateFile(tmp_path / "var" / "lib" / "imsd")
+        state.save({"a": Stored("x", Grant(Secret("tok"), "bearer", 1.0, 2.0))})
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "var", tmp_path / "var" / "lib", tmp_path / "var" / "lib" / "imsd"):
+        assert mode(d) == 0o700  # the parents were 0777
+    assert mode(state.path) == 0o600
+
+
+def test_a_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    planted = tmp_path / "state"
+    planted.mkdir()
+    os.chmod(planted, 0o500)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(SinkError, match="owned by uid 65534, not by imsd or root; refusing"):
+        StateFile(planted).save({"a": Stored("x", Grant(Secret("tok"), "bearer", 1.0, 2.0))})
+    assert list(planted.iterdir()) == []
+    assert (mode(planted), planted.stat().st_uid) == (0o500, 65534)
 
 
 @pytest.mark.anyio

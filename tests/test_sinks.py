@@ -382,3 +382,48 @@ def test_filesystem_type_of_real_paths(tmp_path: Path) -> None:
 
 def test_filesystem_type_unknown_without_mounts() -> None:
     assert mount_type("/x", "garbage line\n") is None
+
+
+# -- directories: modes whatever the umask, no symlink followed, nothing foreign adopted ------
+
+
+def test_make_dirs_gives_every_created_directory_its_mode_under_umask_000(
+    tmp_path: Path, umask_zero: None
+) -> None:
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    os.chmod(existing, 0o700)
+    leaf = existing / "a" / "b" / "c"
+    assert sinks.make_dirs(leaf, 0o750) == [existing / "a", existing / "a" / "b", leaf]
+    for d in (existing / "a", existing / "a" / "b", leaf):
+        assert mode(d) == 0o750  # Path.mkdir(parents=True) made the parents 0777
+    assert mode(existing) == 0o700  # not created here: untouched
+    assert sinks.make_dirs(leaf, 0o700) == []  # existing ones keep their mode
+    assert mode(leaf) == 0o750
+
+
+def test_output_dir_parents_are_not_world_writable_under_umask_000(
+    tmp_path: Path, umask_zero: None
+) -> None:
+    out = tmp_path / "run" / "imsd" / "tokens"
+    FileSink(out).write("c", {"token": b"t"})
+    for d in (tmp_path / "run", tmp_path / "run" / "imsd", out):
+        assert mode(d) == 0o755
+    assert mode(out / "c") == 0o700
+
+
+def test_a_planted_credential_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    planted = tmp_path / "c"
+    planted.mkdir()
+    os.chmod(planted, 0o500)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(SinkError, match=r"c: owned by uid 65534, not by imsd or root; refusing"):
+        FileSink(tmp_path).write("c", {"token": b"secret-token"})
+    assert list(planted.iterdir()) == []  # nothing written into it
+    st = planted.lstat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o500, 65534)  # not adopted (chmod-ed)
+    os.chown(planted, 0, 0)  # root's own (or imsd's) directory is fine
+    FileSink(tmp_path).write("c", {"token": b"t"})
+    assert mode(planted) == 0o700

@@ -23,7 +23,7 @@ import structlog
 
 from imsd.flows import is_bearer_token
 from imsd.model import Grant, Secret, usable_time
-from imsd.sinks import atomic_write, remove_stale_temporaries
+from imsd.sinks import atomic_write, open_private_dir, remove_stale_temporaries
 
 __all__ = ["STATE_VERSION", "StateError", "StateFile", "Stored", "decode", "encode"]
 
@@ -140,9 +140,8 @@ class StateFile:
         return entries
 
     def save(self, entries: Mapping[str, Stored]) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Never through a symlink, never a directory another user planted: it holds secrets.
+        fd = open_private_dir(self.dir, 0o700)
         try:
             atomic_write(fd, FILENAME, encode(entries), mode=0o600)
         finally:

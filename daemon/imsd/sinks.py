@@ -42,8 +42,11 @@ __all__ = [
     "FileSink",
     "SinkError",
     "atomic_write",
+    "check_owner",
     "filesystem_type",
+    "make_dirs",
     "mount_type",
+    "open_private_dir",
     "remove_stale_temporaries",
 ]
 
@@ -65,6 +68,74 @@ class SinkError(OSError):
 def _fail(path: str, e: OSError) -> SinkError:
     code = e.errno or errno.EIO
     return SinkError(code, f"{path}: {os.strerror(code)}")
+
+
+def check_owner(fd: int, where: str) -> os.stat_result:
+    """The stat of directory *fd*, or SinkError if another non-root user owns it: a
+    directory planted where ours belongs is refused, never adopted (chmod-ed, written to)."""
+    st = os.fstat(fd)
+    if st.st_uid not in (0, os.geteuid()):
+        raise SinkError(
+            errno.EPERM, f"{where}: owned by uid {st.st_uid}, not by imsd or root; refusing"
+        )
+    return st
+
+
+def make_dirs(path: Path, mode: int) -> list[Path]:
+    """Create *path* and its missing parents with exactly *mode*, whatever the umask
+    (``Path.mkdir(parents=True)`` gives parents ``0777 & ~umask``: 0777 under ``umask 000``).
+    Only directories created here are chmod-ed, through a descriptor that refuses a symlink
+    swapped in meanwhile; existing ones (the operator's, a symlink) are left as they are.
+    Returns the directories created."""
+    missing: list[Path] = []
+    here = Path(os.path.abspath(path))
+    while not os.path.lexists(here) and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue  # made by someone else meanwhile: not ours to chmod
+        except OSError as e:
+            raise _fail(str(d), e) from None
+        try:
+            fd = os.open(d, _DIR_FLAGS)
+        except OSError as e:
+            raise _fail(str(d), e) from None
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, mode)
+        except OSError as e:
+            raise _fail(str(d), e) from None
+        finally:
+            os.close(fd)
+        created.append(d)
+    return created
+
+
+def open_private_dir(path: Path, mode: int) -> int:
+    """A descriptor of directory *path*, created (with its parents) at *mode* if missing.
+    A symlink at *path* is refused, never followed; so is a directory owned by another
+    non-root user; one we own is brought to *mode* through the descriptor."""
+    make_dirs(path, mode)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SinkError(
+                errno.ELOOP, f"{path}: not a directory (a symlink?); refusing"
+            ) from None
+        raise _fail(str(path), e) from None
+    try:
+        st = check_owner(fd, str(path))
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError as e:
+        os.close(fd)
+        raise e if isinstance(e, SinkError) else _fail(str(path), e) from None
+    return fd
 
 
 def _is_ours(entry: str) -> bool:
@@ -272,7 +343,7 @@ class FileSink:
     def _open_root(self, *, create: bool) -> int | None:
         try:
             if create:
-                self.output_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+                make_dirs(self.output_dir, 0o755)
             return os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             if create:
@@ -313,6 +384,7 @@ class FileSink:
         finally:
             os.close(root)
         try:
+            check_owner(fd, where)  # a directory planted by another user is not adopted
             try:
                 os.fchmod(fd, self.dir_mode)
                 if self.file_group is not None:
