@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib
 import io
 import json
 import time
@@ -243,7 +244,8 @@ def test_jwt_key_with_passphrase_and_digest_follows_the_key_file(tmp_path: Path)
 def test_an_encrypted_key_is_loaded_once_when_the_file_is_read_not_per_refresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import imsd_plugins.auth as auth_plugin
+    # Installed as imsd_plugins (setuptools package-dir), which mypy's path does not map.
+    auth_plugin: Any = importlib.import_module("imsd_plugins.auth")
 
     loads: list[bool] = []
     real = auth_plugin.load_key

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from imsd.daemon import Daemon
+from imsd.daemon import Daemon, run_once
 from imsd.fakeims.server import FakeIms
 from imsd.imsclient import ImsClient
 from imsd.model import Credential, CredentialState, Grant, Secret
@@ -374,6 +374,14 @@ async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
     assert "'ADOBE_API_KEY' has a value" in entry.last_error
     token = (out / "token").read_text()
     assert token not in entry.last_error
+
+
+async def test_once_fails_when_an_output_was_left_out(tmp_path: Path, fake: FakeIms) -> None:
+    fake.state.add_client('"client-q', secrets=[SECRET], scopes=SCOPES, org_id=ORG)
+    s = make_settings(tmp_path)
+    write_cred(s.credentials_dir, "alpha", fake, client_id='\\"client-q')
+    assert await run_once(s, load_registry(), give_up_after=10) == 1
+    assert (s.output_dir / "alpha" / "token").exists()  # what could be written was
 
 
 # -- a hostile file system: umask 000, planted directories -------------------------------------

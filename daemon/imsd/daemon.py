@@ -480,7 +480,7 @@ def _outcome(sup: Supervisor, name: str) -> str:
     if entry is None or entry.credential is None or entry.file_error:
         return "failed"
     if entry.grant is not None and not sup.write_pending(name):
-        return "ok"
+        return "failed" if entry.outputs_incomplete else "ok"
     if sup.last_error_kind(name) is ImsErrorKind.PERMANENT:
         return "failed"
     return "pending"
