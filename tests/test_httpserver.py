@@ -228,7 +228,7 @@ class _FlakyListener:
         return await self.inner.accept()
 
 
-async def test_accept_errors_never_end_the_server(caplog: pytest.LogCaptureFixture) -> None:
+async def test_accept_errors_never_end_the_server() -> None:
     listener = await tcp_listener("127.0.0.1", 0)
     port = bound_port(listener)
     events = _Events()

@@ -69,7 +69,6 @@ PERMANENT_CODES: Final = frozenset(
 )
 _MAX_LIFETIME: Final = 366 * 86400.0  # IMS tokens live a day; a year is certainly wrong
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
-_FORM: Final = {"Accept": "application/json"}
 _BEARER: Final = "bearer"
 # RFC 6750 b64token, the only syntax a bearer token can take in an Authorization header. Real
 # IMS tokens are JWTs (base64url and dots); anything else is corrupt or hostile, and a quote or

@@ -254,7 +254,6 @@ class DirectoryWatcher:
         self.catalog = catalog or Catalog()
         self._lock = anyio.Lock()
         self._cache: ScanCache = {}
-        self.scans = 0
 
     def scan(self, *, full: bool = False) -> dict[Path, ScanResult] | None:
         """Scan the directory (blocking: run it in a worker thread), re-reading only changed
@@ -279,7 +278,6 @@ class DirectoryWatcher:
                 scan = await anyio.to_thread.run_sync(
                     lambda: self.scan(full=full), abandon_on_cancel=True
                 )
-            self.scans += 1
             if scan is None:
                 return
             events = self.catalog.apply(scan)

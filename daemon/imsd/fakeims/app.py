@@ -46,7 +46,6 @@ class GatewayRule:
     org_header: str | None = "x-gw-ims-org-id"
     required: tuple[str, ...] = ()
     defaults: Mapping[str, str] | None = None  # header → value assumed when absent
-    path_prefix: str | None = None  # e.g. "{company}" segments checked by tests
 
 
 GATEWAY_RULES: Final[dict[str, GatewayRule]] = {
