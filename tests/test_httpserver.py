@@ -146,30 +146,79 @@ async def test_non_socket_file_is_never_replaced(tmp_path: Path) -> None:
     assert path.read_text() == "important"
 
 
-async def test_shutdown_drains_in_flight(tcp: int) -> None:
-    started = anyio.Event()
+async def test_shutdown_drains_in_flight() -> None:
+    """Newcomers are refused and idle keep-alive connections closed at once; a request
+    already begun finishes and is answered with Connection: close."""
+    started, release = anyio.Event(), anyio.Event()
 
-    async def slow(req: Request) -> Response:
-        started.set()
-        await anyio.sleep(0.3)
+    async def handler(req: Request) -> Response:
+        if req.path == "/slow":
+            started.set()
+            await release.wait()
         return Response.text("done")
 
     listener = await tcp_listener("127.0.0.1", 0)
     port = bound_port(listener)
-    server = HttpServer(slow)
+    server = HttpServer(handler, idle_timeout=60)
     result: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve, [listener])
+        idle = await anyio.connect_tcp("127.0.0.1", port)
+        await idle.send(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"done" in await idle.receive()  # now waiting for its next request
+
+        async def call() -> None:
+            async with httpx.AsyncClient() as c:
+                r = await c.get(f"http://127.0.0.1:{port}/slow")
+                result.append((r.status_code, r.text, r.headers.get("connection")))
+
+        tg.start_soon(call)
+        await started.wait()
+        stopped = anyio.Event()
+
+        async def stop() -> None:
+            await server.shutdown(grace=60)
+            stopped.set()
+
+        tg.start_soon(stop)
+        with pytest.raises(anyio.EndOfStream):
+            await idle.receive()
+        await idle.aclose()
+        with pytest.raises(OSError, match="connection attempts failed"):
+            await anyio.connect_tcp("127.0.0.1", port)  # refused, not left in the backlog
+        assert not result
+        assert not stopped.is_set()
+        release.set()
+        await stopped.wait()
+    assert result == [(200, "done", "close")]
+
+
+async def test_shutdown_cancels_what_outlives_the_grace() -> None:
+    started = anyio.Event()
+
+    async def stuck(req: Request) -> Response:
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    server = HttpServer(stuck)
+    failed: list[BaseException] = []
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve, [listener])
 
         async def call() -> None:
             async with httpx.AsyncClient() as c:
-                r = await c.get(f"http://127.0.0.1:{port}/")
-                result.append((r.status_code, r.text, r.headers.get("connection")))
+                try:
+                    await c.get(f"http://127.0.0.1:{port}/")
+                except httpx.TransportError as e:
+                    failed.append(e)
 
         tg.start_soon(call)
         await started.wait()
-        await server.shutdown(grace=5)
-    assert result == [(200, "done", "close")]
+        await server.shutdown(grace=0.05)
+    assert len(failed) == 1  # dropped without an answer once the grace ran out
 
 
 class _Events:

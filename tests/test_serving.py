@@ -10,11 +10,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from imsd import logs
@@ -172,6 +173,47 @@ async def test_thousand_forced_refreshes_one_ims_request(
     tokens = {t for _, t in results}
     assert old not in tokens
     assert tokens == {(tmp_path / "tokens" / "alpha" / "token").read_text()}
+
+
+async def refused(connect: Callable[[], Awaitable[anyio.abc.ByteStream]]) -> None:
+    """Wait until *connect* fails (the daemon keeps accepting until the signal is handled)."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                stream = await connect()
+            except OSError:
+                return
+            await stream.aclose()
+            await anyio.sleep(0.02)
+
+
+async def test_sigterm_drains_requests_in_flight(
+    tmp_path: Path, fake: FakeIms, running: Any
+) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    now = [time.time()]
+    d = await running(clock=lambda: now[0], handle_signals=True)
+    now[0] += 60  # old enough for a forced refresh
+    fake.state.hang(60)  # held at the fake until released below
+    answers: list[httpx.Response] = []
+    async with anyio.create_task_group() as tg:
+
+        async def refresh() -> None:
+            async with uds(d) as c:
+                answers.append(await c.post("/v1/credentials/alpha/refresh"))
+
+        tg.start_soon(refresh)
+        await wait_for(lambda: fake.state.in_flight == 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        socket_path = str(d.settings.socket)
+        await refused(lambda: anyio.connect_unix(socket_path))
+        await refused(lambda: anyio.connect_tcp("127.0.0.1", d.metrics_port or 0))
+        assert not answers  # still in flight while newcomers are refused
+        fake.state.hang(0)
+    [r] = answers
+    assert (r.status_code, r.headers["connection"]) == (200, "close")
+    assert r.json()["access_token"] == (tmp_path / "tokens" / "alpha" / "token").read_text()
+    await wait_for(lambda: not d.settings.socket.exists())  # run() has returned
 
 
 async def test_metrics_and_health(tmp_path: Path, fake: FakeIms, running: Any) -> None:

@@ -1,5 +1,6 @@
 """Wiring: settings → IMS client, file sink, supervisor and directory watcher under one task
-group. Shutdown is cancellation of that group; nothing outlives it."""
+group. Shutdown is cancellation of that group, after the listeners have drained
+(:meth:`Daemon.stop`); nothing outlives it."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ log = structlog.get_logger("imsd.daemon")
 #: the state file, actions. Connection caps are lowered so that attackers can never take them.
 FD_RESERVE: Final = 256
 _LISTENERS: Final = 2  # the socket API and the metrics listener
+#: How long requests in flight at SIGTERM/SIGINT may take to finish: well below the unit's
+#: TimeoutStopSec=15s, after which systemd kills the daemon.
+STOP_GRACE: Final = 5.0
 
 
 def raise_nofile_limit() -> int:
@@ -127,6 +131,7 @@ class Daemon:
         self._nofile = 1 << 20
         self._reload_requested = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._stopping = False
         self.socket_address: Path | None = None
         self.metrics_port: int | None = None
 
@@ -167,7 +172,7 @@ class Daemon:
                 )
                 await tg.start(sup.run)
                 if handle_signals:
-                    tg.start_soon(self._signals, tg.cancel_scope)
+                    tg.start_soon(self._signals, tg)
                 tg.start_soon(self._reloader)
                 watcher = self.watcher = DirectoryWatcher(
                     s.credentials_dir,
@@ -279,15 +284,33 @@ class Daemon:
 
     # -- signals, reload, watchdog -----------------------------------------------------------
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(self, tg: anyio.abc.TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    self.request_reload()
-                    continue
-                log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                scope.cancel()
-                return
+                    if not self._stopping:
+                        self.request_reload()
+                elif not self._stopping:
+                    log.info("daemon.stopping", signal=name, grace=STOP_GRACE)
+                    tg.start_soon(self.stop)
+                else:  # a second stop signal: the operator will not wait for the drain
+                    log.info("daemon.stopping_now", signal=name)
+                    tg.cancel_scope.cancel()
+                    return
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop as SIGTERM/SIGINT do: the listeners stop accepting at once, requests already
+        begun finish (answered with ``Connection: close``) for at most *grace* seconds, then
+        everything is cancelled and :meth:`run` returns."""
+        tg = self._tg
+        if tg is None or self._stopping:
+            return
+        self._stopping = True
+        async with anyio.create_task_group() as drain:
+            for server in self._servers.values():
+                drain.start_soon(server.shutdown, grace)
+        tg.cancel_scope.cancel()
 
     def request_reload(self) -> None:
         """Ask for a reload; requests arriving during one coalesce into one more."""

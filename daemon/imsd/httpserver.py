@@ -8,9 +8,10 @@ task), call the handler, write the response under a deadline too (a client that 
 its answer is dropped, its buffers with it), and loop while keep-alive allows. Protocol
 errors get their status (400 malformed, 413 body too large, 431 headers too large) with a
 JSON body and ``Connection: close``; a handler exception becomes a 500 and is logged without
-the request body. On cancellation every connection task unwinds; :meth:`HttpServer.shutdown`
-first stops accepting and lets in-flight requests finish within a grace period, answering
-them with ``Connection: close``.
+the request body. On cancellation every connection task unwinds. :meth:`HttpServer.shutdown`
+drains instead: it closes the listeners (newcomers are refused, not left in the backlog) and
+the keep-alive connections waiting for their next request, and lets requests already begun
+finish within a grace period, answered with ``Connection: close``.
 
 Hostile clients must never end the daemon or starve its refreshes of file descriptors. Each
 server holds at most ``max_connections``; a newcomer beyond that sheds the connection that
@@ -192,6 +193,9 @@ class HttpServer:
         self._draining = False
         self._accepting: anyio.CancelScope | None = None
         self._conns: anyio.abc.TaskGroup | None = None
+        self._finished = anyio.Event()  # set when serve() returns
+        # Connections waiting for a request after their first: closed at once by shutdown().
+        self._keepalive: set[anyio.CancelScope] = set()
         # Per open connection, the monotonic time by which its current request must have
         # been read or its response written (inf while a handler runs). One sweeper enforces
         # them all: cheaper than a cancel scope with a deadline around every read. The
@@ -210,27 +214,41 @@ class HttpServer:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled (or until :meth:`shutdown` finishes draining)."""
-        async with anyio.create_task_group() as conns:
-            self._conns = conns
-            with anyio.CancelScope() as accepting:
-                self._accepting = accepting
-                async with anyio.create_task_group() as accept:
-                    accept.start_soon(self._sweep)
+        """Serve until cancelled, or until :meth:`shutdown` has drained every connection."""
+        try:
+            async with anyio.create_task_group() as conns:
+                self._conns = conns
+                with anyio.CancelScope() as accepting:
+                    self._accepting = accepting
+                    async with anyio.create_task_group() as accept:
+                        accept.start_soon(self._sweep)
+                        for listener in listeners:
+                            # A TCP listener may be several sockets (IPv4 and IPv6).
+                            for inner in getattr(listener, "listeners", [listener]):
+                                accept.start_soon(self._accept_loop, inner, conns)
+                        task_status.started()
+                # Only shutdown() gets here: closing now refuses newcomers instead of leaving
+                # them in the backlog while in-flight requests finish under its deadline.
+                with anyio.CancelScope(shield=True):
                     for listener in listeners:
-                        # A TCP listener may be several sockets (IPv4 and IPv6).
-                        for inner in getattr(listener, "listeners", [listener]):
-                            accept.start_soon(self._accept_loop, inner, conns)
-                    task_status.started()
-            # Accepting stopped by shutdown(): in-flight connections finish under its deadline.
+                        await listener.aclose()
+        finally:
+            self._finished.set()
 
     async def shutdown(self, grace: float = 5.0) -> None:
-        """Stop accepting; let in-flight requests finish for at most *grace* seconds."""
+        """Stop accepting, close idle keep-alive connections and let requests already begun
+        finish (answered with ``Connection: close``) for at most *grace* seconds; return once
+        :meth:`serve` has returned. A server that is not serving returns at once."""
         self._draining = True
+        if self._conns is None:
+            return
+        for scope in self._keepalive:
+            scope.cancel()
         if self._accepting is not None:
             self._accepting.cancel()
-        if self._conns is not None:
-            self._conns.cancel_scope.deadline = anyio.current_time() + grace
+        deadline = anyio.current_time() + grace
+        self._conns.cancel_scope.deadline = min(self._conns.cancel_scope.deadline, deadline)
+        await self._finished.wait()
 
     async def _accept_loop(self, listener: Any, conns: anyio.abc.TaskGroup) -> None:
         """Accept on one socket listener (anyio's own ``serve`` lets an accept error end the
@@ -320,16 +338,22 @@ class HttpServer:
             peer = None
         async with stream:
             for served in range(1, self._max_requests + 1):
-                if scope.cancel_called:
+                if scope.cancel_called or (self._draining and served > 1):
                     return
                 self._deadlines[scope] = time.monotonic() + self._idle
+                # A new connection's first request is expected (it raced the shutdown), so
+                # it is not idle; nor is one whose next request is already buffered.
+                if served > 1 and not conn.trailing_data[0]:
+                    self._keepalive.add(scope)
                 try:
-                    event, body = await self._read(conn, stream)
+                    event, body = await self._read(conn, stream, scope)
                 except _Reject as e:
                     await self._reject(conn, stream, e)
                     return
                 except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     return
+                finally:
+                    self._keepalive.discard(scope)
                 if event is None:
                     return
                 self._deadlines[scope] = math.inf  # handling and answering are not idling
@@ -372,7 +396,7 @@ class HttpServer:
         )
 
     async def _read(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
     ) -> tuple[h11.Request | None, bytes]:
         request: h11.Request | None = None
         body = bytearray()
@@ -383,6 +407,7 @@ class HttpServer:
                 raise _Reject(e.error_status_hint, str(e) or "malformed request") from None
             if event is h11.NEED_DATA:
                 data = await stream.receive(65536)
+                self._keepalive.discard(scope)  # a request has begun: shutdown lets it finish
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event

@@ -123,6 +123,15 @@ class FakeImsApp:
             return Response.json({"service": "imsd fake IMS", "clients": len(self.state.clients)})
         return Response.json({"error": "not_found", "error_description": path[:100]}, 404)
 
+    async def _hang(self) -> None:
+        """Wait out the hang switch; clearing it releases the answers already waiting, so a
+        test can hold a request in flight for as long as it needs."""
+        hang = self.state.hang_seconds()
+        deadline = anyio.current_time() + hang
+        while hang > 0 and (left := deadline - anyio.current_time()) > 0:
+            await anyio.sleep(min(left, 0.05))
+            hang = self.state.hang_seconds()
+
     async def _token(self, req: Request, path: str) -> Response:
         if req.method != "POST":
             return Response.json({"error": "invalid_request", "error_description": "use POST"}, 405)
@@ -130,9 +139,7 @@ class FakeImsApp:
             raise AbortConnection
         self.state.enter()
         try:
-            hang = self.state.hang_seconds()
-            if hang > 0:
-                await anyio.sleep(hang)
+            await self._hang()
             if self.state.take_bomb():
                 return self._dripping(
                     Response(

@@ -184,7 +184,7 @@ class FakeImsState:
             self._faults.reset = n
 
     def hang(self, seconds: float) -> None:
-        """Delay every token answer by *seconds* (0 clears)."""
+        """Delay every token answer by *seconds* (0 clears, releasing the answers waiting)."""
         with self._lock:
             self._faults.hang = seconds
 
