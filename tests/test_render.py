@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from imsd.model import Credential, Grant, Secret
+from imsd.model import Credential, CredentialError, Grant, Secret
 from imsd.plugin import Product, TokenView
-from imsd.registry import load_registry
+from imsd.registry import load_registry, validate_products
 from imsd.render import (
     RenderError,
     Unrendered,
@@ -223,6 +224,52 @@ def test_hostile_products_rejected_without_leaking(product: Product, reason: str
     assert TOKEN not in message
     assert TOKEN not in repr(err.value)
     assert err.value.__cause__ is None  # the plugin's exception (and its text) is not chained
+
+
+class Counting(Hostile):
+    """Counts validate_options calls; renders the options it normalized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validations = 0
+
+    def validate_options(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        self.validations += 1
+        return {"n": str(options.get("n", 0)), "default": "filled"}
+
+    def headers(self, view: TokenView) -> Any:
+        return {"x-n": view.options["n"], "x-default": view.options["default"]}
+
+    def env(self, view: TokenView) -> Any:
+        return {"N": view.options["n"]}
+
+
+def test_options_are_validated_once_per_credential_version() -> None:
+    product = Counting()
+    products: dict[str, Product] = {"hostile": product}
+    c = validate_products(
+        cred(products=("hostile",), product_options={"hostile": {"n": 1}}), products
+    )
+    assert product.validations == 1
+    for _ in range(3):
+        files, left_out = render_safe(c, GRANT, products)
+        assert not left_out
+        assert document(c, GRANT, products)["headers"]["hostile"]["x-n"] == "1"
+        assert product_env(c, GRANT, product) == {"N": "1"}
+    assert files["hostile.headers"] == b"x-n: 1\nx-default: filled\n"
+    assert validate_products(c, products) == c  # already validated: kept as it is
+    assert product.validations == 1
+    # A copy given other options is a new version: validated again where it is used.
+    edited = replace(c, product_options={"hostile": {"n": 2}})
+    assert render_safe(edited, GRANT, products)[0]["hostile.env"] == b"N=2\n"
+    assert product.validations > 1
+
+
+def test_a_plugin_bug_in_validate_options_is_a_credential_error() -> None:
+    with pytest.raises(
+        CredentialError, match=r"product\.hostile: validate_options failed \(KeyError\)"
+    ):
+        validate_products(cred(products=("hostile",)), {"hostile": Hostile(boom="options")})
 
 
 def test_env_values_that_read_the_same_everywhere_are_kept_verbatim() -> None:

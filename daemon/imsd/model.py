@@ -35,6 +35,7 @@ __all__ = [
     "ImsError",
     "ImsErrorKind",
     "Secret",
+    "ValidatedOptions",
     "check_ims_url",
     "usable_time",
 ]
@@ -133,6 +134,15 @@ class CredentialError(ValueError):
         self.reason = message
         where = f"{self.path}: {field}: " if field else f"{self.path}: "
         super().__init__(where + message)
+
+
+class ValidatedOptions(dict[str, Mapping[str, Any]]):
+    """``Credential.product_options`` as :func:`imsd.registry.validate_products` leaves them:
+    each product's table is what its ``validate_options`` returned, so rendering uses it as it
+    is. Any other mapping (a credential that did not go through it, or a copy given other
+    options) is validated where it is used. Equal to a plain dict with the same items."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)

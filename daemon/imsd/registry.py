@@ -21,8 +21,9 @@ import pluggy
 import structlog
 
 from imsd import hookspecs
-from imsd.model import Credential, CredentialError
+from imsd.model import Credential, CredentialError, ValidatedOptions
 from imsd.plugin import PROJECT, AuthMethod, Product
+from imsd.render import validated_options
 
 __all__ = ["PluginInfo", "Registry", "load_registry", "validate_products"]
 
@@ -208,8 +209,12 @@ def _load_file(path: Path) -> ModuleType:
 
 def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
     """Check the credential's products exist and their options are valid; return the
-    credential with normalized options. Errors name the file and the option."""
-    options: dict[str, Mapping[str, Any]] = {}
+    credential with normalized options as :class:`~imsd.model.ValidatedOptions`, which
+    rendering then uses without validating again (options already validated are kept as they
+    are). Errors name the file and the option."""
+    given = cred.product_options
+    done = given if isinstance(given, ValidatedOptions) else {}
+    options = ValidatedOptions()
     for name in cred.products:
         product = products.get(name)
         if product is None:
@@ -217,8 +222,11 @@ def validate_products(cred: Credential, products: Mapping[str, Product]) -> Cred
             raise CredentialError(
                 cred.path, f"unknown product {name!r} (known: {known})", field="products"
             )
+        if name in done:
+            options[name] = done[name]
+            continue
         try:
-            options[name] = product.validate_options(cred.product_options.get(name, {}))
+            options[name] = validated_options(product, given.get(name, {}))
         except (ValueError, TypeError) as e:
             raise CredentialError(cred.path, str(e), field=f"product.{name}") from None
     return replace(cred, product_options=options)

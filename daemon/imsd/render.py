@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from imsd.model import Credential, Grant
+from imsd.model import Credential, Grant, ValidatedOptions
 from imsd.plugin import Product, TokenView
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "render_safe",
     "rfc3339",
     "token_view",
+    "validated_options",
 ]
 
 # RFC 7230 token characters. Always used with fullmatch: "$" would accept a trailing newline.
@@ -78,16 +79,28 @@ def _label(name: str, view: TokenView) -> str:
     return "<redacted>" if view.access_token and view.access_token in name else repr(name)
 
 
-def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
-    """What *product* sees; its options are (re-)validated, which fills in defaults."""
+def validated_options(product: Product, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """*product*'s normalized *options*, or ValueError/TypeError naming the option. A plugin
+    bug becomes a ValueError that names only the exception's type."""
     try:
-        options = product.validate_options(cred.product_options.get(product.name, {}))
-    except (ValueError, TypeError) as e:  # option messages never hold the token
-        raise RenderError(f"{_where(cred, product)}: {e}") from None
+        return product.validate_options(options)
+    except (ValueError, TypeError):
+        raise
     except Exception as e:  # a plugin bug must not take the daemon down
-        raise RenderError(
-            f"{_where(cred, product)}: validate_options failed ({type(e).__name__})"
-        ) from None
+        raise ValueError(f"validate_options failed ({type(e).__name__})") from None
+
+
+def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
+    """What *product* sees. Its options are the ones :func:`imsd.registry.validate_products`
+    left on *cred*, else validated now (defaults filled in)."""
+    options = cred.product_options
+    if isinstance(options, ValidatedOptions) and product.name in options:
+        checked = options[product.name]
+    else:
+        try:
+            checked = validated_options(product, options.get(product.name, {}))
+        except (ValueError, TypeError) as e:  # option messages never hold the token
+            raise RenderError(f"{_where(cred, product)}: {e}") from None
     return TokenView(
         credential=cred.name,
         access_token=grant.access_token.reveal(),
@@ -95,7 +108,7 @@ def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
         client_id=cred.client_id,
         org_id=cred.org_id,
         expires_at=grant.expires_at,
-        options=options,
+        options=checked,
     )
 
 
