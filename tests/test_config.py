@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from imsd.config import ConfigError, Settings, load_settings
+from imsd.model import https_or_loopback
 
 
 def test_layers_flag_over_env_over_file(tmp_path: Path) -> None:
@@ -82,6 +83,28 @@ def test_ims_url_refuses_userinfo_query_fragment(tmp_path: Path, url: str, needl
         assert "ims_url" in str(err.value)
         assert needle in str(err.value)
         assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://ims-na1.adobelogin.com", True),
+        ("https://10.0.0.1:8443/ims/token/v3", True),
+        ("http://127.0.0.1:8765", True),
+        ("http://127.8.9.10/x", True),  # all of 127/8 is loopback
+        ("http://[::1]:8765", True),
+        ("http://LOCALHOST:1", True),
+        ("http://ims.example.com", False),
+        ("http://10.0.0.1", False),
+        ("http://127.0.0.1.nip.io", False),  # a name that merely starts like loopback
+        ("http://localhost.example.com", False),
+        ("ftp://127.0.0.1", False),
+        ("https://", False),
+        ("127.0.0.1:8765", False),
+    ],
+)
+def test_the_https_or_loopback_rule(url: str, allowed: bool) -> None:
+    assert https_or_loopback(url) is allowed
 
 
 def test_ims_url_accepts_hosts_and_loopback_http() -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "Secret",
     "ValidatedOptions",
     "check_ims_url",
+    "https_or_loopback",
     "usable_time",
 ]
 
@@ -69,6 +70,17 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def https_or_loopback(url: str) -> bool:
+    """The one rule for where a secret may be sent: ``https://``, or plain ``http://`` only to
+    a loopback host (the fake IMS, a local proxy), so that nothing crosses a network in clear
+    text. Settings and credential files apply it through :func:`check_ims_url`."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))
+
+
 def check_ims_url(url: str) -> str:
     """*url* without a trailing slash if it can name an IMS host, else ValueError (whose
     message never quotes the URL). Userinfo is refused: ``user:password@`` would be sent as
@@ -82,8 +94,7 @@ def check_ims_url(url: str) -> str:
         raise ValueError("must not contain user:password@ (credentials go in their own fields)")
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError("must not have a query or a fragment")
-    host = parts.hostname
-    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))):
+    if not https_or_loopback(url):
         raise ValueError("must be an https:// URL (http:// only to a loopback host)")
     return url.rstrip("/")
 
