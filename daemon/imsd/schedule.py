@@ -16,10 +16,9 @@ never past the current token's expiry while that token is still good.
 Workers sleep on the monotonic clock until their wall-clock time is due. One
 :class:`ClockWatch` per daemon compares, every re-check interval, how far the wall clock and
 the monotonic clock moved: a jump (an NTP step, a suspended laptop, whose monotonic clock
-stood still) wakes every worker to look again, so it is noticed within that interval. One
-check per interval replaces a wake-up per worker per interval (at 10,000 credentials, 333
-wake-ups a second: most of the idle CPU). The random draws are arguments, so every function
-here is deterministic under test.
+stood still) wakes every worker to look again, so it is noticed within that interval.
+Watching the clock thus costs one wake-up per interval, whatever the number of credentials.
+The random draws are arguments, so every function here is deterministic under test.
 """
 
 from __future__ import annotations
