@@ -17,6 +17,7 @@ BENCHES = {
     "reaction": "bench.reaction",
     "scale": "bench.scale",
     "sharing": "bench.sharing",
+    "state": "bench.state",
 }
 
 

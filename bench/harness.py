@@ -81,6 +81,12 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def _ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.2f}" if r == 0 or abs(r) >= 0.1 else f"{r:.2g}"  # 0.0058, not 0.01
+
+
 def table(figures: Sequence[Figure]) -> str:
     rows = [("bench", "metric", "imsd", "baseline", "ratio", "goal")]
     for f in figures:
@@ -91,7 +97,7 @@ def table(figures: Sequence[Figure]) -> str:
                 f.metric,
                 f"{_fmt(f.value)} {f.unit}",
                 f"{_fmt(f.baseline)} ({f.baseline_label})" if f.baseline is not None else "-",
-                f"{ratio:.2f}" if ratio is not None else "-",
+                _ratio(ratio),
                 f.goal,
             )
         )

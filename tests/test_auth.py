@@ -452,7 +452,7 @@ async def test_refresh_token_rotation_survives_restarts(tmp_path: Path, fake: Fa
     stored = StateFile(s.state_dir).load()["user"]
     assert stored.refresh_token is not None
     assert stored.refresh_token.reveal() != seed
-    assert (s.state_dir / "tokens.json").stat().st_mode & 0o777 == 0o600
+    assert (s.state_dir / "state.db").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.anyio

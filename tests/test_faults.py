@@ -231,7 +231,7 @@ def kill9_run(tmp_path: Path, fake: FakeIms, refreshes: int) -> None:
                 if restarts:  # restart after kill -9: the stored token was reused
                     assert fake.state.request_count() - before == 1  # only the forced one
                 else:  # the state file is written within SAVE_INTERVAL of a new token
-                    while not (tmp_path / "state" / "tokens.json").exists():
+                    while not (tmp_path / "state" / "state.db").exists():
                         time.sleep(0.05)
                 done += 1
                 burst = rng.randint(5, 60)
@@ -405,7 +405,7 @@ async def test_umask_000_creates_no_world_writable_directory(
         d = await start(s)
         await wait_for(lambda: (s.output_dir / "alpha" / "token").exists())
         assert d.supervisor is not None
-        await wait_for(lambda: (s.state_dir / "tokens.json").exists())
+        await wait_for(lambda: (s.state_dir / "state.db").exists())
     finally:
         os.umask(old)
     modes = {

@@ -296,7 +296,7 @@ def test_start_up_removes_stale_temporaries_of_the_state_file(tmp_path: Path) ->
     (tmp_path / f".tokens.json.tmp-{'f' * 16}").mkdir()  # not a regular file: left alone
     assert state.load() == {"a": Stored("identity")}  # what start-up calls
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [*foreign, f".tokens.json.tmp-{'f' * 16}", "tokens.json"]
+        [*foreign, f".tokens.json.tmp-{'f' * 16}", "state.db", "state.db-shm", "state.db-wal"]
     )
     assert StateFile(tmp_path / "missing").load() == {}
 
