@@ -30,7 +30,7 @@ from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsE
 from imsd.persist import StateFile
 from imsd.registry import load_registry
 
-from tests.test_daemon import SECRET, make_settings, wait_for
+from tests.test_daemon import SECRET, live, make_settings, wait_for
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
 TECH = "ABCDEF0123456789ABCDEF01@techacct.adobe.com"
@@ -396,7 +396,7 @@ async def test_jwt_with_a_wrong_key_surfaces_invalid_signature(
     async with anyio.create_task_group() as tg:
         d = Daemon(s, load_registry(), env={})
         await tg.start(functools.partial(d.run, handle_signals=False))
-        entry = d.supervisor.store.get("svc") if d.supervisor else None
+        entry = live(d, "svc")
         assert entry is not None
         await wait_for(lambda: entry.last_error is not None)
         assert "invalid_signature" in (entry.last_error or "")
@@ -465,7 +465,7 @@ async def test_revoked_refresh_token_needs_a_new_login(tmp_path: Path, fake: Fak
         assert (s.output_dir / "user" / "token").exists()
         fake.state.revoke_refresh_tokens("web-client")
         r = await force_refresh(d)
-        entry = d.supervisor.store.get("user") if d.supervisor else None
+        entry = live(d, "user")
         assert entry is not None
         assert "new login is needed" in (entry.last_error or "")
         assert r.status_code == 502

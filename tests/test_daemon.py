@@ -123,6 +123,24 @@ def sup(d: Daemon) -> Supervisor:
     return d.supervisor
 
 
+class Live:
+    """A credential's record as it is now: records are frozen and replaced on every change,
+    so a test that waits for a change reads through this instead of holding one."""
+
+    def __init__(self, d: Daemon, name: str) -> None:
+        self._d, self._name = d, name
+
+    def __getattr__(self, attr: str) -> Any:
+        record = sup(self._d).store.get(self._name)
+        assert record is not None, f"no record for {self._name!r}"
+        return getattr(record, attr)
+
+
+def live(d: Daemon, name: str) -> Any:
+    assert sup(d).store.get(name) is not None, f"no record for {name!r}"
+    return Live(d, name)
+
+
 async def test_add_change_remove(tmp_path: Path, fake: FakeIms, daemon: Any) -> None:
     s = make_settings(tmp_path)
     write_cred(s.credentials_dir, "alpha", fake)
@@ -200,13 +218,13 @@ async def test_invalid_file_beside_valid_and_last_good_kept(
     write_cred(s.credentials_dir, "good", fake)
     d = await daemon(s)
     token = (s.output_dir / "good" / "token").read_text()
-    broken = sup(d).store.get("broken")
+    broken = live(d, "broken")
     assert broken is not None
     assert broken.state(0) is CredentialState.INVALID
     assert "broken.toml" in (broken.error() or "")
 
     (s.credentials_dir / "good.toml").write_text('auth = "oauth_server_to_server"\n')
-    entry = sup(d).store.get("good")
+    entry = live(d, "good")
     assert entry is not None
     await wait_for(lambda: entry.file_error is not None)
     assert entry.file_error is not None
@@ -225,7 +243,7 @@ async def test_outage_serves_last_token_until_expiry_then_recovers(
     d = await daemon(s)
     out = s.output_dir / "alpha" / "token"
     first = out.read_text()
-    entry = sup(d).store.get("alpha")
+    entry = live(d, "alpha")
     assert entry is not None
     fake.state.fail_next(10_000, status=503)
     await wait_for(lambda: entry.consecutive_failures >= 2)
@@ -253,7 +271,7 @@ async def test_permanent_error_is_not_hammered(tmp_path: Path, fake: FakeIms, da
     s = make_settings(tmp_path, backoff_cap=300.0)
     write_cred(s.credentials_dir, "alpha", fake, secret="p8e-wrong-secret-000000000000")
     d = await daemon(s)
-    entry = sup(d).store.get("alpha")
+    entry = live(d, "alpha")
     assert entry is not None
     assert entry.last_error is not None
     assert "invalid_client" in entry.last_error
@@ -285,7 +303,7 @@ async def test_no_secret_in_logs(
     await wait_for(lambda: read(s.output_dir / "alpha" / "token") not in (None, *tokens))
     tokens.add((s.output_dir / "alpha" / "token").read_text())
     (s.credentials_dir / "alpha.toml").write_text(f'client_secret = "{SECRET}"\nbogus =')
-    entry = sup(d).store.get("alpha")
+    entry = live(d, "alpha")
     assert entry is not None
     await wait_for(lambda: entry.file_error is not None)
     captured = log_stream.getvalue()

@@ -25,16 +25,15 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from imsd import scheduler
 from imsd.daemon import Daemon, run_once
 from imsd.fakeims.server import FakeIms
-from imsd.imsclient import ImsClient
 from imsd.model import Credential, CredentialState, Grant, Secret
 from imsd.registry import load_registry
 from imsd.schedule import WRITE_RETRY_CAP, RefreshPolicy
-from imsd.sinks import FileSink
-from imsd.supervisor import Supervisor, _Worker
+from imsd.scheduler import Record
 
-from tests.test_daemon import ORG, SCOPES, SECRET, make_settings, wait_for, write_cred
+from tests.test_daemon import ORG, SCOPES, SECRET, live, make_settings, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
 
@@ -60,10 +59,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
 
 def entry_of(d: Daemon, name: str) -> Any:
-    assert d.supervisor is not None
-    entry = d.supervisor.store.get(name)
-    assert entry is not None
-    return entry
+    return live(d, name)
 
 
 # -- IMS outages ---------------------------------------------------------------------------------
@@ -324,18 +320,10 @@ async def test_disk_full_keeps_old_files_and_recovers(
     assert entry.last_error is None
 
 
-async def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> None:
+def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> None:
     """A write retry costs IMS nothing: after many failed writes (ENOSPC) the next one is
     due within WRITE_RETRY_CAP, not the 300 s IMS backoff cap, and never after the token
     expires."""
-    sup = Supervisor(
-        client=ImsClient(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
-        sink=FileSink(tmp_path),
-        products=load_registry().products,
-        policy=RefreshPolicy(backoff_cap=300.0),
-        clock=lambda: 1000.0,
-        rand=lambda: 0.999,
-    )
     c = Credential(
         name="alpha",
         path=tmp_path / "alpha.toml",
@@ -345,12 +333,14 @@ async def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> 
         org_id=ORG,
         scopes=tuple(SCOPES),
     )
-    w = _Worker(c, write_attempt=20)
-    entry = sup.store.upsert("alpha", c.path)
-    entry.grant = Grant(Secret("t"), "bearer", 900.0, 1000.0 + 86400)
-    assert 1000.0 < sup._write_retry_at(w) <= 1000.0 + WRITE_RETRY_CAP
-    entry.grant = Grant(Secret("t"), "bearer", 900.0, 1002.0)
-    assert 1000.0 < sup._write_retry_at(w) <= 1002.0
+    policy = RefreshPolicy(backoff_cap=300.0)
+    for expires, latest in ((1000.0 + 86400, 1000.0 + WRITE_RETRY_CAP), (1002.0, 1002.0)):
+        grant = Grant(Secret("t"), "bearer", 900.0, expires)
+        rec = Record("alpha", c.path, credential=c, grant=grant, write_attempt=19)
+        rec, _ = scheduler.write_failed(rec, grant, "No space left", 1000.0, policy, 0.999)
+        assert rec.write_attempt == 20
+        assert 1000.0 < rec.write_due <= latest
+        assert rec.grant is grant  # the token is kept
 
 
 async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
@@ -473,8 +463,7 @@ async def test_clock_jumps_and_suspend(tmp_path: Path, fake: FakeIms, start: Any
     assert token.read_text() == first
     # A suspend across the refresh point (the wall clock moves, monotonic timers did not):
     # the refresh comes within the re-check interval of waking up.
-    due = d.supervisor.next_refresh("alpha") if d.supervisor else None
-    assert due is not None
+    due = entry.due
     offset[0] = due - time.time() + 1.0
     woke = time.monotonic()
     await wait_for(lambda: token.read_text() != first)

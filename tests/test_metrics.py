@@ -7,6 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 from imsd.metrics import Metrics
+from imsd.scheduler import Record
 from imsd.store import TokenStore
 
 pytestmark = pytest.mark.anyio
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_scrape_flood_renders_once_and_sees_removals() -> None:
     store = TokenStore()
     for i in range(200):
-        store.upsert(f"cred-{i}", Path(f"/c/cred-{i}.toml"))
+        store.put(Record(f"cred-{i}", Path(f"/c/cred-{i}.toml")))
     metrics = Metrics(store)
     for i in range(200):
         metrics.added(f"cred-{i}")

@@ -139,6 +139,7 @@ def test_once_under_the_units_restrictions(base: Path) -> None:
     token = out / "aep" / "token"
     assert token.stat().st_uid == NOBODY
     assert token.stat().st_mode & 0o777 == 0o600
-    assert (state / "tokens.json").stat().st_mode & 0o777 == 0o600
+    assert (state / "state.db").stat().st_mode & 0o777 == 0o600
+    assert {p.stat().st_mode & 0o777 for p in state.iterdir()} == {0o600}
     assert requests == 1
     assert SECRET not in result.stdout + result.stderr

@@ -188,7 +188,23 @@ def test_retry_never_past_expiry(
 ) -> None:
     e = ImsError(kind, "x", retry_after=retry_after)
     wake = retry_at(now, e, attempt, P, rand, now + left)
-    assert now < wake <= max(now + left, now + MIN_WAIT) + 1e-6
+    window = min(P.backoff_initial, 1.0)
+    assert wake >= now + MIN_WAIT - 1e-6
+    if left > window:  # the last chance, before the token expires
+        assert wake <= now + left - window + 1e-6
+    elif retry_after is not None and kind is ImsErrorKind.THROTTLED:
+        # Inside the last window IMS's Retry-After is honoured: no retry every MIN_WAIT.
+        assert wake >= now + min(P.backoff_cap, max(MIN_WAIT, retry_after)) - 1e-6
+
+
+def test_the_last_second_is_not_a_retry_storm() -> None:
+    """A 429 with Retry-After 30 in a token's last second used to be retried every 50 ms."""
+    e = ImsError(ImsErrorKind.THROTTLED, "too_many_requests", retry_after=30.0)
+    expires, now, attempts = 1000.0, 999.0, 0
+    while now < expires:
+        now = retry_at(now, e, attempts + 1, P, 0.5, expires)
+        attempts += 1
+    assert attempts == 1
 
 
 @given(st.floats(0, 1e9), st.floats(-1e9, 1e9))

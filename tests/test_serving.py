@@ -142,7 +142,10 @@ async def test_reload_reparses_with_a_new_default_ims_url(
         await d.reload()
         await wait_for(lambda: other.state.request_count() == 1)
         assert d.supervisor is not None
-        assert d.supervisor._workers["alpha"].cred.ims_url == other.url
+        record = d.supervisor.store.get("alpha")
+        assert record is not None
+        assert record.credential is not None
+        assert record.credential.ims_url == other.url
 
 
 async def test_thousand_forced_refreshes_one_ims_request(

@@ -502,8 +502,8 @@ def _outcome(sup: Supervisor, name: str) -> str:
     entry = sup.store.get(name)
     if entry is None or entry.credential is None or entry.file_error:
         return "failed"
-    if entry.grant is not None and not sup.write_pending(name):
+    if entry.grant is not None and not entry.write_pending:
         return "failed" if entry.outputs_incomplete else "ok"
-    if sup.last_error_kind(name) is ImsErrorKind.PERMANENT:
+    if entry.error_kind is ImsErrorKind.PERMANENT:
         return "failed"
     return "pending"

@@ -88,7 +88,8 @@ def retry_at(
     backoff cap: one answer must not park a credential for years. While a token is still
     being served it also never pushes the retry past ``expires − min_margin``, where a
     refresh is due anyway. When a wait would run past the expiry of that token, the retry
-    moves to just before the expiry instead, the last chance to keep a valid token.
+    moves to just before the expiry instead, the last chance to keep a valid token; once
+    inside that last window, waits are not shortened again.
     """
     retry_after = error.retry_after if error.kind is ImsErrorKind.THROTTLED else None
     if retry_after is not None and math.isnan(retry_after):  # a plugin's ImsError: ignore it
@@ -102,9 +103,15 @@ def retry_at(
     wake = now + wait
     if retry_after is not None and expires_at is not None and now < expires_at - policy.min_margin:
         wake = min(wake, expires_at - policy.min_margin)
-    if expires_at is not None and now < expires_at and error.kind is not ImsErrorKind.PERMANENT:
-        last_chance = max(now + MIN_WAIT, expires_at - min(policy.backoff_initial, 1.0))
-        wake = min(wake, last_chance)
+    # The last chance is taken once: inside its window the ordinary wait (and Retry-After)
+    # applies, so a failing IMS is not asked every MIN_WAIT in the token's last second.
+    window = min(policy.backoff_initial, 1.0)
+    if (
+        expires_at is not None
+        and now < expires_at - window
+        and error.kind is not ImsErrorKind.PERMANENT
+    ):
+        wake = min(wake, expires_at - window)
     return wake
 
 

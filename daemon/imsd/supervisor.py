@@ -1,31 +1,35 @@
-"""The supervisor: one refresh loop per credential, driven by catalog events.
+"""The supervisor: drives the records of :mod:`imsd.scheduler` with one timer heap.
 
 Theory of operation
 -------------------
-The watcher hands :meth:`Supervisor.apply` the catalog's events. ``Added`` starts a worker
-task for the credential; ``Changed`` swaps the worker's credential and either fetches at once
-(the identity — client id, secret, scopes, IMS host — changed, or the last attempt failed) or
-only re-renders the files from the current token (products, outputs, headers changed);
-``Removed`` cancels the worker and removes the credential's output directory; ``Failed``
-records the file's error and, when the catalog kept a last good version, leaves that version
-running.
+The token store holds one frozen :class:`~imsd.scheduler.Record` per credential; only this
+module replaces them, always through a pure transition of :mod:`imsd.scheduler`, whose
+effects it then carries out in order (save the state, write the files, notify plugins, run
+the ``on_refresh`` action).
 
-A worker loops: when its wall-clock ``next_at`` has come it fetches a token through the IMS
-client (single-flight: a forced refresh arriving meanwhile waits for the same attempt), writes
-the files, and computes the next time with the pure functions of :mod:`imsd.schedule`. It
-never sleeps longer than the re-check interval, so a suspended machine or a clock jump is
-noticed within that interval. A failed attempt keeps the last token in the store and on disk
-(``stale``) until it expires (``expired``); a failed write is retried on its own schedule
-without a new IMS request.
+One timer task owns a heap of ``(wake_at, seq, name)`` with lazy deletion (a record's
+current entry is the one in ``_scheduled``; older ones are skipped when popped). It sleeps
+until the top is due, an event wakes it, or ``recheck_interval`` passes (the heap holds
+wall-clock times and the sleep is monotonic: a suspended machine or a clock step is noticed
+within that interval). Due fetches go to a queue drained by at most ``max_fetches`` fetch
+tasks; due write retries get a task of their own. Tasks, flight events, cancel scopes and
+locks exist only while a fetch, a write or an action is in progress, so an idle credential
+costs its record and one heap entry.
+
+A fetch is single-flight: a forced refresh arriving during one waits for it. The answer is
+applied to the record as it is when the answer arrives, so a credential changed meanwhile
+discards it and fetches again (the record carries the identity in flight).
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -33,24 +37,19 @@ import anyio
 import anyio.abc
 import structlog
 
+from imsd import scheduler
 from imsd.actions import run_action
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.flows import Flow, flow_for
-from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind, Secret
+from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.persist import StateFile, Stored
 from imsd.plugin import AuthMethod, Product
 from imsd.registry import validate_products
 from imsd.render import RenderError, render_safe, rfc3339
-from imsd.schedule import (
-    ClockWatch,
-    RefreshPolicy,
-    next_refresh_at,
-    retry_at,
-    sleep_for,
-    write_retry_at,
-)
+from imsd.schedule import ClockWatch, RefreshPolicy
+from imsd.scheduler import Record, Step
 from imsd.sinks import SinkError
-from imsd.store import Entry, TokenStore
+from imsd.store import TokenStore
 
 __all__ = ["Notify", "Observer", "Sink", "Supervisor", "TokenClient"]
 
@@ -88,24 +87,6 @@ class Sink(Protocol):
     def in_memory(self) -> bool: ...
 
 
-@dataclass(eq=False, slots=True)
-class _Worker:
-    cred: Credential
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    next_at: float = 0.0  # wall clock; 0 = fetch now
-    write_pending: bool = False  # the current grant is not on disk yet
-    write_attempt: int = 0
-    flight: anyio.Event | None = None  # set when the in-flight fetch ends
-    flow: Flow | None = None  # the in-flight fetch's flow (the watchdog asks the client)
-    last_kind: ImsErrorKind | None = None  # kind of the last failed attempt
-    announced: Grant | None = None  # the last grant plugins were told about
-    done: anyio.Event = field(default_factory=anyio.Event)  # set after the first attempt
-    refresh_token: Secret | None = None  # newest of a rotating chain (auth = refresh_token)
-    attempted_at: float = -math.inf  # wall clock when the last IMS attempt began
-    action_lock: anyio.Lock = field(default_factory=anyio.Lock)
-
-
 class Supervisor:
     def __init__(
         self,
@@ -123,6 +104,7 @@ class Supervisor:
         observer: Observer | None = None,
         output_dir: str = "",
         state: StateFile | None = None,
+        max_fetches: int = 8,
     ) -> None:
         self.client = client
         self.sink = sink
@@ -143,10 +125,32 @@ class Supervisor:
         self._restorable: dict[str, Stored] = state.load() if state is not None else {}
         self._output_dir = output_dir
         self._restored = 0  # tokens reused from the state dir since the last summary
+        # The timer heap.
+        self._heap: list[tuple[float, int, str]] = []
+        self._scheduled: dict[str, tuple[float, int]] = {}
+        self._seq = itertools.count()
+        self._wake = anyio.Event()
+        self._heartbeat = time.monotonic()
+        # Work in progress, and only while it is.
+        self._queue: collections.deque[str] = collections.deque()
+        self._queued: set[str] = set()
+        self._fetches = 0
+        self._max_fetches = max(1, max_fetches)
+        self._progress = time.monotonic()  # when a fetch last finished
+        self._active = 0  # fetch and write tasks running
+        self._idle = anyio.Event()
+        self._flights: dict[str, anyio.Event] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._flows: dict[str, Flow] = {}
+        self._writes: dict[str, anyio.Lock] = {}
+        self._actions: dict[str, anyio.Lock] = {}
+        # Credentials whose first attempt has not finished (READY waits for them).
+        self._unattempted: set[str] = set()
+        self._attempts_done = anyio.Event()
+        # State saves: group commit, at most one per SAVE_INTERVAL unless urgent.
         self._save_lock = anyio.Lock()
-        self._dirty = anyio.Event()  # access tokens changed since the last save
-        self._save_requested = self._saved = 0  # group-commit generations
-        self._workers: dict[str, _Worker] = {}
+        self._dirty = anyio.Event()
+        self._save_requested = self._saved = 0
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -154,11 +158,11 @@ class Supervisor:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Own the workers' task group until cancelled."""
+        """Own the timer, the saver and every fetch, write and action task until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._saver)
-            tg.start_soon(self._watch_clock)
+            tg.start_soon(self._timer)
             task_status.started()
             try:
                 await anyio.sleep_forever()
@@ -169,9 +173,8 @@ class Supervisor:
                         await self._save_state()
 
     async def _saver(self) -> None:
-        """Save new access tokens at most once per :data:`SAVE_INTERVAL`: the state file
-        holds every credential, so saving it per refresh would cost O(N) each time (a
-        rotated refresh token is saved at once instead, see :meth:`_attempt`)."""
+        """Save new access tokens at most once per :data:`SAVE_INTERVAL` (a rotated refresh
+        token is saved at once instead, see :func:`imsd.scheduler.fetch_succeeded`)."""
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
@@ -179,9 +182,151 @@ class Supervisor:
             await anyio.sleep(SAVE_INTERVAL)
 
     async def wait_first_attempts(self) -> None:
-        """Return once every current credential has finished its first fetch attempt."""
-        for worker in list(self._workers.values()):
-            await worker.done.wait()
+        """Return once every current credential has finished its first attempt (a fetch,
+        or the write of a token restored from the state dir)."""
+        while self._unattempted:
+            await self._attempts_done.wait()
+
+    # -- the timer ---------------------------------------------------------------------------
+
+    async def _timer(self) -> None:
+        watch = ClockWatch(self._clock(), time.monotonic())
+        while True:
+            now = self._clock()
+            self._heartbeat = time.monotonic()
+            self._dispatch(now)
+            delay = self.policy.recheck_interval
+            if self._heap:
+                delay = min(delay, max(0.0, self._heap[0][0] - now))
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+            drift = watch.jumped(self._clock(), time.monotonic())
+            if drift is not None:
+                log.info("clock.jumped", seconds=round(drift, 1), credentials=len(self.store))
+
+    def _schedule(self, name: str) -> None:
+        """Put *name*'s current wake time on the heap (replacing its earlier entry)."""
+        rec = self.store.get(name)
+        at = rec.wake_at() if rec is not None else math.inf
+        current = self._scheduled.get(name)
+        if current is not None and current[0] == at:
+            return
+        if math.isinf(at):
+            self._scheduled.pop(name, None)
+            return
+        seq = next(self._seq)
+        self._scheduled[name] = (at, seq)
+        if not self._heap or at < self._heap[0][0]:
+            self._wake.set()
+        heapq.heappush(self._heap, (at, seq, name))
+        if len(self._heap) > 2 * len(self._scheduled) + 64:  # drop the skipped entries
+            self._heap = [(a, s, n) for n, (a, s) in self._scheduled.items()]
+            heapq.heapify(self._heap)
+
+    def _dispatch(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, seq, name = heapq.heappop(heap)
+            if self._scheduled.get(name) != (at, seq):
+                continue  # replaced by a later entry
+            del self._scheduled[name]
+            rec = self.store.get(name)
+            if rec is None:
+                continue
+            fetch_due = rec.credential is not None and rec.fetching is None and rec.due <= now
+            if fetch_due and name not in self._queued:
+                self._queued.add(name)
+                self._queue.append(name)
+            if rec.write_pending and rec.write_due <= now and self._tg is not None:
+                self._active += 1  # counted from now: run_due() must wait for it
+                self._tg.start_soon(self._write_task, name, name=f"imsd-write-{name}")
+        self._start_fetches()
+
+    def _start_fetches(self) -> None:
+        while self._queue and self._fetches < self._max_fetches and self._tg is not None:
+            name = self._queue.popleft()
+            self._queued.discard(name)
+            self._fetches += 1
+            self._active += 1
+            self._tg.start_soon(self._fetch_task, name, name=f"imsd-fetch-{name}")
+
+    async def _fetch_task(self, name: str) -> None:
+        try:
+            await self._fetch(name)
+        finally:
+            self._fetches -= 1
+            self._progress = time.monotonic()
+            self._start_fetches()
+            self._done()
+
+    async def _write_task(self, name: str) -> None:
+        try:
+            rec = self.store.get(name)
+            if rec is not None and rec.write_pending and rec.grant is not None:
+                await self._write(name, rec.grant)
+            self._schedule(name)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self._active -= 1
+        if not self._active and not self._queue:
+            self._idle.set()
+            self._idle = anyio.Event()
+
+    async def run_due(self) -> None:
+        """Carry out everything due at the clock's current time, and return when no fetch
+        or write is left in progress (``imsd once``, and tests driving a fake clock)."""
+        while True:
+            self._dispatch(self._clock())
+            if not self._active and not self._queue:
+                return
+            await self._idle.wait()
+
+    @property
+    def pending_timers(self) -> int:
+        """Credentials with a wake time on the heap."""
+        return len(self._scheduled)
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _put(self, rec: Record) -> None:
+        self.store.put(rec)
+        if rec.credential is not None and not rec.attempted:
+            self._unattempted.add(rec.name)
+
+    def _settle(self, name: str) -> None:
+        """Count *name*'s first attempt as finished once its effects (files written, plugins
+        told) are done: READY and ``imsd once`` come after them."""
+        rec = self.store.get(name)
+        if name in self._unattempted and (rec is None or rec.credential is None or rec.attempted):
+            self._unattempted.discard(name)
+            if not self._unattempted:
+                self._attempts_done.set()
+                self._attempts_done = anyio.Event()
+
+    async def _apply(self, step: Step) -> None:
+        """Install a transition's record, then carry out its effects in order."""
+        rec, effects = step
+        self._put(rec)
+        name = rec.name
+        for effect in effects:
+            if isinstance(effect, scheduler.Save):
+                if effect.urgent:
+                    await self._save_state()
+                else:
+                    self._dirty.set()
+            elif isinstance(effect, scheduler.Write):
+                await self._write(name, effect.grant)
+            elif isinstance(effect, scheduler.Notify):
+                await self._notify_hook(name, effect.hook, effect.kwargs)
+            elif isinstance(effect, scheduler.RunAction) and self._tg is not None:
+                self._tg.start_soon(self._on_refresh, name, name=f"imsd-on-refresh-{name}")
+            # Fetch: the record is due now; the heap below hands it to a fetch task.
+        self._schedule(name)
+        self._settle(name)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -190,26 +335,30 @@ class Supervisor:
             if isinstance(event, Added):
                 await self._added(event.cred)
             elif isinstance(event, Changed):
-                await self._changed(event.old, event.new)
+                await self._changed(event.new)
             elif isinstance(event, Removed):
                 await self._removed(event.cred.name)
             elif isinstance(event, Failed):
                 await self._failed(event)
             elif isinstance(event, Resolved):
-                self._resolved(event)
+                await self._resolved(event)
         if self._restored:
             log.info("state.restored", tokens=self._restored, ims_requests_saved=self._restored)
             self._restored = 0
 
-    async def _added(self, cred: Credential) -> None:
-        entry = self.store.upsert(cred.name, cred.path)
+    def _validated(self, cred: Credential) -> Credential | None:
         try:
-            cred = validate_products(cred, self.products)
+            return validate_products(cred, self.products)
         except CredentialError as e:
-            entry.file_error = str(e)
-            log.error("credential.invalid", credential=cred.name, error=str(e))
-            return
-        entry.credential, entry.file_error = cred, None
+            old = self.store.get(cred.name)
+            kept = old is not None and old.credential is not None
+            if old is None:
+                old = Record(cred.name, cred.path)
+            self._put(scheduler.file_failed(old, str(e))[0])
+            log.error("credential.invalid", credential=cred.name, error=str(e), kept=kept)
+            return None
+
+    def _notices(self, cred: Credential) -> None:
         for product in cred.products:
             notice = getattr(self.products[product], "notice", None)
             if notice:
@@ -219,47 +368,74 @@ class Supervisor:
         notice = getattr(self.auth_methods.get(cred.auth), "notice", None)
         if notice:
             log.warning("auth.notice", credential=cred.name, auth=cred.auth, notice=str(notice))
+
+    async def _added(self, cred: Credential) -> None:
+        existing = self.store.get(cred.name)
+        if existing is not None and existing.credential is not None:
+            await self._changed(cred)
+            return
+        valid = self._validated(cred)
+        if valid is None:
+            return
+        self._notices(valid)
         log.info(
             "credential.added",
-            credential=cred.name,
-            path=str(cred.path),
-            products=list(cred.products),
+            credential=valid.name,
+            path=str(valid.path),
+            products=list(valid.products),
         )
-        self._start(cred)
+        if self._observer is not None:
+            self._observer.added(valid.name)
+        rec, effects = scheduler.added(valid.name, valid.path, valid, self._clock())
+        stored = self._restorable.pop(valid.name, None)
+        if stored is not None:
+            rec, effects = self._restore(rec, stored, effects)
+        await self._apply((rec, effects))
 
-    async def _changed(self, old: Credential, new: Credential) -> None:
-        worker = self._workers.get(old.name)
-        entry = self.store.upsert(new.name, new.path)
-        try:
-            new = validate_products(new, self.products)
-        except CredentialError as e:
-            entry.file_error = str(e)
-            log.error(
-                "credential.invalid", credential=new.name, error=str(e), kept=worker is not None
-            )
+    def _restore(self, rec: Record, stored: Stored, effects: tuple[scheduler.Effect, ...]) -> Step:
+        """Reuse what a previous run saved under the same identity: the newest refresh token
+        of a rotating chain, and a token still valid (fetched again at once when it is
+        inside its margin, but served meanwhile)."""
+        assert rec.credential is not None
+        if stored.identity != rec.credential.identity:
+            log.info("token.not_restored", credential=rec.name, reason="credential changed")
+            return rec, effects
+        now = self._clock()
+        new, restored = scheduler.restored(
+            rec,
+            identity=stored.identity,
+            grant=stored.grant,
+            refresh_token=stored.refresh_token,
+            now=now,
+            policy=self.policy,
+            rand=self._rand(),
+        )
+        if new.grant is None:
+            if stored.grant is not None:
+                log.info("token.not_restored", credential=rec.name, reason="expired")
+            return new, effects
+        log.debug("token.restored", credential=rec.name, expires_at=rfc3339(new.grant.expires_at))
+        self._restored += 1
+        return new, restored
+
+    async def _changed(self, cred: Credential) -> None:
+        rec = self.store.get(cred.name)
+        if rec is None or rec.credential is None:
+            await self._added(cred)
             return
-        entry.file_error = None
-        entry.credential = new
-        log.info("credential.changed", credential=new.name)
-        if worker is None:
-            self._start(new)
+        valid = self._validated(cred)
+        if valid is None:
             return
-        same = new.identity == worker.cred.identity
-        refetch = not same or entry.consecutive_failures > 0
-        if not same:  # a new login's refresh token starts a new chain
-            worker.refresh_token = None
-        worker.cred = new
-        if refetch or entry.grant is None:
-            worker.next_at = 0.0
-        else:
-            worker.write_pending = True
-        worker.wake.set()
+        log.info("credential.changed", credential=valid.name)
+        await self._apply(scheduler.changed(rec, valid, self._clock()))
 
     async def _removed(self, name: str) -> None:
-        worker = self._workers.pop(name, None)
-        if worker is not None:
-            worker.scope.cancel()
+        scope = self._scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
         self.store.remove(name)
+        self._scheduled.pop(name, None)
+        self._settle(name)
         if self._observer is not None:
             self._observer.forget(name)
         try:
@@ -273,55 +449,21 @@ class Supervisor:
         other = self.store.get(key)
         if event.name is None and other is not None and other.path != event.path:
             key = event.path.name  # don't pin this file's error on another file's credential
-        entry = self.store.upsert(key, event.path)
-        entry.file_error = str(event.error)
-        kept = event.kept is not None and key in self._workers
+        rec = self.store.get(key) or Record(key, event.path)
+        kept = event.kept is not None and rec.credential is not None
         log.error("credential.invalid", credential=key, error=str(event.error), kept=kept)
-        await self._announce_failure(key, str(event.error))
+        await self._apply(scheduler.file_failed(rec, str(event.error)))
 
-    def _resolved(self, event: Resolved) -> None:
-        for entry in self.store:
-            if entry.path != event.path:
+    async def _resolved(self, event: Resolved) -> None:
+        for rec in self.store:
+            if rec.path != event.path:
                 continue
-            if entry.credential is None:
-                self.store.remove(entry.name)  # an invalid file that is gone or fixed
+            if rec.credential is None:
+                self.store.remove(rec.name)  # an invalid file that is gone or fixed
             else:
-                entry.file_error = None
+                await self._apply(scheduler.file_resolved(rec))
 
-    def _start(self, cred: Credential) -> None:
-        if self._tg is None:
-            raise RuntimeError("Supervisor.run() is not running")
-        old = self._workers.pop(cred.name, None)
-        if old is not None:
-            old.scope.cancel()
-        worker = self._workers[cred.name] = _Worker(cred)
-        if self._observer is not None:
-            self._observer.added(cred.name)
-        self._restore(worker)
-        self._tg.start_soon(self._loop, worker, name=f"imsd-credential-{cred.name}")
-
-    def _restore(self, w: _Worker) -> None:
-        """Reuse what a previous run saved under the same identity: the newest refresh token
-        of a rotating chain, and a token still valid beyond the margin."""
-        stored = self._restorable.pop(w.cred.name, None)
-        if stored is None:
-            return
-        if stored.identity != w.cred.identity:
-            log.info("token.not_restored", credential=w.cred.name, reason="credential changed")
-            return
-        w.refresh_token = stored.refresh_token
-        if stored.grant is None:
-            return
-        grant, now = stored.grant, self._clock()
-        if grant.expires_at - now <= self.policy.min_margin:
-            log.info("token.not_restored", credential=w.cred.name, reason="expires soon")
-            return
-        entry = self.store.upsert(w.cred.name, w.cred.path)
-        entry.grant, entry.last_refresh = grant, grant.issued_at
-        w.next_at = max(now, next_refresh_at(grant, self.policy, self._rand()))
-        w.write_pending = True
-        log.debug("token.restored", credential=w.cred.name, expires_at=rfc3339(grant.expires_at))
-        self._restored += 1
+    # -- state file --------------------------------------------------------------------------
 
     async def _save_state(self) -> None:
         """Persist the store (group commit): return once a save that began after this call
@@ -337,214 +479,211 @@ class Supervisor:
             await self._write_state(self._state)
             self._saved = covered
 
-    async def _write_state(self, state: StateFile) -> None:
+    def _stored(self) -> dict[str, Stored]:
         entries: dict[str, Stored] = {}
-        for e in self.store:
-            w = self._workers.get(e.name)
-            chain = w.refresh_token if w is not None else None
-            if e.credential is not None and (e.grant is not None or chain is not None):
-                entries[e.name] = Stored(e.credential.identity, e.grant, chain)
+        for rec in self.store:
+            cred = rec.credential
+            if cred is None:
+                # A file broken since the start: what the last run saved stays saved until
+                # the file is fixed (its token may still be good then).
+                kept = self._restorable.get(rec.name)
+                if kept is not None:
+                    entries[rec.name] = kept
+                continue
+            identity = cred.identity
+            grant = rec.serving(identity)  # never an old identity's token under the new one
+            if grant is not None or rec.refresh_token is not None:
+                entries[rec.name] = Stored(identity, grant, rec.refresh_token)
+        return entries
+
+    async def _write_state(self, state: StateFile) -> None:
+        entries = self._stored()
         try:
             await anyio.to_thread.run_sync(lambda: state.save(entries))
         except OSError as e:
             log.error("state.save_failed", path=str(state.path), error=str(e))
 
-    async def _watch_clock(self) -> None:
-        """Wake every worker when the wall clock jumps (workers sleep on monotonic time)."""
-        watch = ClockWatch(self._clock(), time.monotonic())
-        while True:
-            await anyio.sleep(self.policy.recheck_interval)
-            drift = watch.jumped(self._clock(), time.monotonic())
-            if drift is not None:
-                log.info("clock.jumped", seconds=round(drift, 1), workers=len(self._workers))
-                for w in self._workers.values():
-                    w.wake.set()
+    # -- fetching ----------------------------------------------------------------------------
 
-    # -- forced refresh ----------------------------------------------------------------------
-
-    async def refresh(self, name: str) -> Entry:
-        """Fetch a new token for *name* now (single-flight) and return its entry afterwards.
+    async def refresh(self, name: str) -> Record:
+        """Fetch a new token for *name* now (single-flight) and return its record afterwards.
         Raises KeyError for an unknown or never-valid credential."""
-        worker = self._workers.get(name)
-        if worker is None:
+        rec = self.store.get(name)
+        if rec is None or rec.credential is None:
             raise KeyError(name)
-        await self._fetch(worker)
-        worker.wake.set()  # its sleep was computed before: a new due time, a pending write
-        entry = self.store.get(name)
-        if entry is None:
+        await self._fetch(name)
+        rec = self.store.get(name)
+        if rec is None:
             raise KeyError(name)
-        return entry
+        return rec
 
     def forced_refresh_at(self, name: str, min_interval: float) -> float | None:
-        """When a forced refresh of *name* may next reach IMS: *min_interval* after the last
-        attempt or success, whatever its outcome, and not before the retry that the backoff
-        (or a ``Retry-After``) set for a failing credential. None while an attempt is in
-        flight: joining it costs IMS nothing. Raises KeyError for an unknown credential."""
-        w = self._workers[name]
-        if w.flight is not None:
-            return None
-        entry = self.store.get(name)
-        last = max(w.attempted_at, (entry.last_refresh if entry else None) or -math.inf)
-        at = last + min_interval
-        if w.last_kind is not None:
-            at = max(at, w.next_at)
-        return at
+        """See :func:`imsd.scheduler.forced_refresh_at`. Raises KeyError for an unknown
+        credential."""
+        rec = self.store.get(name)
+        if rec is None:
+            raise KeyError(name)
+        return scheduler.forced_refresh_at(rec, min_interval)
 
-    # -- the worker loop ---------------------------------------------------------------------
-
-    async def _loop(self, w: _Worker) -> None:
-        with w.scope:
-            while True:
-                now = self._clock()
-                if now >= w.next_at:
-                    await self._fetch(w)
-                    w.done.set()
-                elif w.write_pending:
-                    await self._publish(w)
-                    w.done.set()  # a token restored from the state dir counts as the first
-                wake_at = w.next_at
-                if w.write_pending:
-                    wake_at = min(wake_at, self._write_retry_at(w))
-                with anyio.move_on_after(sleep_for(self._clock(), wake_at)):
-                    await w.wake.wait()
-                if w.wake.is_set():
-                    w.wake = anyio.Event()
-
-    def _write_retry_at(self, w: _Worker) -> float:
-        if w.write_attempt == 0:
-            return 0.0
-        entry = self.store.get(w.cred.name)
-        expires = entry.grant.expires_at if entry is not None and entry.grant else math.inf
-        return write_retry_at(self._clock(), w.write_attempt, self.policy, self._rand(), expires)
-
-    async def _fetch(self, w: _Worker) -> None:
-        if w.flight is not None:  # single-flight: share the attempt in progress
-            await w.flight.wait()
+    async def _fetch(self, name: str) -> None:
+        flight = self._flights.get(name)
+        if flight is not None:  # single-flight: share the attempt in progress
+            await flight.wait()
             return
-        w.flight = anyio.Event()
+        rec = self.store.get(name)
+        if rec is None or rec.credential is None:
+            return
+        flight = self._flights[name] = anyio.Event()
         try:
-            await self._attempt(w)
+            with anyio.CancelScope() as scope:
+                self._scopes[name] = scope
+                await self._attempt(rec)
         finally:
-            w.flight.set()
-            w.flight, w.flow = None, None
+            if self._scopes.get(name) is scope:
+                del self._scopes[name]
+            self._flows.pop(name, None)
+            del self._flights[name]
+            flight.set()
+            self._schedule(name)
 
-    async def _attempt(self, w: _Worker) -> None:
-        cred = w.cred
-        entry = self.store.upsert(cred.name, cred.path)
-        started = w.attempted_at = self._clock()
+    async def _attempt(self, rec: Record) -> None:
+        started = self._clock()
+        rec = scheduler.fetch_started(rec, started)
+        self._put(rec)
+        self._schedule(rec.name)
+        cred = rec.credential
+        assert cred is not None
+        identity = cred.identity
         try:
             try:
-                flow = flow_for(cred, self.auth_methods, now=started, refresh_token=w.refresh_token)
+                flow = flow_for(
+                    cred, self.auth_methods, now=started, refresh_token=rec.refresh_token
+                )
             except CredentialError as e:  # the method's plugin is gone (a reload)
                 raise ImsError(ImsErrorKind.PERMANENT, "unsupported_auth", e.reason) from None
-            w.flow = flow
+            self._flows[rec.name] = flow
             grant = await self.client.run(flow)
         except ImsError as e:
-            entry.consecutive_failures += 1
-            entry.last_error = str(e)
-            w.last_kind = e.kind
+            now = self._clock()
             if self._observer is not None:
-                self._observer.refreshed(cred.name, e.kind.value, self._clock() - started)
-            expires = entry.grant.expires_at if entry.grant else None
-            w.next_at = retry_at(
-                self._clock(), e, entry.consecutive_failures, self.policy, self._rand(), expires
-            )
+                self._observer.refreshed(rec.name, e.kind.value, now - started)
+            current = self.store.get(rec.name)
+            if current is None:
+                return
+            step = scheduler.fetch_failed(current, identity, e, now, self.policy, self._rand())
+            failed = step[0]
             level = log.error if e.kind is ImsErrorKind.PERMANENT else log.warning
             level(
                 "token.refresh_failed",
-                credential=cred.name,
+                credential=rec.name,
                 error=str(e),
                 kind=e.kind.value,
-                failures=entry.consecutive_failures,
-                state=entry.state(self._clock()).value,
-                retry_in=round(max(0.0, w.next_at - self._clock()), 1),
+                failures=failed.consecutive_failures,
+                state=failed.state(now).value,
+                retry_in=round(max(0.0, failed.due - now), 1),
             )
-            await self._announce_failure(cred.name, str(e))
+            await self._apply(step)
             return
-        entry.grant = grant
-        if grant.refresh_token is not None:
-            w.refresh_token = grant.refresh_token  # persisted below, before publishing
+        now = self._clock()
         if self._observer is not None:
-            self._observer.refreshed(cred.name, "success", self._clock() - started)
-        w.last_kind = None
-        entry.consecutive_failures = 0
-        entry.last_error = None
-        entry.last_refresh = self._clock()
-        w.next_at = next_refresh_at(grant, self.policy, self._rand())
-        log.info(
-            "token.refreshed",
-            credential=cred.name,
-            expires_at=rfc3339(grant.expires_at),
-            next_refresh_in=round(max(0.0, w.next_at - self._clock()), 1),
-            duration_ms=round((self._clock() - started) * 1000, 1),
-        )
-        w.write_pending = True
-        w.write_attempt = 0
-        if grant.refresh_token is not None:
-            await self._save_state()  # the rotated refresh token is durable before publishing
+            self._observer.refreshed(rec.name, "success", now - started)
+        current = self.store.get(rec.name)
+        if current is None:
+            return
+        step = scheduler.fetch_succeeded(current, identity, grant, now, self.policy, self._rand())
+        if step[0].grant is grant:
+            log.info(
+                "token.refreshed",
+                credential=rec.name,
+                expires_at=rfc3339(grant.expires_at),
+                next_refresh_in=round(max(0.0, step[0].due - now), 1),
+                duration_ms=round((now - started) * 1000, 1),
+            )
         else:
-            self._dirty.set()
-        await self._publish(w)
+            log.info("token.discarded", credential=rec.name, reason="credential changed")
+        await self._apply(step)
 
-    async def _publish(self, w: _Worker) -> None:
-        """Write the current grant's files; on failure keep ``write_pending`` for a retry."""
-        entry = self.store.get(w.cred.name)
-        if entry is None or entry.grant is None:
-            w.write_pending = False
-            return
+    # -- writing -----------------------------------------------------------------------------
+
+    async def _write(self, name: str, grant: Grant) -> None:
+        """Write *grant*'s files, one writer per credential, and only while it is current."""
+        lock = self._writes.get(name)
+        if lock is None:
+            lock = self._writes[name] = anyio.Lock()
         try:
-            files, left_out = render_safe(w.cred, entry.grant, self.products)
-            if self.sink.in_memory():  # no device to wait for: cheaper than a thread hop
-                self.sink.write(w.cred.name, files)
-            else:
-                await anyio.to_thread.run_sync(self.sink.write, w.cred.name, files)
-        except (RenderError, SinkError, OSError) as e:
-            w.write_attempt += 1
-            entry.last_error = f"writing outputs: {e}"
-            log.error(
-                "sink.write_failed", credential=w.cred.name, error=str(e), attempt=w.write_attempt
-            )
-            await self._announce_failure(w.cred.name, entry.last_error)
+            async with lock:
+                await self._write_locked(name, grant)
+        finally:
+            if not lock.locked() and self._writes.get(name) is lock:
+                del self._writes[name]
+
+    async def _write_locked(self, name: str, grant: Grant) -> None:
+        rec = self.store.get(name)
+        if rec is None or rec.credential is None or rec.grant is not grant:
             return
-        w.write_pending = False
-        w.write_attempt = 0
-        if entry.last_error and entry.last_error.startswith("writing outputs"):
-            entry.last_error = None
-        log.debug("sink.written", credential=w.cred.name, files=sorted(files))
-        entry.outputs_incomplete = bool(left_out)
-        if left_out:  # the same inputs render the same: no retry until the token or file changes
-            entry.last_error = f"writing outputs: {'; '.join(map(str, left_out))}"
-            log.error("sink.outputs_incomplete", credential=w.cred.name, error=entry.last_error)
-            await self._announce_failure(w.cred.name, entry.last_error)
-        if w.announced is not entry.grant:
-            w.announced = entry.grant
-            if w.cred.on_refresh is not None and self._tg is not None:
-                self._tg.start_soon(self._on_refresh, w, name=f"imsd-on-refresh-{w.cred.name}")
-            await self._call_plugins(
-                "imsd_token_refreshed",
-                credential=w.cred.name,
-                expires_at=entry.grant.expires_at,
-                output_dir=str(Path(self._output_dir) / w.cred.name),
+        cred = rec.credential
+        try:
+            files, left_out = render_safe(cred, grant, self.products)
+            if self.sink.in_memory():  # no device to wait for: cheaper than a thread hop
+                self.sink.write(name, files)
+            else:
+                await anyio.to_thread.run_sync(self.sink.write, name, files)
+        except (RenderError, SinkError, OSError) as e:
+            current = self.store.get(name)
+            if current is None:
+                return
+            step = scheduler.write_failed(
+                current, grant, str(e), self._clock(), self.policy, self._rand()
             )
+            log.error(
+                "sink.write_failed",
+                credential=name,
+                error=str(e),
+                attempt=step[0].write_attempt,
+            )
+            await self._apply(step)
+            return
+        log.debug("sink.written", credential=name, files=sorted(files))
+        current = self.store.get(name)
+        if current is None:
+            return
+        missing = "; ".join(map(str, left_out)) or None
+        if missing:
+            log.error(
+                "sink.outputs_incomplete",
+                credential=name,
+                error=scheduler.WRITE_ERROR_PREFIX + missing,
+            )
+        await self._apply(scheduler.write_succeeded(current, grant, self._clock(), missing))
 
-    async def _on_refresh(self, w: _Worker) -> None:
-        """The credential's ``on_refresh`` action, off the worker's path (a slow command
-        never delays a refresh) and one at a time per credential."""
-        async with w.action_lock:
-            action = w.cred.on_refresh
-            if action is not None:
-                await run_action(
-                    action,
-                    credential=w.cred.name,
-                    output_dir=Path(self._output_dir) / w.cred.name,
-                )
+    # -- notifications -----------------------------------------------------------------------
 
-    async def _announce_failure(self, name: str, error: str) -> None:
-        entry = self.store.get(name)
-        state = entry.state(self._clock()).value if entry else "invalid"
-        await self._call_plugins(
-            "imsd_credential_failed", credential=name, error=error, state=state
-        )
+    async def _notify_hook(self, name: str, hook: str, kwargs: Mapping[str, Any]) -> None:
+        extra: dict[str, Any] = {}
+        if hook == "imsd_credential_failed":
+            rec = self.store.get(name)
+            extra["state"] = rec.state(self._clock()).value if rec else "invalid"
+        elif hook == "imsd_token_refreshed":
+            extra["output_dir"] = str(Path(self._output_dir) / name)
+        await self._call_plugins(hook, **kwargs, **extra)
+
+    async def _on_refresh(self, name: str) -> None:
+        """The credential's ``on_refresh`` action, off the refresh path (a slow command never
+        delays a refresh) and one at a time per credential."""
+        lock = self._actions.get(name)
+        if lock is None:
+            lock = self._actions[name] = anyio.Lock()
+        try:
+            async with lock:
+                rec = self.store.get(name)
+                action = rec.credential.on_refresh if rec and rec.credential else None
+                if action is not None:
+                    await run_action(
+                        action, credential=name, output_dir=Path(self._output_dir) / name
+                    )
+        finally:
+            if not lock.locked() and self._actions.get(name) is lock:
+                del self._actions[name]
 
     async def _call_plugins(self, hook: str, **kwargs: Any) -> None:
         if self._notify_wants is not None and not self._notify_wants(hook):
@@ -553,26 +692,24 @@ class Supervisor:
             notify = self._notify
             await anyio.to_thread.run_sync(lambda: notify(hook, **kwargs))
 
+    # -- watchdog ----------------------------------------------------------------------------
+
     def stuck(self, now: float, grace: float) -> list[str]:
-        """Credentials whose refresh is overdue by more than *grace* with nothing in flight,
-        or whose IMS exchange has outlived the client's deadline by more than *grace*: the
-        watchdog stops pinging systemd when the scheduler stops making progress."""
+        """What keeps the scheduler from making progress, if anything: the timer has not run
+        for longer than its re-check interval plus *grace*, queued fetches have not moved
+        for *grace*, or an IMS exchange has outlived the client's deadline by *grace*. The
+        watchdog stops pinging systemd while this is not empty."""
+        mono = time.monotonic()
+        out: list[str] = []
+        if mono - self._heartbeat > self.policy.recheck_interval + grace:
+            out.append("(timer)")
+        if self._queue and self._fetches and mono - self._progress > grace:
+            out.append("(fetch queue)")
         overran = getattr(self.client, "overran", None)  # ImsClient's; test doubles lack it
-        return [
-            name
-            for name, w in self._workers.items()
-            if (w.flight is None and w.next_at and now > w.next_at + grace)
-            or (w.flow is not None and overran is not None and overran(w.flow, grace))
-        ]
+        if overran is not None:
+            out += [name for name, flow in self._flows.items() if overran(flow, grace)]
+        return out
 
-    def write_pending(self, name: str) -> bool:
-        worker = self._workers.get(name)
-        return worker is not None and worker.write_pending
-
-    def last_error_kind(self, name: str) -> ImsErrorKind | None:
-        worker = self._workers.get(name)
-        return None if worker is None else worker.last_kind
-
-    def next_refresh(self, name: str) -> float | None:
-        worker = self._workers.get(name)
-        return None if worker is None or math.isinf(worker.next_at) else worker.next_at
+    @property
+    def fetches_in_flight(self) -> int:
+        return len(self._flights)
