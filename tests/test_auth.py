@@ -168,7 +168,7 @@ def test_invalid_grant_says_a_new_login_is_needed() -> None:
 
 
 def test_a_plugin_flow_that_raises_becomes_a_transient_error() -> None:
-    from imsd.imsclient import _step
+    from imsd.exchange import _step
 
     def broken(secret: str) -> Any:
         raise RuntimeError(f"oops {secret}")

@@ -23,8 +23,8 @@ from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
 from imsd.config import RELOAD, ConfigError, Reload, Settings
 from imsd.credentials import parse_credentials
+from imsd.exchange import ImsClient
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
-from imsd.imsclient import ImsClient
 from imsd.metrics import Metrics
 from imsd.model import Credential, ImsErrorKind
 from imsd.persist import StateFile

@@ -4,7 +4,7 @@ Auth methods (:class:`imsd.plugin.AuthMethod`, built-ins in ``imsd_plugins``) bu
 flows from these pieces. A flow yields the :class:`~imsd.model.HttpRequest` it needs sent,
 receives the :class:`~imsd.model.HttpResponse` through ``send()``, and finally returns a
 :class:`~imsd.model.Grant` (or raises :class:`~imsd.model.ImsError`). The thin driver in
-:mod:`imsd.imsclient` does the HTTP; tests drive flows with canned responses.
+:mod:`imsd.exchange` does the HTTP; tests drive flows with canned responses.
 
 Expiry comes from the token's own claims (``created_at`` + ``expires_in``, both milliseconds,
 IMS sends them as strings), falling back to the response's ``expires_in`` in the endpoint's

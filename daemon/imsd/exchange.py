@@ -8,7 +8,6 @@ TRANSIENT :class:`~imsd.model.ImsError` whose message holds no request content.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from collections.abc import Callable
@@ -21,7 +20,14 @@ import httpx
 
 from imsd import __version__
 from imsd.flows import Flow, check_grant
-from imsd.model import Grant, HttpRequest, HttpResponse, ImsError, ImsErrorKind
+from imsd.model import (
+    Grant,
+    HttpRequest,
+    HttpResponse,
+    ImsError,
+    ImsErrorKind,
+    https_or_loopback,
+)
 from imsd.schedule import RateLimiter
 
 __all__ = ["ImsClient", "check_url"]
@@ -31,20 +37,8 @@ _TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
 USER_AGENT: Final = f"imsd/{__version__}"
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+    if https_or_loopback(url):
         return
     raise ImsError(
         ImsErrorKind.PERMANENT, "insecure_url", "IMS URLs must be https (http only to loopback)"

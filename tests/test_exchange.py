@@ -12,10 +12,10 @@ import httpx
 import pytest
 from imsd.catalog import Added
 from imsd.credentials import builtin_auth_methods
+from imsd.exchange import ImsClient, check_url
 from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
 from imsd.flows import Flow
-from imsd.imsclient import ImsClient, check_url
 from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, Secret
 from imsd.registry import load_registry
 from imsd.supervisor import Supervisor
