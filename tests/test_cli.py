@@ -129,6 +129,7 @@ def test_demo_prints_a_working_curl_line() -> None:
         while not any("try:" in line for line in seen):
             seen.append(lines.get(timeout=60))
         curl = next(line for line in seen if "try:" in line).split("try:", 1)[1].strip()
+        demo_dir = Path(curl.split("@", 1)[1].split()[0]).parents[2]
         assert re.fullmatch(r"curl -sS -H @\S+/generic\.headers http://127\.0\.0\.1:\d+/\S+", curl)
         r = subprocess.run(
             [*curl.split(), "--fail-with-body"],
@@ -143,6 +144,8 @@ def test_demo_prints_a_working_curl_line() -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    assert demo_dir.name.startswith("imsd-demo-")
+    assert not demo_dir.exists()  # its secret, state and tokens went with it
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,10 @@ async def imsd_exec(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for p, err in started:
+        if p.proc.returncode is None:  # forwarded to the child: neither is left behind
+            p.proc.terminate()
+            with anyio.move_on_after(5):
+                await p.proc.wait()
         if p.proc.returncode is None:
             p.proc.kill()
         with anyio.move_on_after(5):

@@ -6,11 +6,12 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import structlog
@@ -48,8 +49,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line like every other user mistake (argparse prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"imsd: {message} ({self.prog}): see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imsd",
         description="Adobe IMS token daemon: obtains, refreshes and publishes "
         "access tokens for the credential files in a directory.",
@@ -152,6 +160,45 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the daemon's own signal handling is in place
+        return _fail("interrupted (before start completed): nothing to clean up", 130)
+    except (ConfigError, OSError) as e:
+        return _fail(_one_line(e))
+    except BaseExceptionGroup as group:  # a startup failure inside the daemon's task group
+        leaves = _leaves(group)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return _fail("interrupted (before start completed): nothing to clean up", 130)
+        if leaves and all(isinstance(e, ConfigError | OSError) for e in leaves):
+            return _fail(_one_line(leaves[0]))
+        raise  # a bug: its traceback is wanted
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """``<what> (<where>): <what to do>`` for a startup error; listener and config errors
+    already read so, an OSError from elsewhere is given its path."""
+    if isinstance(e, OSError) and e.filename is not None:
+        what = (e.strerror or str(e)).lower()
+        return f"{what} ({e.filename}): check the path and its permissions"
+    if isinstance(e, OSError) and e.strerror and not e.strerror.startswith("/"):
+        text = e.strerror
+    else:
+        text = str(e.strerror if isinstance(e, OSError) and e.strerror else e)
+        path, sep, rest = text.partition(": ")  # SinkError and friends: "PATH: reason"
+        if sep and path.startswith("/"):
+            text = f"{rest.lower()} ({path}): check the path and its permissions"
+    return " ".join(printable(text).split())  # one line whatever the message held
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] | None = None
     if argv[:1] == ["exec"] and "--" in argv:  # options may follow NAME; CMD is all after --
@@ -171,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         settings = _settings(args)
     except ConfigError as e:
-        return _fail(f"configuration error:\n{e}")
+        return _fail(_one_line(e))
     if args.command in ("status", "token", "headers"):
         return _query(args, settings)
     if args.command == "exec":
@@ -308,6 +355,11 @@ def _plugins(registry: Registry) -> int:
 def _check(settings: Settings, registry: Registry) -> int:
     from imsd.daemon import check
 
+    if not settings.credentials_dir.is_dir():  # a wrong path, not a bad credential: as run does
+        return _fail(
+            f"credentials directory not found ({settings.credentials_dir}): "
+            "create it or set credentials_dir"
+        )
     problems = check(settings, registry)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -335,10 +387,17 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    root = Path(tempfile.mkdtemp(prefix="imsd-demo-"))
+    try:  # the directory holds a secret, a state file and tokens: gone when the demo stops
+        return _run_demo(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_demo(args: argparse.Namespace, root: Path) -> int:
     from imsd.daemon import Daemon
     from imsd.fakeims.server import FakeIms
 
-    root = Path(tempfile.mkdtemp(prefix="imsd-demo-"))
     creds, out, state = root / "credentials", root / "tokens", root / "state"
     for d in (creds, out, state):
         d.mkdir(mode=0o700)
