@@ -33,8 +33,7 @@ from imsd.model import CredentialError
 from imsd.registry import load_registry
 from structlog.testing import capture_logs
 
-from tests.test_auth import force_refresh
-from tests.test_daemon import make_settings, wait_for, write_cred
+from tests.support import force_refresh, make_settings, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
 
@@ -318,15 +317,6 @@ async def test_pass_env_adds_what_it_names(tmp_path: Path) -> None:
     assert env["WANTED"] == "yes"
     assert "UNSET_HERE" not in env
     assert "OTHER_CLIENT_SECRET" not in env
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    from tests.test_daemon import ORG, SCOPES, SECRET
-
-    with FakeIms.in_thread() as f:
-        f.state.add_client("client-a", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
-        yield f
 
 
 async def test_daemon_runs_the_action_after_writing_each_new_token(

@@ -25,8 +25,7 @@ import pytest
 from imsd.fakeims.server import FakeIms
 
 from tests.requirements import need_root, need_tool
-from tests.test_daemon import write_cred
-from tests.test_serving import add_client
+from tests.support import write_cred
 
 # The peer runs as another user, who cannot read this checkout's venv (often under /root):
 # a system Python with the standard library is all it needs.
@@ -79,13 +78,6 @@ def make_user() -> Iterator[object]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
     for name in made_groups:
         subprocess.run(["groupdel", name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        add_client(f)
-        yield f
 
 
 @pytest.fixture

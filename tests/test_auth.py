@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from imsd import logs
 from imsd.credentials import builtin_auth_methods, parse_credentials
 from imsd.daemon import Daemon, run_once
@@ -30,43 +26,21 @@ from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsE
 from imsd.persist import StateFile
 from imsd.registry import load_registry
 
-from tests.test_daemon import SECRET, live, make_settings, wait_for
+from tests.support import (
+    ORG,
+    SECRET,
+    TECH,
+    certificate,
+    force_refresh,
+    live,
+    make_settings,
+    private_pem,
+    rsa_key,
+    wait_for,
+)
 
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
-TECH = "ABCDEF0123456789ABCDEF01@techacct.adobe.com"
 NOW = 1_800_000_000.0
 IMS = "http://ims.test"
-
-
-@functools.cache
-def rsa_key(n: int = 0) -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def private_pem(key: rsa.RSAPrivateKey, passphrase: bytes | None = None) -> bytes:
-    algo: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, algo)
-
-
-def certificate(key: rsa.RSAPrivateKey) -> bytes:
-    """A self-signed ``certificate_pub.crt``, as the Console's "generate a key pair" gives."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imsd-test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def method(name: str) -> Any:
@@ -334,6 +308,7 @@ def test_fake_ims_refuses_a_replayed_jti_and_a_missing_one_when_required() -> No
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
+    # Not conftest's: a JWT client (technical account, certificate) and a user-login client.
     with FakeIms.in_thread() as f:
         f.state.add_client(
             "jwt-client",
@@ -414,16 +389,6 @@ def write_refresh_cred(creds: Path, fake: FakeIms, token: str) -> Path:
         f'org_id = "{ORG}"\nrefresh_token_file = "user.rt"\nims_url = "{fake.url}"\n'
     )
     return path
-
-
-async def force_refresh(d: Daemon) -> httpx.Response:
-    transport = httpx.AsyncHTTPTransport(uds=str(d.settings.socket))
-    async with httpx.AsyncClient(transport=transport, base_url="http://imsd") as c:
-        r = await c.post("/v1/credentials/user/refresh")
-    # Let the server see the close before the test cancels it: on asyncio, anyio's UNIX
-    # stream can resolve a just-cancelled receive (InvalidStateError; cf. anyio#1267).
-    await anyio.sleep(0.05)
-    return r
 
 
 @pytest.mark.anyio

@@ -3,7 +3,6 @@ against hand-written token documents, with no daemon at all, and in a fresh inte
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -11,7 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,42 +19,13 @@ import anyio
 import pytest
 from imsd import client
 from imsd.client import ImsdUnavailable, headers, request, token, token_document
-from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
-from imsd.registry import load_registry
 
-from tests.test_daemon import ORG, SECRET, make_settings, write_cred
-from tests.test_serving import uds
+from tests.support import ORG, uds, write_cred
 
 pytestmark = pytest.mark.anyio
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        f.state.add_client(
-            "client-a",
-            secrets=[SECRET],
-            scopes=["openid", "AdobeID", "read_organizations"],
-            org_id=ORG,
-        )
-        yield f
-
-
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Any]:
-    """Start a daemon in process (settings overrides as keywords); stopped after the test."""
-    async with anyio.create_task_group() as tg:
-
-        async def start(**overrides: Any) -> Daemon:
-            d = Daemon(make_settings(tmp_path, **overrides), load_registry(), env={})
-            await tg.start(functools.partial(d.run, handle_signals=False))
-            return d
-
-        yield start
-        tg.cancel_scope.cancel()
 
 
 async def blocking(fn: Callable[[], T]) -> T:

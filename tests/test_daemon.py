@@ -3,40 +3,26 @@ daemon's task group, and the token files on disk."""
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from imsd import logs
-from imsd.config import Settings
-from imsd.daemon import Daemon, run_once
+from imsd.daemon import run_once
 from imsd.fakeims.server import FakeIms
 from imsd.model import CredentialState
 from imsd.registry import load_registry
-from imsd.supervisor import Supervisor
+
+from tests.support import ORG, SECRET, SECRET2, live, make_settings, read, sup, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
-
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
-SCOPES = ["openid", "AdobeID", "read_organizations"]
-SECRET = "p8e-TestSecretValue0123456789abcdef"
-SECRET2 = "p8e-RotatedSecret9876543210fedcba"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        f.state.add_client("client-a", secrets=[SECRET, SECRET2], scopes=SCOPES, org_id=ORG)
-        f.state.add_client("client-b", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
-        yield f
 
 
 @pytest.fixture
@@ -45,100 +31,6 @@ def log_stream() -> Iterator[io.StringIO]:
     logs.configure("debug", "json", stream)
     yield stream
     logs.configure("warning", "json")
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "credentials_dir": tmp_path / "creds",
-        "output_dir": tmp_path / "tokens",
-        "state_dir": tmp_path / "state",
-        "socket": tmp_path / "imsd.sock",
-        "metrics_address": "",
-        "debounce_ms": 20,
-        "rescan_interval": 2.0,
-        "backoff_initial": 0.05,
-        "backoff_cap": 0.5,
-        "recheck_interval": 0.2,
-        "min_margin": 0.5,
-        "request_rate": None,
-    }
-    values.update(overrides)
-    for key in ("credentials_dir", "output_dir", "state_dir"):
-        values[key].mkdir(exist_ok=True)
-    return Settings(**values)
-
-
-def write_cred(
-    directory: Path,
-    name: str,
-    fake: FakeIms,
-    *,
-    client_id: str = "client-a",
-    secret: str = SECRET,
-    extra: str = "",
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    secret_file = directory / f"{name}.secret"
-    secret_file.write_text(secret + "\n")
-    path = directory / f"{name}.toml"
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(
-        f'auth = "oauth_server_to_server"\nclient_id = "{client_id}"\n'
-        f'client_secret_file = "{secret_file}"\norg_id = "{ORG}"\n'
-        f'scopes = {json.dumps(SCOPES)}\nims_url = "{fake.url}"\n{extra}'
-    )
-    os.replace(tmp, path)  # the way editors and config management save
-    return path
-
-
-async def wait_for(predicate: Callable[[], object], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while not predicate():
-            await anyio.sleep(0.02)
-
-
-def read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start the daemon with the given settings; stopped at the end of the test."""
-    async with anyio.create_task_group() as tg:
-
-        async def start(settings: Settings) -> Daemon:
-            d = Daemon(settings, load_registry())
-            await tg.start(functools.partial(d.run, handle_signals=False))
-            return d
-
-        yield start
-        tg.cancel_scope.cancel()
-
-
-def sup(d: Daemon) -> Supervisor:
-    assert d.supervisor is not None
-    return d.supervisor
-
-
-class Live:
-    """A credential's record as it is now: records are frozen and replaced on every change,
-    so a test that waits for a change reads through this instead of holding one."""
-
-    def __init__(self, d: Daemon, name: str) -> None:
-        self._d, self._name = d, name
-
-    def __getattr__(self, attr: str) -> Any:
-        record = sup(self._d).store.get(self._name)
-        assert record is not None, f"no record for {self._name!r}"
-        return getattr(record, attr)
-
-
-def live(d: Daemon, name: str) -> Any:
-    assert sup(d).store.get(name) is not None, f"no record for {name!r}"
-    return Live(d, name)
 
 
 async def test_add_change_remove(tmp_path: Path, fake: FakeIms, daemon: Any) -> None:

@@ -20,8 +20,9 @@ from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, S
 from imsd.registry import load_registry
 from imsd.supervisor import Supervisor
 
+from tests.support import ORG
+
 pytestmark = pytest.mark.anyio
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
 GZIP = {"content-encoding": "gzip"}
 
 
@@ -32,6 +33,7 @@ def client_credentials_flow(cred: Credential, now: float) -> Flow:
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
+    # Not conftest's: one minimal client (``cid``), the one ``cred()`` below describes.
     with FakeIms.in_thread() as f:
         f.state.add_client("cid", secrets=["s3cret"], scopes=["openid"], org_id=ORG)
         yield f

@@ -4,13 +4,12 @@ signals and exit codes; the pure helpers with tables."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -23,10 +22,8 @@ from imsd.client import ImsdUnavailable
 from imsd.daemon import Daemon
 from imsd.execmode import ExecError, exec_env, parse_env_file, run_exec
 from imsd.fakeims.server import FakeIms
-from imsd.registry import load_registry
 
-from tests.test_daemon import ORG, SECRET, make_settings, write_cred
-from tests.test_serving import uds
+from tests.support import ORG, uds, write_cred
 
 pytestmark = pytest.mark.anyio
 
@@ -52,32 +49,6 @@ while True:
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        f.state.add_client(
-            "client-a",
-            secrets=[SECRET],
-            scopes=["openid", "AdobeID", "read_organizations"],
-            org_id=ORG,
-        )
-        yield f
-
-
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Any]:
-    """Start a daemon in process (settings overrides as keywords); stopped after the test."""
-    async with anyio.create_task_group() as tg:
-
-        async def start(**overrides: Any) -> Daemon:
-            d = Daemon(make_settings(tmp_path, **overrides), load_registry(), env={})
-            await tg.start(functools.partial(d.run, handle_signals=False))
-            return d
-
-        yield start
-        tg.cancel_scope.cancel()
 
 
 def _iso(seconds_from_now: float) -> str:

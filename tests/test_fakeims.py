@@ -13,7 +13,8 @@ from imsd.fakeims.server import FakeIms
 from imsd.flows import parse_token_response
 from imsd.model import HttpResponse
 
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
+from tests.support import ORG
+
 S1, S2 = "p8e-first-secret", "p8e-second-secret"
 FORM = {
     "grant_type": "client_credentials",
@@ -25,6 +26,8 @@ FORM = {
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
+    # Not conftest's: tests of the fake itself, with two secrets, a session scope and a fixed
+    # token lifetime to check ``expires_in`` against.
     with FakeIms.in_thread(token_lifetime=3600) as f:
         f.state.add_client(
             "cid", secrets=[S1, S2], scopes=["openid", "AdobeID", "session"], org_id=ORG

@@ -8,7 +8,6 @@ Long variants (1,000 refreshes under kill -9, 1,000 socket clients for 60 s) car
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +32,9 @@ from imsd.registry import load_registry
 from imsd.schedule import WRITE_RETRY_CAP, RefreshPolicy
 from imsd.scheduler import Record
 
-from tests.test_daemon import ORG, SCOPES, SECRET, live, make_settings, wait_for, write_cred
+from tests.support import ORG, SCOPES, SECRET, live, make_settings, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        f.state.add_client("client-a", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
-        yield f
-
-
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    async with anyio.create_task_group() as tg:
-
-        async def run(settings: Any, clock: Callable[[], float] = time.time) -> Daemon:
-            d = Daemon(settings, load_registry(), env={}, clock=clock)
-            await tg.start(functools.partial(d.run, handle_signals=False))
-            return d
-
-        yield run
-        tg.cancel_scope.cancel()
 
 
 def entry_of(d: Daemon, name: str) -> Any:
@@ -67,7 +46,7 @@ def entry_of(d: Daemon, name: str) -> Any:
 
 @pytest.mark.parametrize("fault", ["503", "hang", "reset"])
 async def test_outage_across_two_refresh_windows(
-    tmp_path: Path, fake: FakeIms, start: Any, fault: str
+    tmp_path: Path, fake: FakeIms, daemon: Any, fault: str
 ) -> None:
     """Lifetime 4 s, refresh at 50 %: an outage of ~5 s spans two refresh windows. The file
     always holds the last good token while it is valid; recovery comes within the backoff
@@ -77,7 +56,7 @@ async def test_outage_across_two_refresh_windows(
         tmp_path, refresh_fraction=0.5, jitter_fraction=0.0, min_margin=0.5, request_timeout=0.5
     )
     write_cred(s.credentials_dir, "alpha", fake)
-    d = await start(s)
+    d = await daemon(s, env={})
     out = s.output_dir / "alpha" / "token"
     first = out.read_text()
     entry = entry_of(d, "alpha")
@@ -115,7 +94,7 @@ async def test_outage_across_two_refresh_windows(
 
 
 async def test_throttling_storm_honours_retry_after_and_the_global_rate(
-    tmp_path: Path, fake: FakeIms, start: Any
+    tmp_path: Path, fake: FakeIms, daemon: Any
 ) -> None:
     for i in range(20):
         fake.state.add_client(f"c{i}", secrets=[SECRET], scopes=SCOPES, org_id=ORG)
@@ -124,7 +103,7 @@ async def test_throttling_storm_honours_retry_after_and_the_global_rate(
     s = make_settings(tmp_path, request_rate=10.0, request_burst=2, backoff_cap=2.0)
     for i in range(20):
         write_cred(s.credentials_dir, f"cred{i}", fake, client_id=f"c{i}")
-    await start(s)
+    await daemon(s, env={})
     await wait_for(
         lambda: all((s.output_dir / f"cred{i}" / "token").exists() for i in range(20)), limit=30
     )
@@ -299,11 +278,11 @@ def fill(path: Path) -> None:
 
 
 async def test_disk_full_keeps_old_files_and_recovers(
-    tmp_path: Path, fake: FakeIms, start: Any, small_tmpfs: Path
+    tmp_path: Path, fake: FakeIms, daemon: Any, small_tmpfs: Path
 ) -> None:
     s = make_settings(tmp_path, output_dir=small_tmpfs, min_refresh_interval=0.0)
     write_cred(s.credentials_dir, "alpha", fake)
-    d = await start(s)
+    d = await daemon(s, env={})
     token = small_tmpfs / "alpha" / "token"
     first = token.read_text()
     filler = small_tmpfs / "filler"
@@ -344,7 +323,7 @@ def test_write_retry_waits_seconds_not_the_ims_backoff(tmp_path: Path) -> None:
 
 
 async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
-    tmp_path: Path, fake: FakeIms, start: Any
+    tmp_path: Path, fake: FakeIms, daemon: Any
 ) -> None:
     """A client id with a leading quote cannot go into an env file (systemd would unquote
     it, docker not): the token, token.json and headers files are still written, the env file
@@ -352,7 +331,7 @@ async def test_an_output_unsafe_for_env_files_writes_the_rest_and_says_so(
     fake.state.add_client('"client-q', secrets=[SECRET], scopes=SCOPES, org_id=ORG)
     s = make_settings(tmp_path)
     write_cred(s.credentials_dir, "alpha", fake, client_id='\\"client-q')
-    d = await start(s)
+    d = await daemon(s, env={})
     out = s.output_dir / "alpha"
     await wait_for(lambda: (out / "token").exists())
     entry = entry_of(d, "alpha")
@@ -378,7 +357,7 @@ async def test_once_fails_when_an_output_was_left_out(tmp_path: Path, fake: Fake
 
 
 async def test_umask_000_creates_no_world_writable_directory(
-    tmp_path: Path, fake: FakeIms, start: Any
+    tmp_path: Path, fake: FakeIms, daemon: Any
 ) -> None:
     """The output, state and socket paths' missing parents used to be made 0777 under
     ``umask 000`` (Path.mkdir(parents=True)): any local user could swap a token directory."""
@@ -392,7 +371,7 @@ async def test_umask_000_creates_no_world_writable_directory(
             }
         )
         write_cred(s.credentials_dir, "alpha", fake)
-        d = await start(s)
+        d = await daemon(s, env={})
         await wait_for(lambda: (s.output_dir / "alpha" / "token").exists())
         assert d.supervisor is not None
         await wait_for(lambda: (s.state_dir / "state.db").exists())
@@ -422,7 +401,7 @@ async def test_umask_000_creates_no_world_writable_directory(
 
 
 async def test_a_planted_output_dir_of_another_user_fails_the_credential(
-    tmp_path: Path, fake: FakeIms, start: Any
+    tmp_path: Path, fake: FakeIms, daemon: Any
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("chown to another uid needs root")
@@ -431,7 +410,7 @@ async def test_a_planted_output_dir_of_another_user_fails_the_credential(
     planted.mkdir(mode=0o755)
     os.chown(planted, 65534, 65534)
     write_cred(s.credentials_dir, "alpha", fake)
-    d = await start(s)
+    d = await daemon(s, env={})
     entry = entry_of(d, "alpha")
     await wait_for(lambda: entry.last_error is not None)
     assert "alpha: owned by uid 65534, not by imsd or root; refusing" in entry.last_error
@@ -444,7 +423,7 @@ async def test_a_planted_output_dir_of_another_user_fails_the_credential(
 # -- clock jumps and suspend ---------------------------------------------------------------------
 
 
-async def test_clock_jumps_and_suspend(tmp_path: Path, fake: FakeIms, start: Any) -> None:
+async def test_clock_jumps_and_suspend(tmp_path: Path, fake: FakeIms, daemon: Any) -> None:
     offset = [0.0]
 
     def clock() -> float:
@@ -452,7 +431,7 @@ async def test_clock_jumps_and_suspend(tmp_path: Path, fake: FakeIms, start: Any
 
     s = make_settings(tmp_path, recheck_interval=0.2)
     write_cred(s.credentials_dir, "alpha", fake)
-    d = await start(s, clock=clock)
+    d = await daemon(s, env={}, clock=clock)
     entry = entry_of(d, "alpha")
     token = s.output_dir / "alpha" / "token"
     first = token.read_text()

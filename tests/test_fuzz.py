@@ -24,7 +24,7 @@ from imsd.fakeims.server import FakeIms
 from imsd.flows import parse_token_response
 from imsd.model import NAME_RE, CredentialError, HttpResponse, ImsError
 
-from tests.test_daemon import ORG, SCOPES, SECRET, write_cred
+from tests.support import ORG, SCOPES, SECRET, write_cred
 
 NOW = 1_800_000_000.0
 

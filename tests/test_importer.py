@@ -16,11 +16,9 @@ from imsd.fakeims.server import FakeIms
 from imsd.importer import ImportFailed, plan_import
 from imsd.registry import load_registry
 
-from tests.test_auth import TECH, private_pem, rsa_key
-from tests.test_daemon import make_settings
+from tests.support import ORG, TECH, make_settings, private_pem, rsa_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console"
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
 FLAT_SECRETS = ["p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE01", "p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE02"]
 SCOPES = [
     "openid",
@@ -34,7 +32,8 @@ SCOPES = [
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
-    """The fake IMS knows the fixtures' clients (same ids and secrets)."""
+    """Not conftest's: the fake IMS knows the clients of the Console exports in
+    tests/fixtures (same ids and secrets)."""
     with FakeIms.in_thread() as f:
         f.state.add_client(
             "0123456789abcdef0123456789abcdef", secrets=FLAT_SECRETS, scopes=SCOPES, org_id=ORG

@@ -18,9 +18,8 @@ import httpx
 import pytest
 from imsd.fakeims.server import FakeIms
 
-from tests.test_auth import TECH, certificate, private_pem, rsa_key
+from tests.support import ORG, TECH, certificate, private_pem, rsa_key
 
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
 S2S_SECRET = "p8e-LeakAuditS2SSecret0123456789"
 PLAIN_SECRET = "NoPatternSecret-7f3a9c2e41d8b605"  # not shaped like anything a regex knows
 JWT_SECRET = "JwtClientSecret-5b8e2d71c9a04f36"
@@ -39,6 +38,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
+    # Not conftest's: one client per auth method, each with a secret of its own to look for.
     with FakeIms.in_thread() as f:
         f.state.add_client("s2s", secrets=[S2S_SECRET], scopes=["openid"], org_id=ORG)
         f.state.add_client("plain", secrets=[PLAIN_SECRET], scopes=["openid"], org_id=ORG)

@@ -25,7 +25,7 @@ from imsd.persist import StateError, StateFile, Stored, decode, diff, encode
 from imsd.registry import load_registry
 from imsd.sinks import SinkError
 
-from tests.test_daemon import SECRET, SECRET2, make_settings, write_cred
+from tests.support import SECRET2, make_settings, write_cred
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
 TOKEN = "tok-Secret0123456789"  # must never appear in a log line
@@ -41,18 +41,6 @@ def grant(token: str = TOKEN, issued: float = 100.0, expires: float = 200.0) -> 
 
 def entry(i: int, token: str = TOKEN, rt: str | None = None) -> Stored:
     return Stored(f"id-{i}", grant(f"{token}-{i}"), Secret(rt) if rt else None)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        f.state.add_client(
-            "client-a",
-            secrets=[SECRET, SECRET2],
-            scopes=["openid", "AdobeID", "read_organizations"],
-            org_id=ORG,
-        )
-        yield f
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import imsd.plugin
 import pytest
 from imsd.fakeims.server import FakeIms
 
-ORG = "0123456789ABCDEF01234567@AdobeOrg"
+from tests.support import ORG, make_settings
+
 SECRET = "p8e-ThirdPartySecret0123456789abcd"
 
 
@@ -78,6 +79,7 @@ def imsd_products():
 
 @pytest.fixture
 def fake() -> Iterator[FakeIms]:
+    # Not conftest's: the third-party plugin's client.
     with FakeIms.in_thread() as f:
         f.state.add_client("acme-client", secrets=[SECRET], scopes=["openid"], org_id=ORG)
         yield f
@@ -210,8 +212,6 @@ async def test_every_builtin_product_passes_the_gateway(tmp_path: Path, fake: Fa
     from imsd.daemon import run_once
     from imsd.registry import load_registry
 
-    from tests.test_daemon import make_settings
-
     s = make_settings(tmp_path)
     (s.credentials_dir / "all.toml").write_text(
         'client_id = "acme-client"\nclient_secret_env = "ACME_SECRET"\n'
@@ -289,8 +289,6 @@ async def test_notification_hooks_and_a_raising_plugin(tmp_path: Path, fake: Fak
     from imsd.daemon import run_once
     from imsd.plugin import hookimpl
     from imsd.registry import load_registry
-
-    from tests.test_daemon import make_settings
 
     calls: list[tuple[str, str]] = []
 

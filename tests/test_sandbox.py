@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from imsd.fakeims.server import FakeIms
 
-from tests.test_daemon import ORG, SCOPES, SECRET
+from tests.support import ORG, SCOPES, SECRET
 
 NOBODY = 65534
 

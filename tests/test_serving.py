@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +22,18 @@ from imsd import logs
 from imsd.config import RELOAD, Reload, Settings, load_settings
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
-from imsd.registry import load_registry
 
 from tests.requirements import need_tool
-from tests.test_daemon import SECRET, make_settings, wait_for, write_cred
+from tests.support import SECRET, add_client, uds, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
 
 
-def add_client(fake: FakeIms) -> None:
-    fake.state.add_client(
-        "client-a",
-        secrets=[SECRET],
-        scopes=["openid", "AdobeID", "read_organizations"],
-        org_id="0123456789ABCDEF01234567@AdobeOrg",
-    )
-
-
 @pytest.fixture
-def fake() -> Iterator[FakeIms]:
-    with FakeIms.in_thread() as f:
-        add_client(f)
-        yield f
-
-
-@pytest.fixture
-async def running(tmp_path: Path, fake: FakeIms) -> AsyncIterator[Any]:
-    """Start a daemon (settings overrides as keywords); stopped at the end of the test."""
-    async with anyio.create_task_group() as tg:
-
-        async def start(
-            env: dict[str, str] | None = None,
-            reload: Any = None,
-            handle_signals: bool = False,
-            clock: Any = time.time,
-            **overrides: Any,
-        ) -> Daemon:
-            s = make_settings(tmp_path, metrics_address="127.0.0.1:0", **overrides)
-            d = Daemon(s, load_registry(), env=env or {}, reload=reload, clock=clock)
-            await tg.start(functools.partial(d.run, handle_signals=handle_signals))
-            return d
-
-        yield start
-        tg.cancel_scope.cancel()
-
-
-def uds(d: Daemon) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(d.settings.socket)),
-        base_url="http://imsd",
-        timeout=30,
-    )
+def running(fake: FakeIms, running: Callable[..., Awaitable[Daemon]]) -> Callable[..., Any]:
+    # conftest's starter, plus metrics and health on TCP (an ephemeral port): these tests read
+    # them. Asks for ``fake`` first so that the daemon stops before the fake IMS does.
+    return functools.partial(running, metrics_address="127.0.0.1:0")
 
 
 async def test_socket_api(tmp_path: Path, fake: FakeIms, running: Any) -> None:
