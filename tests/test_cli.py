@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,119 @@ def test_status_never_prints_control_characters(raw: str, shown: str) -> None:
 
     assert printable(raw) == shown
     assert all(c.isprintable() for c in printable(raw))
+
+
+# -- user mistakes: one line, exit 2 -----------------------------------------------------------
+
+# (id, argv, config file text or None, env, what the line must name). Paths are relative to
+# the case's directory: "occupied.sock" has a live listener, "afile" is a regular file,
+# "cfgdir" a directory; {port} is a TCP port something else listens on.
+MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
+    ("check-log-level", ["check"], 'log_level = "verbose"\n', {}, "log_level"),
+    ("run-log-level", ["run"], 'log_level = "verbose"\n', {}, "log_level"),
+    ("check-log-format", ["check"], 'log_format = "text"\n', {}, "log_format"),
+    ("run-log-format", ["run"], 'log_format = "text"\n', {}, "log_format"),
+    ("check-metrics-host", ["check"], 'metrics_address = "localhost"\n', {}, "metrics_address"),
+    ("run-metrics-host", ["run"], 'metrics_address = "localhost"\n', {}, "metrics_address"),
+    ("check-metrics-port", ["check"], 'metrics_address = "127.0.0.1:70000"\n', {}, "70000"),
+    ("run-port-in-use", ["run", "--metrics-address", "127.0.0.1:{port}"], "", {}, ":{port}"),
+    ("demo-port-in-use", ["demo", "--metrics-address", "127.0.0.1:{port}"], "", {}, ":{port}"),
+    ("run-socket-in-use", ["run", "--socket", "occupied.sock"], "", {}, "occupied.sock"),
+    ("run-socket-not-socket", ["run", "--socket", "afile"], "", {}, "afile"),
+    ("run-socket-dir", ["run", "--socket", "afile/sub/imsd.sock"], "", {}, "afile/sub"),
+    ("run-output-dir", ["run", "--output-dir", "afile/tokens"], "", {}, "afile/tokens"),
+    ("once-output-dir", ["once", "--output-dir", "afile/tokens"], "", {}, "afile/tokens"),
+    ("run-state-dir", ["run", "--state-dir", "afile/state"], "", {}, "afile/state"),
+    ("run-creds-is-file", ["run", "--credentials-dir", "afile"], "", {}, "afile"),
+    ("check-creds-is-file", ["check", "--credentials-dir", "afile"], "", {}, "afile"),
+    ("check-creds-missing", ["check", "--credentials-dir", "nope"], "", {}, "nope"),
+    ("config-is-dir", ["check", "--config", "cfgdir"], None, {}, "cfgdir"),
+    ("config-missing", ["run", "--config", "missing.toml"], None, {}, "missing.toml"),
+    ("env-config-missing", ["check"], None, {"IMSD_CONFIG": "gone.toml"}, "gone.toml"),
+    ("config-bad-toml", ["check"], "file_mode = 0640\n", {}, "imsd.toml"),
+    ("config-unknown-key", ["check"], 'log_levle = "info"\n', {}, "log_levle"),
+    ("config-wrong-type", ["run"], 'max_connections = "many"\n', {}, "max_connections"),
+    ("config-bad-mode", ["check"], 'file_mode = "rw"\n', {}, "file_mode"),
+    ("config-no-group", ["run"], 'file_group = "no-such-group-imsd"\n', {}, "file_group"),
+    ("config-backoff", ["check"], "backoff_initial = 500.0\n", {}, "backoff_initial"),
+    ("config-http-ims", ["check"], 'ims_url = "http://ims.example.com"\n', {}, "ims_url"),
+    ("env-log-level", ["check"], "", {"IMSD_LOG_LEVEL": "verbose"}, "IMSD_LOG_LEVEL"),
+    ("env-connections", ["run"], "", {"IMSD_MAX_CONNECTIONS": "lots"}, "IMSD_MAX_CONNECTIONS"),
+    ("env-file-mode", ["once"], "", {"IMSD_FILE_MODE": "999"}, "IMSD_FILE_MODE"),
+    ("env-metrics", ["run"], "", {"IMSD_METRICS_ADDRESS": "nohost"}, "IMSD_METRICS_ADDRESS"),
+    ("env-uids", ["run"], "", {"IMSD_ALLOWED_UIDS": "root"}, "IMSD_ALLOWED_UIDS"),
+    ("flag-metrics", ["check", "--metrics-address", "localhost"], "", {}, "--metrics-address"),
+    ("flag-log-level", ["run", "--log-level", "verbose"], "", {}, "--log-level"),
+    ("flag-log-format", ["check", "--log-format", "text"], "", {}, "--log-format"),
+    ("flag-unknown", ["run", "--bogus"], "", {}, "--bogus"),
+    ("token-config", ["token", "x"], 'log_level = "verbose"\n', {}, "log_level"),
+    ("headers-env", ["headers", "x"], "", {"IMSD_SOCKET_MODE": "rw"}, "IMSD_SOCKET_MODE"),
+    ("status-config", ["status"], "socket_mode = 4096\n", {}, "socket_mode"),
+    ("exec-config", ["exec", "x", "--", "true"], 'log_format = "text"\n', {}, "log_format"),
+    ("import-config", ["import", "dl.json"], 'log_level = "loud"\n', {}, "log_level"),
+    ("demo-config", ["demo"], 'log_format = "text"\n', {}, "log_format"),
+]
+
+
+Case = tuple[str, list[str], str | None, dict[str, str], str]
+
+
+def _mistake(case: Case, root: Path, port: int) -> tuple[subprocess.CompletedProcess[str], str]:
+    name, argv, config, env, needle = case
+    here = root / name
+    for d in ("creds", "cfgdir"):
+        (here / d).mkdir(parents=True)
+    (here / "afile").write_text("not a directory\n")
+    if config is not None:
+        (here / "imsd.toml").write_text(config)
+    base = {  # nothing outside the case's directory; relative paths are relative to it
+        "IMSD_CONFIG": "imsd.toml" if config is not None else "",
+        "IMSD_CREDENTIALS_DIR": "creds",
+        "IMSD_OUTPUT_DIR": "out",
+        "IMSD_STATE_DIR": "state",
+        "IMSD_SOCKET": "imsd.sock",
+        "IMSD_METRICS_ADDRESS": "127.0.0.1:0",
+    }
+    with contextlib.ExitStack() as stack:
+        if "occupied.sock" in argv:
+            live = stack.enter_context(socket.socket(socket.AF_UNIX))
+            live.bind(str(here / "occupied.sock"))
+            live.listen()
+        args = [sys.executable, "-m", "imsd", *(a.replace("{port}", str(port)) for a in argv)]
+        try:
+            r = subprocess.run(
+                args,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=here,
+                env={**os.environ, **base, **env},
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:  # it started instead of refusing: killed
+            r = subprocess.CompletedProcess(args, -9, "", str(e.stderr))
+    return r, needle.replace("{port}", str(port))
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Every configuration, startup and environment mistake: one line naming the key or path,
+    exit status 2, no traceback (README "Running it")."""
+    with socket.socket() as busy:  # the "port already in use"
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda c: _mistake(c, tmp_path, port), MISTAKES))
+    wrong = []
+    for (name, argv, *_), (r, needle) in zip(MISTAKES, results, strict=True):
+        lines = r.stderr.rstrip("\n").split("\n")
+        if (
+            r.returncode != 2
+            or len(lines) != 1
+            or not lines[0].startswith("imsd: ")
+            or "Traceback" in r.stderr
+            or needle not in lines[0]
+        ):
+            wrong.append(f"{name} {argv}: exit {r.returncode}, wanted {needle!r}:\n{r.stderr}")
+    assert not wrong, "\n".join(wrong)
+    assert len(MISTAKES) >= 30

@@ -154,6 +154,66 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
+def _dir_problem(key: str, path: Path) -> str | None:
+    """Why directory *path* (setting *key*) could not be used or created, or None."""
+    here = Path(os.path.abspath(path))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"cannot create {key} ({path}): {here} is not a directory; choose another path"
+    if not os.access(here, os.W_OK | os.X_OK):
+        verb = "cannot write to" if here == Path(os.path.abspath(path)) else "cannot create"
+        return f"{verb} {key} ({path}): {here} is not writable; fix its owner or mode"
+    return None
+
+
+def _preflight(settings: Settings, *, socket: bool) -> str | None:
+    """The first reason run/once would fail on a path, before anything starts: a state or
+    output directory that cannot be made would otherwise only be logged, again and again."""
+    creds = settings.credentials_dir
+    if creds.exists() and not creds.is_dir():
+        return f"credentials_dir is not a directory ({creds}): set credentials_dir to a directory"
+    dirs = [("output_dir", settings.output_dir), ("state_dir", settings.state_dir)]
+    if socket and not os.environ.get("LISTEN_FDS"):  # systemd's socket: not ours to create
+        dirs.append(("socket directory", settings.socket.parent))
+    return next((p for key, path in dirs if (p := _dir_problem(key, path))), None)
+
+
+def _listen_problem(settings: Settings, *, socket: bool) -> str | None:
+    """Why a listener of run would fail (address in use or unparsable, a live or non-socket
+    file at the socket path), found before anything starts and logs."""
+    import socket as so
+    import stat
+
+    from imsd.daemon import parse_address
+
+    path = settings.socket
+    if socket and not os.environ.get("LISTEN_FDS") and os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return (
+                f"not a socket, refusing to replace it ({path}): "
+                "remove it or choose another socket path"
+            )
+        with so.socket(so.AF_UNIX, so.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex(str(path)) == 0:
+                return (
+                    f"another process is listening on the socket ({path}): "
+                    "stop it (imsd already running?) or choose another socket path"
+                )
+    if settings.metrics_address:
+        host, port = parse_address(settings.metrics_address)
+        try:
+            so.create_server((host, port)).close()  # SO_REUSEADDR, as the daemon binds
+        except OSError as e:
+            return (
+                f"cannot listen: {os.strerror(e.errno) if e.errno else e} "
+                f"({settings.metrics_address}, metrics_address): "
+                "stop the other process or choose another address"
+            )
+    return None
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"imsd: {message}", file=sys.stderr)
     return code
@@ -231,6 +291,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _plugins(registry)
     if args.command == "check":
         return _check(settings, registry)
+    if args.command == "once" and (problem := _preflight(settings, socket=False)):
+        return _fail(problem)
+    if args.command == "run" and (
+        problem := _preflight(settings, socket=True) or _listen_problem(settings, socket=True)
+    ):
+        return _fail(problem)
     if args.command == "once":
         from imsd.daemon import run_once
 
@@ -355,11 +421,10 @@ def _plugins(registry: Registry) -> int:
 def _check(settings: Settings, registry: Registry) -> int:
     from imsd.daemon import check
 
-    if not settings.credentials_dir.is_dir():  # a wrong path, not a bad credential: as run does
-        return _fail(
-            f"credentials directory not found ({settings.credentials_dir}): "
-            "create it or set credentials_dir"
-        )
+    creds = settings.credentials_dir
+    if not creds.is_dir():  # a wrong path, not a bad credential: a configuration error
+        what = "is not a directory" if creds.exists() else "not found"
+        return _fail(f"credentials_dir {what} ({creds}): create it or set credentials_dir")
     problems = check(settings, registry)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -409,6 +474,8 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
         socket=args.socket or root / "imsd.sock",
         metrics_address=args.metrics_address or "127.0.0.1:0",
     )
+    if problem := _listen_problem(settings, socket=True):
+        return _fail(problem)
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry(plugin_dirs=settings.plugin_dirs)
     creds = settings.credentials_dir

@@ -7,6 +7,7 @@ belong to credential files.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import grp
 import os
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from imsd import logs
 from imsd.model import DEFAULT_IMS_URL, check_ims_url
 from imsd.schedule import RefreshPolicy
 
@@ -33,6 +35,8 @@ __all__ = [
 
 DEFAULT_CONFIG: Final = Path("/etc/imsd/imsd.toml")
 ENV_PREFIX: Final = "IMSD_"
+ENV_SOURCE: Final = "environment (IMSD_*)"
+FLAG_SOURCE: Final = "command line"
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,23 @@ class Settings(BaseModel):
     def _ims_url(cls, v: str) -> str:
         return check_ims_url(v)  # its errors never quote the URL (a password in it)
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, v: str) -> str:
+        if v == "":
+            return v  # no metrics listener
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+            raise ValueError("expected HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9464)")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str | None) -> str | None:
+        if v is not None and v not in logs.FORMATS:
+            raise ValueError(f"must be one of {', '.join(logs.FORMATS)}")
+        return v
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -131,7 +152,9 @@ def _gid(key: str, group: str | None) -> int | None:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"{key}: no such group {group!r}") from None
+        raise ConfigError(
+            f"no such group {group!r} (key {key}): create the group or name an existing one"
+        ) from None
 
 
 FIELDS: Final = frozenset(Settings.model_fields)
@@ -187,12 +210,38 @@ RELOAD: Final[Mapping[str, Reload]] = {
 }
 
 
+def _where(source: str, key: str) -> str:
+    if source == ENV_SOURCE:
+        return f"environment {ENV_PREFIX}{key.upper()}"
+    if source == FLAG_SOURCE:
+        return "--" + key.replace("_", "-")
+    return f"{source}, key {key}"
+
+
+def _shown(key: str, value: Any) -> str:
+    # ims_url may hold a password; anything long is cut so the error stays one line.
+    if key == "ims_url" or isinstance(value, dict | list):
+        return ""
+    text = repr(value)
+    return " " + (text if len(text) <= 60 else text[:57] + "...")
+
+
+def _one(source: str, e: Any) -> str:
+    key = str(e["loc"][0]) if e["loc"] else "(top level)"
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else "not a setting; see the README's table"
+        return f"unknown key {key} ({_where(source, key)}): {hint}"
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    return f"invalid {key}{_shown(key, e.get('input'))} ({_where(source, key)}): {msg}"
+
+
 def _format(source: str, err: ValidationError) -> ConfigError:
-    lines = [
-        f"{source}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-        for e in err.errors(include_input=False, include_url=False)
-    ]
-    return ConfigError("\n".join(lines))
+    """One line (the CLI prints it as is): the first problem, then the other keys named."""
+    errors = err.errors(include_url=False)
+    first = _one(source, errors[0])
+    rest = sorted({str(e["loc"][0]) for e in errors[1:] if e["loc"]})
+    return ConfigError(first + (f"; also invalid: {', '.join(rest)}" if rest else ""))
 
 
 def _read_file(path: Path, *, required: bool) -> dict[str, Any]:
@@ -200,14 +249,18 @@ def _read_file(path: Path, *, required: bool) -> dict[str, Any]:
         data = path.read_bytes()
     except FileNotFoundError:
         if required:
-            raise ConfigError(f"{path}: config file not found") from None
+            raise ConfigError(
+                f"config file not found ({path}): create it, or name another with --config"
+            ) from None
         return {}
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        raise ConfigError(
+            f"cannot read config file ({path}): {e.strerror}; check the path and its permissions"
+        ) from None
     try:
         return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        raise ConfigError(f"invalid TOML ({path}): {e}; fix the file") from None
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -244,8 +297,8 @@ def load_settings(
     path = config or Path(env.get("IMSD_CONFIG") or DEFAULT_CONFIG)
     layers: list[tuple[str, dict[str, Any]]] = [
         (str(path), _read_file(path, required=required)),
-        ("environment (IMSD_*)", _from_env(env)),
-        ("command line", {k: v for k, v in (overrides or {}).items() if v is not None}),
+        (ENV_SOURCE, _from_env(env)),
+        (FLAG_SOURCE, {k: v for k, v in (overrides or {}).items() if v is not None}),
     ]
     merged: dict[str, Any] = {}
     for source, values in layers:
@@ -256,7 +309,10 @@ def load_settings(
             raise _format(source, e) from None
     settings = Settings.model_validate(merged)
     if settings.backoff_initial > settings.backoff_cap:
-        raise ConfigError("backoff_initial must not exceed backoff_cap")
+        raise ConfigError(
+            f"backoff_initial {settings.backoff_initial} exceeds backoff_cap "
+            f"{settings.backoff_cap} (settings): lower backoff_initial or raise backoff_cap"
+        )
     settings.file_gid()  # fail early on an unknown group
     settings.socket_gid()
     return settings

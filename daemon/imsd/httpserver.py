@@ -475,7 +475,14 @@ class HttpServer:
 
 
 async def tcp_listener(host: str, port: int) -> anyio.abc.Listener[Any]:
-    return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    try:
+        return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    except OSError as e:  # the bare "[Errno 98] Address already in use" names no address
+        raise OSError(
+            e.errno,
+            f"cannot listen: {e.strerror or e} ({host}:{port}): "
+            "stop the other process or choose another address",
+        ) from None
 
 
 def bound_port(listener: anyio.abc.Listener[Any]) -> int:
@@ -506,12 +513,25 @@ async def unix_listener(
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(
-                errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it"
+                errno.EEXIST,
+                f"not a socket, refusing to replace it ({path}): "
+                "remove it or choose another socket path",
             )
         if await anyio.to_thread.run_sync(_alive, path):
-            raise OSError(errno.EADDRINUSE, f"{path}: another process is listening (imsd running?)")
+            raise OSError(
+                errno.EADDRINUSE,
+                f"another process is listening on the socket ({path}): "
+                "stop it (imsd already running?) or choose another socket path",
+            )
         await anyio.Path(path).unlink()
-    listener = await anyio.create_unix_listener(path, mode=mode)
+    try:
+        listener = await anyio.create_unix_listener(path, mode=mode)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"cannot listen: {e.strerror or e} ({path}): "
+            "check the socket's directory and the path's length",
+        ) from None
     if gid is not None:
         os.chown(path, -1, gid)
     return listener
