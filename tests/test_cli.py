@@ -189,6 +189,9 @@ MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
     ("once-output-dir", ["once", "--output-dir", "afile/tokens"], "", {}, "afile/tokens"),
     ("run-state-dir", ["run", "--state-dir", "afile/state"], "", {}, "afile/state"),
     ("run-creds-is-file", ["run", "--credentials-dir", "afile"], "", {}, "afile"),
+    ("check-output-dir", ["check", "--output-dir", "afile/tokens"], "", {}, "afile/tokens"),
+    ("check-state-dir", ["check", "--state-dir", "afile/state"], "", {}, "afile/state"),
+    ("check-socket-dir", ["check", "--socket", "afile/imsd.sock"], "", {}, "afile"),
     ("check-creds-is-file", ["check", "--credentials-dir", "afile"], "", {}, "afile"),
     ("check-creds-missing", ["check", "--credentials-dir", "nope"], "", {}, "nope"),
     ("config-is-dir", ["check", "--config", "cfgdir"], None, {}, "cfgdir"),
@@ -281,3 +284,36 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
             wrong.append(f"{name} {argv}: exit {r.returncode}, wanted {needle!r}:\n{r.stderr}")
     assert not wrong, "\n".join(wrong)
     assert len(MISTAKES) >= 30
+
+
+def test_check_warns_of_an_empty_directory_and_a_busy_socket(tmp_path: Path) -> None:
+    """ "ok" for a directory without credentials would hide a wrong path; a listener in use
+    is only a warning (check runs beside the daemon), both fail with --strict."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "notes.txt").write_text("not a credential\n")
+    env = {
+        "IMSD_CONFIG": "",
+        "IMSD_OUTPUT_DIR": str(tmp_path / "out"),
+        "IMSD_STATE_DIR": str(tmp_path / "state"),
+        "IMSD_SOCKET": str(tmp_path / "imsd.sock"),
+        "IMSD_METRICS_ADDRESS": "127.0.0.1:0",
+    }
+    r = imsd("check", "--credentials-dir", str(creds), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "ok: " in r.stdout
+    assert "(0 credentials)" in r.stdout
+    assert r.stderr.startswith("imsd: warning: no credentials")
+    assert "1 file(s)" in r.stderr
+    assert imsd("check", "--strict", "--credentials-dir", str(creds), env=env).returncode == 1
+    cred(creds, "one", "https://ims.example.com")
+    secret = {"CLI_SECRET": SECRET}
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(env["IMSD_SOCKET"])
+        live.listen()
+        r = imsd("check", "--credentials-dir", str(creds), env=env | secret)
+        assert r.returncode == 0, r.stderr
+        assert "(1 credential)" in r.stdout
+        assert "imsd: warning: another process is listening" in r.stderr
+        strict = imsd("check", "--strict", "--credentials-dir", str(creds), env=env | secret)
+        assert strict.returncode == 1, strict.stderr

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("check", help="validate config and credential files (no network)")
     _common(p)
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 on a warning too (no credentials found, a listen address in use)",
+    )
     p = sub.add_parser("demo", help="run the daemon against the embedded fake IMS")
     _common(p)
     p.add_argument(
@@ -154,20 +159,20 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
-def _dir_problem(key: str, path: Path) -> str | None:
+def _dir_problem(key: str, path: Path, *, access: bool = True) -> str | None:
     """Why directory *path* (setting *key*) could not be used or created, or None."""
     here = Path(os.path.abspath(path))
     while not here.exists() and here != here.parent:
         here = here.parent
     if not here.is_dir():
         return f"cannot create {key} ({path}): {here} is not a directory; choose another path"
-    if not os.access(here, os.W_OK | os.X_OK):
+    if access and not os.access(here, os.W_OK | os.X_OK):
         verb = "cannot write to" if here == Path(os.path.abspath(path)) else "cannot create"
         return f"{verb} {key} ({path}): {here} is not writable; fix its owner or mode"
     return None
 
 
-def _preflight(settings: Settings, *, socket: bool) -> str | None:
+def _preflight(settings: Settings, *, socket: bool, access: bool = True) -> str | None:
     """The first reason run/once would fail on a path, before anything starts: a state or
     output directory that cannot be made would otherwise only be logged, again and again."""
     creds = settings.credentials_dir
@@ -176,7 +181,7 @@ def _preflight(settings: Settings, *, socket: bool) -> str | None:
     dirs = [("output_dir", settings.output_dir), ("state_dir", settings.state_dir)]
     if socket and not os.environ.get("LISTEN_FDS"):  # systemd's socket: not ours to create
         dirs.append(("socket directory", settings.socket.parent))
-    return next((p for key, path in dirs if (p := _dir_problem(key, path))), None)
+    return next((p for key, path in dirs if (p := _dir_problem(key, path, access=access))), None)
 
 
 def _listen_problem(settings: Settings, *, socket: bool) -> str | None:
@@ -290,7 +295,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plugins":
         return _plugins(registry)
     if args.command == "check":
-        return _check(settings, registry)
+        return _check(settings, registry, strict=args.strict)
     if args.command == "once" and (problem := _preflight(settings, socket=False)):
         return _fail(problem)
     if args.command == "run" and (
@@ -418,19 +423,43 @@ def _plugins(registry: Registry) -> int:
     return 1 if registry.errors else 0
 
 
-def _check(settings: Settings, registry: Registry) -> int:
-    from imsd.daemon import check
+def _check(settings: Settings, registry: Registry, *, strict: bool) -> int:
+    """Exit 2 for what run would refuse at start (as run does), 1 for invalid credential
+    files, else 0; warnings (nothing to serve, a listener in use, a directory this user cannot
+    write) exit 1 only with --strict."""
+    from imsd.catalog import Added
+    from imsd.daemon import _initial_events, check
 
     creds = settings.credentials_dir
     if not creds.is_dir():  # a wrong path, not a bad credential: a configuration error
         what = "is not a directory" if creds.exists() else "not found"
         return _fail(f"credentials_dir {what} ({creds}): create it or set credentials_dir")
+    if problem := _preflight(settings, socket=True, access=False):
+        return _fail(problem)
+    warnings: list[str] = []
+    if denied := _preflight(settings, socket=True):  # check may run as another user than run
+        warnings.append(denied + " (for the user running check)")
+    try:
+        # In use is only a warning: check is run beside the daemon that holds them.
+        if busy := _listen_problem(settings, socket=True):
+            warnings.append(busy + " (fine if it is this imsd, running)")
+    except ConfigError as e:
+        return _fail(_one_line(e))
     problems = check(settings, registry)
     for problem in problems:
         print(problem, file=sys.stderr)
+    found = sum(isinstance(e, Added) for e in _initial_events(settings, registry))
+    if not found and not problems:  # "ok" for an empty directory would hide a wrong path
+        files = sum(1 for p in creds.iterdir() if not p.is_dir())
+        warnings.append(
+            f"no credentials ({creds}): {files} file(s) there, none a credential file "
+            "(*.toml or *.json, not hidden); is this the right directory?"
+        )
+    for warning in warnings:
+        print(f"imsd: warning: {warning}", file=sys.stderr)
     if not problems:
-        print(f"ok: {settings.credentials_dir}")
-    return 1 if problems else 0
+        print(f"ok: {creds} ({found} credential{'' if found == 1 else 's'})")
+    return 1 if problems or (strict and warnings) else 0
 
 
 # -- demo ---------------------------------------------------------------------------------------
