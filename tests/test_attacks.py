@@ -366,17 +366,24 @@ def test_refused_peers_are_logged_once_a_minute_and_counted(
 # -- Medium 9: forced refreshes of a failing credential ---------------------------------------
 
 
+def _failed_once(d: DaemonProc, name: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        for row in d.get("/v1/credentials").json()["credentials"]:
+            if row["name"] == name and row["last_error"]:
+                return True
+    return False
+
+
 def test_forced_refresh_flood_on_a_failing_credential_obeys_backoff(
     world: Path, fake: FakeIms, daemon_proc: object
 ) -> None:
     write_cred(world / "creds", "bad", fake, secret="p8e-wrong-00000000000000000")
     d = daemon_proc("min_refresh_interval = 5.0\nbackoff_cap = 30.0\n")  # type: ignore[operator]
     deadline = time.monotonic() + 20
-    while fake.state.request_count() == 0:  # its first attempt (invalid_client)
+    while not _failed_once(d, "bad"):  # its first attempt ended (invalid_client)
         assert time.monotonic() < deadline, d.log()
         assert d.proc.poll() is None, d.log()
         time.sleep(0.05)
-    time.sleep(0.2)
     before = fake.state.request_count()
     statuses = [d.get("/v1/credentials/bad/refresh", method="POST") for _ in range(200)]
     assert fake.state.request_count() - before <= 1
