@@ -218,6 +218,7 @@ MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
     ("status-config", ["status"], "socket_mode = 4096\n", {}, "socket_mode"),
     ("exec-config", ["exec", "x", "--", "true"], 'log_format = "text"\n', {}, "log_format"),
     ("import-config", ["import", "dl.json"], 'log_level = "loud"\n', {}, "log_level"),
+    ("import-option", ["import", "dl.json", "--option", "sandbox"], "", {}, "--option"),
     ("demo-config", ["demo"], 'log_format = "text"\n', {}, "log_format"),
 ]
 

@@ -4,6 +4,7 @@ by ``imsd import``. The fixtures (tests/fixtures/console) carry fake values."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,90 @@ def test_import_errors_are_clear(tmp_path: Path, content: bytes, needle: str) ->
     assert out.returncode == 1
     assert needle in out.stderr
     assert not (tmp_path / "creds").exists() or not any((tmp_path / "creds").iterdir())
+
+
+def _import_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "IMSD_CONFIG": "",
+        "IMSD_OUTPUT_DIR": str(tmp_path / "out"),
+        "IMSD_STATE_DIR": str(tmp_path / "state"),
+        "IMSD_SOCKET": str(tmp_path / "imsd.sock"),
+        "IMSD_METRICS_ADDRESS": "127.0.0.1:0",
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--product", "aem"], "unknown product (aem, --product): choose among "),
+        (["--product", "analytics"], "option 'company_id' is required (analytics, --option)"),
+        (
+            ["--product", "analytics", "--option", "analytics.company=acme"],
+            "unknown option 'company' (allowed: company_id) (analytics, --option)",
+        ),
+        (["--option", "aep.sandbox=prod"], "add --product aep"),
+        (["--product", "aep", "--option", "sandbox=prod"], "not PRODUCT.KEY=VALUE"),
+    ],
+)
+def test_import_validates_products_and_options_before_writing(
+    tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    """What ``imsd check`` would reject, import refuses before writing anything: one line,
+    exit 2 (a command-line mistake), no plugin debug lines, no directory created."""
+    creds = tmp_path / "creds"
+    out = subprocess.run(
+        [sys.executable, "-m", "imsd", "import", str(FIXTURES / "oauth-s2s.json"), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_import_env(tmp_path), "IMSD_CREDENTIALS_DIR": str(creds)},
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("imsd: ")
+    assert needle in lines[0]
+    assert not creds.exists()
+
+
+def test_import_sets_product_options_and_creates_the_directory_0750(tmp_path: Path) -> None:
+    creds = tmp_path / "etc" / "credentials"
+    env = {**_import_env(tmp_path), "IMSD_CREDENTIALS_DIR": str(creds)}
+    args = [sys.executable, "-m", "imsd", "import", str(FIXTURES / "oauth-s2s.json")]
+    options = ["--product", "analytics", "--option", "analytics.company_id=acme"]
+    out = subprocess.run(
+        [*args, *options, "--product", "aep", "--option", "aep.sandbox=dev"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # no "[debug] plugin.loaded" lines
+    assert out.stdout.splitlines()[0] == f"created {creds} (0750)"
+    assert creds.stat().st_mode & 0o777 == 0o750
+    toml = (creds / "oauth-s2s.toml").read_text()
+    assert 'products = ["analytics", "aep"]' in toml
+    assert '[product.analytics]\ncompany_id = "acme"\n' in toml
+    assert '[product.aep]\nsandbox = "dev"\n' in toml
+    # What import accepted, check accepts.
+    check = subprocess.run(
+        [sys.executable, "-m", "imsd", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "(1 credential)" in check.stdout
+    # An existing directory is neither announced nor changed.
+    again = subprocess.run(
+        [*args, "--name", "other"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout

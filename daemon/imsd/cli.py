@@ -104,7 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("file", type=Path, help="the downloaded JSON file")
     p.add_argument("--name", help="credential name (default: the file name's stem)")
-    p.add_argument("--product", help="product whose headers to write (default: generic)")
+    p.add_argument(
+        "--product",
+        action="append",
+        metavar="PRODUCT",
+        help="product whose headers to write (repeatable; default: generic); see imsd plugins",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="PRODUCT.KEY=VALUE",
+        help="a product option (repeatable), e.g. --option analytics.company_id=acme",
+    )
     p.add_argument(
         "--secret-index",
         type=int,
@@ -389,10 +401,22 @@ def _exec(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _import(args: argparse.Namespace, settings: Settings) -> int:
-    from imsd.importer import ImportFailed, check_plan, plan_import, write_import
+    """Validate everything (the download, the products and their options, against the loaded
+    plugins) before writing anything."""
+    from imsd.importer import (
+        DIRECTORY_MODE,
+        ImportFailed,
+        check_plan,
+        parse_options,
+        plan_import,
+        write_import,
+    )
 
     directory: Path = args.dir or settings.credentials_dir
+    logs.configure(settings.log_level, settings.log_format)
+    registry = load_registry(plugin_dirs=settings.plugin_dirs)
     try:
+        options = parse_options(args.option)
         data = args.file.read_bytes()
         files = plan_import(
             data,
@@ -401,13 +425,16 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             product=args.product,
             secret_index=args.secret_index,
             private_key_file=str(Path(args.private_key).resolve()) if args.private_key else None,
+            options=options,
         )
-        check_plan(directory, files)
-        write_import(directory, files, force=args.force)
+        check_plan(directory, files, products=registry.products, auth_methods=registry.auth_methods)
+        created = write_import(directory, files, force=args.force)
     except OSError as e:
         return _fail(f"{e.filename or args.file}: {e.strerror or e}", 1)
     except ImportFailed as e:
-        return _fail(str(e), 1)
+        return _fail(str(e), 2 if e.usage else 1)
+    if created:
+        print(f"created {directory} ({DIRECTORY_MODE:04o})")
     for f in files:
         print(f"wrote {directory / f.name} ({f.mode:04o})")
     if args.file.resolve().parent == directory.resolve():

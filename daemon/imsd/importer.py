@@ -11,24 +11,63 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from imsd import console
-from imsd.model import NAME_RE
+from imsd.model import NAME_RE, CredentialError
 
-__all__ = ["ImportFailed", "PlannedFile", "check_plan", "plan_import", "write_import"]
+if TYPE_CHECKING:
+    from imsd.plugin import AuthMethod, Product
+
+__all__ = [
+    "DIRECTORY_MODE",
+    "ImportFailed",
+    "PlannedFile",
+    "check_plan",
+    "parse_options",
+    "plan_import",
+    "write_import",
+]
 
 SECRET_MODE: Final = 0o600
 CREDENTIAL_MODE: Final = 0o640
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+DIRECTORY_MODE: Final = 0o750  # a credentials directory import creates: not world-readable
 # Native field order in the written file (the rest keep their table order).
 _ORDER: Final = ("auth", "client_id", "client_secret_file", "org_id", "scopes", "ims_url")
 
 
 class ImportFailed(ValueError):
-    """The download cannot be imported; the message names the field, never a secret."""
+    """The download cannot be imported; the message names the field, never a secret.
+    *usage* marks a mistake in the command line (a product or option), exit status 2."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def parse_options(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``--option PRODUCT.KEY=VALUE`` arguments as ``{product: {key: value}}`` (values are
+    strings, as the plugins' options are)."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, eq, value = spec.partition("=")
+        product, dot, key = target.partition(".")
+        if not (eq and dot and product and key):
+            raise ImportFailed(
+                f"not PRODUCT.KEY=VALUE ({spec!r}, --option): e.g. --option aep.sandbox=prod",
+                usage=True,
+            )
+        if key in out.setdefault(product, {}):
+            raise ImportFailed(
+                f"option given twice ({product}.{key}, --option): give it once", usage=True
+            )
+        out[product][key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +89,18 @@ def _toml_value(value: Any) -> str:
     raise ImportFailed(f"cannot write a {type(value).__name__} value")
 
 
-def _render(table: Mapping[str, Any], header: str) -> bytes:
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _render(
+    table: Mapping[str, Any], header: str, options: Mapping[str, Mapping[str, str]] | None = None
+) -> bytes:
     keys = [k for k in _ORDER if k in table] + [k for k in table if k not in _ORDER]
     lines = [f"# {header}"] + [f"{k} = {_toml_value(table[k])}" for k in keys]
+    for product, values in (options or {}).items():
+        lines.append(f"[product.{_toml_key(product)}]")
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -61,11 +109,21 @@ def plan_import(
     *,
     source: str,
     name: str | None = None,
-    product: str | None = None,
+    product: str | Sequence[str] | None = None,
     secret_index: int = 0,
     private_key_file: str | None = None,
+    options: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[PlannedFile]:
-    """The files that import *download* (the bytes of a Console file named *source*)."""
+    """The files that import *download* (the bytes of a Console file named *source*):
+    *product* (one or several) and each product's *options* go into every credential."""
+    products = [product] if isinstance(product, str) else list(product or ())
+    for named in options or {}:
+        if named not in products:
+            raise ImportFailed(
+                f"option for a product not imported ({named}, --option): "
+                f"add --product {named} or drop the option",
+                usage=True,
+            )
     try:
         obj = json.loads(download)
     except (ValueError, RecursionError) as e:
@@ -100,18 +158,26 @@ def plan_import(
                     "config.zip). JWT reached end of life: prefer an OAuth Server-to-Server "
                     "credential"
                 )
-        if product:
-            table["products"] = [product]
+        if products:
+            table["products"] = products
         header = f"imported from {Path(source).name} by imsd import; the secret is in a 0600 file"
-        out.append(PlannedFile(f"{cred_name}.toml", _render(table, header), CREDENTIAL_MODE))
+        data = _render(table, header, options)
+        out.append(PlannedFile(f"{cred_name}.toml", data, CREDENTIAL_MODE))
     return out
 
 
-def check_plan(directory: Path, files: Sequence[PlannedFile]) -> None:
+def check_plan(
+    directory: Path,
+    files: Sequence[PlannedFile],
+    *,
+    products: Mapping[str, Product] | None = None,
+    auth_methods: Mapping[str, AuthMethod] | None = None,
+) -> None:
     """Parse each planned credential with the daemon's parser, its planned secrets supplied
-    in memory: what import writes, the daemon will load."""
+    in memory, and (given the plugins' *products*) check its products and their options as
+    the daemon will: what import writes, the daemon will load."""
     from imsd.credentials import parse_credentials, read_secret_file
-    from imsd.model import CredentialError
+    from imsd.registry import validate_products
 
     planned = {directory / f.name: f.data for f in files}
 
@@ -122,17 +188,49 @@ def check_plan(directory: Path, files: Sequence[PlannedFile]) -> None:
     for f in files:
         if f.name.endswith(".toml"):
             try:
-                parse_credentials(directory / f.name, f.data, env={}, read_secret=read)
+                creds = parse_credentials(
+                    directory / f.name,
+                    f.data,
+                    env={},
+                    read_secret=read,
+                    auth_methods=auth_methods,
+                )
             except CredentialError as e:
                 raise ImportFailed(str(e)) from None
+            for cred in creds:
+                if products is None:
+                    continue
+                try:
+                    validate_products(cred, products)
+                except CredentialError as e:
+                    problem = _product_problem(e, cred.products, products)
+                    raise ImportFailed(problem, usage=True) from None
 
 
-def write_import(directory: Path, files: Sequence[PlannedFile], *, force: bool = False) -> None:
+def _product_problem(
+    e: CredentialError, named: Sequence[str], products: Mapping[str, Product]
+) -> str:
+    """A product error of a planned credential as the command line's mistake."""
+    field = e.field or "products"
+    if field == "products":
+        unknown = ", ".join(n for n in named if n not in products)
+        known = ", ".join(sorted(products)) or "none loaded"
+        return f"unknown product ({unknown}, --product): choose among {known} (imsd plugins)"
+    product = field.removeprefix("product.")
+    return (
+        f"{e.reason} ({product}, --option): "
+        f"set it with --option {product}.KEY=VALUE (the README lists each product's options)"
+    )
+
+
+def write_import(directory: Path, files: Sequence[PlannedFile], *, force: bool = False) -> bool:
     """Write *files* into *directory*: secrets first (a credential never names a missing
-    secret), each atomically; an existing file is an error unless *force*."""
+    secret), each atomically; an existing file is an error unless *force*. A missing
+    *directory* is created :data:`DIRECTORY_MODE`; returns whether it was."""
     from imsd.sinks import atomic_write
 
-    directory.mkdir(parents=True, exist_ok=True)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
     if not force:
         taken = [f.name for f in files if (directory / f.name).exists()]
         if taken:
@@ -146,3 +244,4 @@ def write_import(directory: Path, files: Sequence[PlannedFile], *, force: bool =
             atomic_write(fd, f.name, f.data, mode=f.mode, where=str(directory))
     finally:
         os.close(fd)
+    return created
