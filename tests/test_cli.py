@@ -102,6 +102,24 @@ def test_once_writes_and_reports(tmp_path: Path, fake: FakeIms) -> None:
     assert "invalid_client" in r.stderr
 
 
+def test_once_help_shows_defaults_and_allow_empty() -> None:
+    r = imsd("once", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "(default 60.0)" in " ".join(r.stdout.split())
+    assert "--allow-empty" in r.stdout
+
+
+def test_once_on_an_empty_directory_exits_1_unless_allowed(tmp_path: Path) -> None:
+    args = ["once", "--credentials-dir", str(tmp_path / "creds")]
+    args += ["--output-dir", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    (tmp_path / "creds").mkdir()
+    r = imsd(*args, "--log-format", "json", env={"IMSD_CONFIG": ""})
+    assert r.returncode == 1, r.stderr
+    assert "once.empty" in r.stderr
+    r = imsd(*args, "--allow-empty", env={"IMSD_CONFIG": ""})
+    assert r.returncode == 0, r.stderr
+
+
 def test_config_error_names_source(tmp_path: Path) -> None:
     config = tmp_path / "imsd.toml"
     config.write_text("refresh_fraction = 2\nbogus = 1\n")

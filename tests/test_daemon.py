@@ -183,6 +183,19 @@ async def test_once_exit_codes(tmp_path: Path, fake: FakeIms) -> None:
     assert await run_once(s, load_registry(), give_up_after=10) == 1
 
 
+async def test_once_fails_on_an_empty_directory_unless_allowed(
+    tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """README "Running it": 1 when any failed or none found. An init container whose
+    credentials mount is wrong must not succeed with nothing written."""
+    s = make_settings(tmp_path)
+    (s.credentials_dir / "notes.txt").write_text("not a credential\n")
+    assert await run_once(s, load_registry(), give_up_after=10) == 1
+    assert '"event": "once.empty"' in log_stream.getvalue()
+    assert '"level": "error"' in log_stream.getvalue()
+    assert await run_once(s, load_registry(), give_up_after=10, allow_empty=True) == 0
+
+
 async def test_no_secret_in_logs(
     tmp_path: Path, fake: FakeIms, daemon: Any, log_stream: io.StringIO
 ) -> None:

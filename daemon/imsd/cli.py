@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=60.0,
-        help="give up retrying transient failures after this many seconds",
+        metavar="SECONDS",
+        help="give up retrying transient failures after this many seconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 when the credentials directory holds no credential (default: exit 1)",
     )
     p = sub.add_parser("check", help="validate config and credential files (no network)")
     _common(p)
@@ -317,7 +323,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.command == "once":
         from imsd.daemon import run_once
 
-        return anyio.run(lambda: run_once(settings, registry, give_up_after=args.timeout))
+        return anyio.run(
+            lambda: run_once(
+                settings, registry, give_up_after=args.timeout, allow_empty=args.allow_empty
+            )
+        )
     if args.command == "run":
         from imsd.daemon import Daemon
 

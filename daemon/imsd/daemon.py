@@ -454,13 +454,28 @@ def check(settings: Settings, registry: Registry) -> list[str]:
     return problems
 
 
-async def run_once(settings: Settings, registry: Registry, *, give_up_after: float = 60.0) -> int:
+async def run_once(
+    settings: Settings,
+    registry: Registry,
+    *,
+    give_up_after: float = 60.0,
+    allow_empty: bool = False,
+) -> int:
     """``imsd once``: fetch and write every credential, retrying transient failures until
-    *give_up_after* seconds. Returns the exit code: 0 when every credential was written, else 1."""
+    *give_up_after* seconds. Returns the exit code: 0 when every credential was written, else
+    1 — also when there was none to write unless *allow_empty* (an init container whose
+    credentials mount is wrong must fail, not start its app without tokens)."""
     events = _initial_events(settings, registry)
     invalid = [e for e in events if isinstance(e, Failed)]
     for event in invalid:
         log.error("credential.invalid", path=str(event.path), error=str(event.error))
+    if not events:
+        (log.info if allow_empty else log.error)(
+            "once.empty",
+            credentials_dir=str(settings.credentials_dir),
+            hint="no credential files found; wrong directory? (--allow-empty accepts this)",
+        )
+        return 0 if allow_empty else 1
     sink = _sink(settings)
     async with _client(settings) as client, anyio.create_task_group() as tg:
         sup = Supervisor(
