@@ -41,3 +41,18 @@ async def test_a_scrape_flood_renders_once_and_sees_removals() -> None:
     body, _ = await metrics.scrape(None)
     assert b'credential="cred-7"' not in body
     assert metrics.renderings == 3
+
+
+def test_refresh_counts_start_at_zero_and_go_with_their_credential() -> None:
+    store = TokenStore()
+    metrics = Metrics(store)
+    metrics.added("alpha")
+    metrics.refreshed("alpha", "throttled", 0.2)
+    metrics.refreshed("alpha", "throttled", 0.3)
+    text = metrics.render(None)[0].decode()
+    for result, value in (("success", 0), ("permanent", 0), ("transient", 0), ("throttled", 2)):
+        line = f'imsd_token_refresh_total{{credential="alpha",result="{result}"}} {value}.0'
+        assert line in text
+    assert "imsd_token_refresh_duration_seconds_count 2.0" in text
+    metrics.forget("alpha")
+    assert 'credential="alpha"' not in metrics.render(None)[0].decode()

@@ -9,7 +9,6 @@ error string.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -17,7 +16,7 @@ from typing import Final
 import anyio
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -29,6 +28,7 @@ __all__ = ["RESULTS", "Metrics"]
 
 #: ``result`` label values of ``imsd_token_refresh_total``.
 RESULTS = ("success", "permanent", "transient", "throttled")
+_RESULT_INDEX: Final = {result: i for i, result in enumerate(RESULTS)}
 
 # IMS answers in tens to hundreds of milliseconds; a hung request ends at the 30 s timeout.
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,6 +40,7 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # 
 SCRAPE_CACHE: Final = 1.0
 
 _Row = tuple[str, float | None, float | None, int | None]
+_Frozen = tuple[list[_Row], dict[CredentialState, int], list[tuple[str, tuple[int, ...]]]]
 
 
 class _StoreCollector(Collector):
@@ -49,7 +50,10 @@ class _StoreCollector(Collector):
     def __init__(self, store: TokenStore, clock: Callable[[], float]) -> None:
         self._store = store
         self._clock = clock
-        self._frozen: tuple[list[_Row], dict[CredentialState, int]] | None = None
+        self._frozen: _Frozen | None = None
+        # imsd_token_refresh_total per credential, one int per result: a Counter child per
+        # (credential, result) cost 2.5 KB a credential, created up front so rates start at 0.
+        self.refresh_counts: dict[str, list[int]] = {}
 
     def freeze(self) -> None:
         rows: list[_Row] = [
@@ -61,7 +65,8 @@ class _StoreCollector(Collector):
             )
             for e in self._store
         ]
-        self._frozen = (rows, self._store.counts(self._clock()))
+        refreshes = [(name, tuple(counts)) for name, counts in self.refresh_counts.items()]
+        self._frozen = (rows, self._store.counts(self._clock()), refreshes)
 
     def thaw(self) -> None:
         self._frozen = None
@@ -83,13 +88,21 @@ class _StoreCollector(Collector):
             labels=["credential"],
         )
         states = GaugeMetricFamily("imsd_credentials", "Credentials by state.", labels=["state"])
+        refresh = CounterMetricFamily(
+            "imsd_token_refresh",
+            "Token refresh attempts by result.",
+            labels=["credential", "result"],
+        )
         if self._frozen is None:  # called on the loop itself (render)
             self.freeze()
             assert self._frozen is not None
-            rows, counts = self._frozen
+            rows, counts, refreshes = self._frozen
             self.thaw()
         else:
-            rows, counts = self._frozen
+            rows, counts, refreshes = self._frozen
+        for name, results in refreshes:
+            for result, value in zip(RESULTS, results, strict=True):
+                refresh.add_metric([name, result], value)
         for name, expires_at, last_refresh, failing in rows:
             if expires_at is not None:
                 expiry.add_metric([name], expires_at)
@@ -99,7 +112,7 @@ class _StoreCollector(Collector):
                 failures.add_metric([name], failing)
         for state, count in counts.items():
             states.add_metric([state.value], count)
-        yield from (expiry, success, failures, states)
+        yield from (refresh, expiry, success, failures, states)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # dynamic: nothing to check for duplicates at registration
@@ -108,13 +121,6 @@ class _StoreCollector(Collector):
 class Metrics:
     def __init__(self, store: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
         self.registry = r = CollectorRegistry()
-        self.refreshes = Counter(
-            "token_refresh",
-            "Token refresh attempts by result.",
-            ["credential", "result"],
-            namespace="imsd",
-            registry=r,
-        )
         self.refresh_duration = Histogram(
             "token_refresh_duration_seconds",
             "Duration of token requests to IMS.",
@@ -154,18 +160,17 @@ class Metrics:
 
     def added(self, credential: str) -> None:
         self._scrapes.clear()  # a new credential's series show at the next scrape
-        for result in RESULTS:  # rates start at zero instead of appearing on first failure
-            self.refreshes.labels(credential, result)
+        # Every result from zero, so that rates exist before the first failure.
+        self._collector.refresh_counts.setdefault(credential, [0] * len(RESULTS))
 
     def refreshed(self, credential: str, result: str, duration: float) -> None:
-        self.refreshes.labels(credential, result).inc()
+        counts = self._collector.refresh_counts.setdefault(credential, [0] * len(RESULTS))
+        counts[_RESULT_INDEX[result]] += 1
         self.refresh_duration.observe(duration)
 
     def forget(self, credential: str) -> None:
         self._scrapes.clear()  # a removed credential's series never outlive it
-        for result in RESULTS:
-            with contextlib.suppress(KeyError):
-                self.refreshes.remove(credential, result)
+        self._collector.refresh_counts.pop(credential, None)
 
     def connection_event(self, listener: str, event: str) -> None:
         self.connections.labels(listener, event).inc()
