@@ -161,6 +161,13 @@ def test_demo_prints_a_working_curl_line() -> None:
         )
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads(r.stdout)["ok"] is True
+        # The status line runs as printed: this imsd, not whatever "imsd" PATH holds (none
+        # after make demo). Here it was started as python -m imsd.
+        status = next(line for line in seen if "socket:" in line).split("socket:", 1)[1]
+        assert status.split()[:3] == [sys.executable, "-m", "imsd"], status
+        r = subprocess.run(status.split(), capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"^demo\s+valid", r.stdout, re.MULTILINE), r.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -237,6 +244,7 @@ MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
     ("exec-config", ["exec", "x", "--", "true"], 'log_format = "text"\n', {}, "log_format"),
     ("import-config", ["import", "dl.json"], 'log_level = "loud"\n', {}, "log_level"),
     ("import-option", ["import", "dl.json", "--option", "sandbox"], "", {}, "--option"),
+    ("exec-no-dashes", ["exec", "x", "ls", "-l"], "", {}, "(imsd exec): put the command after --"),
     ("demo-config", ["demo"], 'log_format = "text"\n', {}, "log_format"),
 ]
 
@@ -336,3 +344,47 @@ def test_check_warns_of_an_empty_directory_and_a_busy_socket(tmp_path: Path) -> 
         assert "imsd: warning: another process is listening" in r.stderr
         strict = imsd("check", "--strict", "--credentials-dir", str(creds), env=env | secret)
         assert strict.returncode == 1, strict.stderr
+
+
+def test_demo_names_the_imsd_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After make demo, imsd is .venv/bin/imsd, not on PATH: the demo prints that path."""
+    from imsd.cli import _self_command
+
+    script = tmp_path / "venv" / "bin" / "imsd"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [str(script.relative_to(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    assert _self_command() == str(script)
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert _self_command() == "imsd"  # what PATH finds is this very imsd
+
+
+def test_readme_python_snippets_import_what_they_use() -> None:
+    """README "Using the tokens": every name the client snippet uses is imported (or a
+    builtin), and every module it imports is installed with imsd (no requests)."""
+    import ast
+    import builtins
+    import importlib
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    python = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    blocks = [b for b in python if "imsd.client" in b]
+    assert blocks
+    for block in blocks:
+        tree = ast.parse(block)
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for alias in node.names:
+                    imported.add(alias.asname or alias.name.split(".")[0])
+                    module = node.module if isinstance(node, ast.ImportFrom) else alias.name
+                    importlib.import_module(module or alias.name)
+        assigned = {
+            n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+        }
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        missing = used - imported - assigned - set(dir(builtins))
+        assert not missing, f"{sorted(missing)} not imported in:\n{block}"

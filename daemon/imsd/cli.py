@@ -287,7 +287,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["exec"] and "--" in argv:  # options may follow NAME; CMD is all after --
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] == ["exec"] and command is None:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # CMD's own options without -- before it: exec's usage, not imsd's
+            return _fail(
+                f"unrecognized arguments: {printable(' '.join(extra))} (imsd exec): "
+                "put the command after --: imsd exec NAME [OPTIONS] -- CMD [ARGS...]"
+            )
+    else:
+        args = parser.parse_args(argv)
     if command is not None:
         args.argv = command
     try:
@@ -511,6 +520,21 @@ DEMO_SCOPES = (
 )
 
 
+def _self_command() -> str:
+    """How to run this very imsd again: ``imsd`` only when that is what PATH finds (after
+    ``make demo`` it is usually not: ``.venv/bin/imsd``), else its path or ``python -m``."""
+    import shlex
+
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "imsd"
+    if Path(argv0).name == "__main__.py":  # python -m imsd
+        return f"{shlex.quote(sys.executable)} -m imsd"
+    me = Path(argv0).resolve() if os.sep in argv0 else None
+    found = shutil.which("imsd")
+    if found and (me is None or Path(found).resolve() == me):
+        return "imsd"
+    return shlex.quote(str(me or argv0))
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -569,7 +593,7 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
                 f"  credentials: {creds}  (edit, add or remove files: the daemon reacts)\n"
                 f"  token files: {token_dir}/  (token, token.json, generic.headers, "
                 "generic.env, aep.headers, aep.env)\n"
-                f"  socket:      imsd status --socket {settings.socket}\n"
+                f"  socket:      {_self_command()} status --socket {settings.socket}\n"
                 f"{metrics}"
                 f"  aep:  curl -sS -H @{token_dir}/aep.headers "
                 f"{fake.url}/gateway/aep/data/foundation/catalog/datasets\n"
