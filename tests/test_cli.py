@@ -388,3 +388,16 @@ def test_readme_python_snippets_import_what_they_use() -> None:
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         missing = used - imported - assigned - set(dir(builtins))
         assert not missing, f"{sorted(missing)} not imported in:\n{block}"
+
+
+def test_status_shows_pending_for_a_credential_that_never_had_a_token() -> None:
+    """The daemon's state is ``expired`` (no usable token: what alerts and clients go by);
+    imsd status words it ``pending`` when there never was a token, the error beside it."""
+    from imsd.cli import _shown_state
+
+    never = {"state": "expired", "expires_at": None, "last_error": "invalid_client"}
+    assert _shown_state(never) == "pending"
+    lapsed = {"state": "expired", "expires_at": "2026-01-01T00:00:00Z", "last_error": "x"}
+    assert _shown_state(lapsed) == "expired"
+    assert _shown_state({"state": "valid", "expires_at": "2026-01-01T00:00:00Z"}) == "valid"
+    assert _shown_state({"state": "invalid", "expires_at": None}) == "invalid"

@@ -355,6 +355,15 @@ def printable(value: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _shown_state(row: dict[str, Any]) -> str:
+    """The STATE column: a credential that never had a token is ``pending`` (its LAST ERROR
+    says why), not ``expired``. The API and metrics keep ``expired`` for it (no usable
+    token: alerts and clients must treat it so); only the table words it for a person."""
+    if row.get("state") == "expired" and not row.get("expires_at"):
+        return "pending"
+    return str(row.get("state"))
+
+
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     from imsd.client import ImsdUnavailable, request
 
@@ -364,7 +373,7 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'NAME':<24} {'STATE':<8} {'EXPIRES':<21} LAST ERROR")
             for row in rows:
                 print(
-                    f"{printable(row['name']):<24} {printable(row['state']):<8} "
+                    f"{printable(row['name']):<24} {printable(_shown_state(row)):<8} "
                     f"{printable(row['expires_at'] or '-'):<21} "
                     f"{printable(row['last_error'] or '')}"
                 )
