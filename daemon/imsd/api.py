@@ -21,7 +21,14 @@ from imsd.httpserver import Request, Response
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
-from imsd.render import RenderError, document, product_env, product_headers, rfc3339
+from imsd.render import (
+    RenderError,
+    document,
+    instances,
+    product_env,
+    product_headers,
+    rfc3339,
+)
 from imsd.store import Entry, TokenStore
 from imsd.supervisor import Supervisor
 
@@ -191,7 +198,9 @@ class Api:
                 {
                     "name": e.name,
                     "state": e.state(now).value,
-                    "products": list(e.credential.products) if e.credential else [],
+                    "products": [n for n, _ in e.credential.product_instances]
+                    if e.credential
+                    else [],
                     "expires_at": rfc3339(e.grant.expires_at) if e.grant else None,
                     "last_refresh": rfc3339(e.last_refresh) if e.last_refresh else None,
                     "last_error": e.error(),
@@ -235,16 +244,18 @@ class Api:
         cred, grant = entry.credential, entry.grant
         assert cred is not None
         assert grant is not None
-        product = product or cred.products[0]
-        if product not in cred.products:
+        known = dict(instances(cred, self.products))
+        product = product or next(iter(known))
+        plugin = known.get(product)
+        if plugin is None:  # not an instance, or (never after validation) one of no plugin
             return _error(
                 404,
                 "unknown_product",
-                f"{entry.name} has no product {product!r} (it has: {', '.join(cred.products)})",
+                f"{entry.name} has no product {product!r} (it has: {', '.join(known)})",
             )
         try:
-            headers = product_headers(cred, grant, self.products[product])
-            env = product_env(cred, grant, self.products[product])
+            headers = product_headers(cred, grant, plugin, product)
+            env = product_env(cred, grant, plugin, product)
         except RenderError as e:
             return _error(500, "render_failed", str(e))
         return Response.json({"product": product, "headers": headers, "env": env})

@@ -372,6 +372,35 @@ def builtin_auth_methods() -> Mapping[str, AuthMethod]:
     return dict(load_registry().auth_methods)
 
 
+#: The names of a credential's own files: an instance so named would read as one of them.
+_RESERVED: Final = frozenset({"token", "token.json"})
+
+
+def _instances(path: Path, m: _Native) -> tuple[tuple[str, str], ...]:
+    """(name, product) per ``products`` entry: an entry is the product of its name unless its
+    table gives ``type``; then it is an instance of that product, named by the entry (whether
+    that product exists is checked against the plugins by validate_products)."""
+    out: list[tuple[str, str]] = []
+    for name in m.products:
+        table = m.product.get(name, {})
+        if "type" not in table:
+            out.append((name, name))
+            continue
+        where = f"product.{name}"
+        product = table["type"]
+        if not isinstance(product, str) or not product:
+            raise CredentialError(path, "type: must be a product name", field=where)
+        if not NAME_RE.fullmatch(name) or name in _RESERVED:
+            raise CredentialError(
+                path,
+                "an instance name must be 1-64 of A-Z a-z 0-9 . _ -, not only dots, and not "
+                + " or ".join(sorted(_RESERVED)),
+                field=where,
+            )
+        out.append((name, product))
+    return tuple(out)
+
+
 def _build(
     path: Path,
     name: str,
@@ -396,6 +425,7 @@ def _build(
             raise CredentialError(
                 path, f"options for a product not in products: {product!r}", field="product"
             )
+    instances = _instances(path, m)
     for header, value in m.extra_headers.items():
         if not header or any(c in header for c in ":\r\n\0 ") or any(c in value for c in "\r\n\0"):
             raise CredentialError(
@@ -423,14 +453,17 @@ def _build(
         org_id=m.org_id,
         scopes=tuple(m.scopes),
         ims_url=ims_url,
-        products=tuple(m.products),
+        products=tuple(dict.fromkeys(product for _, product in instances)),
         outputs=tuple(m.outputs),
-        product_options={k: dict(v) for k, v in m.product.items()},
+        product_options={
+            k: {o: v for o, v in table.items() if o != "type"} for k, table in m.product.items()
+        },
         options=options,
         extra_headers=dict(m.extra_headers),
         on_refresh=action,
         digest=h.hexdigest(),
         sources=tuple(resolver.files),
+        instances=instances if any(i != p for i, p in instances) else (),
     )
 
 

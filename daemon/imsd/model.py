@@ -161,7 +161,7 @@ class Credential:
     """One validated credential, ready to be exchanged for tokens.
 
     ``options`` holds auth-method-specific fields (e.g. ``technical_account_id`` for JWT);
-    ``product_options`` the per-product tables (``[product.aep] sandbox = "dev"``).
+    ``product_options`` the per-instance tables (``[product.aep] sandbox = "dev"``).
     ``digest`` is the content hash of everything that defines the credential, secret
     included; the catalog compares digests to detect a change.
     """
@@ -176,6 +176,7 @@ class Credential:
     ims_url: str = DEFAULT_IMS_URL
     products: tuple[str, ...] = ("generic",)
     outputs: tuple[str, ...] = OUTPUT_KINDS
+    #: keyed by instance name (which is the product's name for a plain ``[product.aep]``)
     product_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     extra_headers: Mapping[str, str] = field(default_factory=dict)
@@ -184,6 +185,16 @@ class Credential:
     #: the files its secrets were read from, each with the SHA-256 of the value read: a re-scan
     #: re-parses the credential when one changes
     sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False, repr=False)
+    #: (instance name, product) in the order of the file's ``products``; empty: one instance
+    #: per product, named after it. ``products`` holds each product once, so code that wants
+    #: plugins (notices) needs no idea of instances.
+    instances: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def product_instances(self) -> tuple[tuple[str, str], ...]:
+        """(instance name, product) for every set of headers/env files: what outputs,
+        ``token.json``'s ``headers`` and ``?product=`` are keyed by."""
+        return self.instances or tuple((p, p) for p in self.products)
 
     @property
     def identity(self) -> str:

@@ -208,19 +208,33 @@ def _load_file(path: Path) -> ModuleType:
 
 
 def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
-    """Check the credential's products exist and their options are valid; return the
-    credential with normalized options as :class:`~imsd.model.ValidatedOptions`, which
-    rendering then uses without validating again (options already validated are kept as they
-    are). Errors name the file and the option."""
+    """Check the credential's products and instances exist and their options are valid;
+    return the credential with normalized options as :class:`~imsd.model.ValidatedOptions`
+    (keyed by instance), which rendering then uses without validating again (options already
+    validated are kept as they are). Errors name the file and the instance or option."""
     given = cred.product_options
     done = given if isinstance(given, ValidatedOptions) else {}
     options = ValidatedOptions()
-    for name in cred.products:
-        product = products.get(name)
-        if product is None:
-            known = ", ".join(sorted(products)) or "none loaded"
+    known = ", ".join(sorted(products)) or "none loaded"
+    for name, kind in cred.product_instances:
+        where = f"product.{name}"
+        product = products.get(kind)
+        if product is None and name == kind:
             raise CredentialError(
-                cred.path, f"unknown product {name!r} (known: {known})", field="products"
+                cred.path,
+                f"unknown product {name!r} (known: {known}; an instance of a product needs"
+                f' [product.{name}] type = "PRODUCT")',
+                field="products",
+            )
+        if product is None:
+            raise CredentialError(
+                cred.path, f"type: unknown product {kind!r} (known: {known})", field=where
+            )
+        if name != kind and name in products:
+            raise CredentialError(
+                cred.path,
+                f"type: {name!r} is a product itself; give the instance a name of its own",
+                field=where,
             )
         if name in done:
             options[name] = done[name]
@@ -228,5 +242,5 @@ def validate_products(cred: Credential, products: Mapping[str, Product]) -> Cred
         try:
             options[name] = validated_options(product, given.get(name, {}))
         except (ValueError, TypeError) as e:
-            raise CredentialError(cred.path, str(e), field=f"product.{name}") from None
+            raise CredentialError(cred.path, str(e), field=where) from None
     return replace(cred, product_options=options)

@@ -23,6 +23,7 @@ __all__ = [
     "RenderError",
     "Unrendered",
     "document",
+    "instances",
     "product_env",
     "product_headers",
     "render_outputs",
@@ -70,8 +71,19 @@ def _single_line(value: object) -> bool:
     return isinstance(value, str) and value.replace("\t", " ").isprintable()
 
 
-def _where(cred: Credential, product: Product) -> str:
-    return f"{cred.name}: product {product.name!r}"
+def _where(cred: Credential, product: Product, instance: str) -> str:
+    if instance == product.name:
+        return f"{cred.name}: product {instance!r}"
+    return f"{cred.name}: product {instance!r} ({product.name})"
+
+
+def instances(
+    cred: Credential, products: Mapping[str, Product]
+) -> list[tuple[str, Product | None]]:
+    """The one resolution step: each instance of *cred* (what its files, ``token.json``'s
+    ``headers`` and ``?product=`` are keyed by) with its product plugin, None if not loaded.
+    Its options are ``cred.product_options[instance]``."""
+    return [(name, products.get(kind)) for name, kind in cred.product_instances]
 
 
 def _label(name: str, view: TokenView) -> str:
@@ -90,17 +102,21 @@ def validated_options(product: Product, options: Mapping[str, Any]) -> Mapping[s
         raise ValueError(f"validate_options failed ({type(e).__name__})") from None
 
 
-def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
-    """What *product* sees. Its options are the ones :func:`imsd.registry.validate_products`
-    left on *cred*, else validated now (defaults filled in)."""
+def token_view(
+    cred: Credential, grant: Grant, product: Product, instance: str | None = None
+) -> TokenView:
+    """What *product* sees for *instance* (default: the product's own name). Its options are
+    the ones :func:`imsd.registry.validate_products` left on *cred*, else validated now
+    (defaults filled in)."""
+    instance = instance or product.name
     options = cred.product_options
-    if isinstance(options, ValidatedOptions) and product.name in options:
-        checked = options[product.name]
+    if isinstance(options, ValidatedOptions) and instance in options:
+        checked = options[instance]
     else:
         try:
-            checked = validated_options(product, options.get(product.name, {}))
+            checked = validated_options(product, options.get(instance, {}))
         except (ValueError, TypeError) as e:  # option messages never hold the token
-            raise RenderError(f"{_where(cred, product)}: {e}") from None
+            raise RenderError(f"{_where(cred, product, instance)}: {e}") from None
     return TokenView(
         credential=cred.name,
         access_token=grant.access_token.reveal(),
@@ -112,15 +128,13 @@ def token_view(cred: Credential, grant: Grant, product: Product) -> TokenView:
     )
 
 
-def _call(cred: Credential, product: Product, what: str, view: TokenView) -> dict[Any, Any]:
+def _call(where: str, product: Product, what: str, view: TokenView) -> dict[Any, Any]:
     try:
         result = product.headers(view) if what == "headers" else product.env(view)
     except Exception as e:  # the message may quote the token: only its type is shown
-        raise RenderError(
-            f"{_where(cred, product)}: failed to render {what} ({type(e).__name__})"
-        ) from None
+        raise RenderError(f"{where}: failed to render {what} ({type(e).__name__})") from None
     if not isinstance(result, Mapping):
-        raise RenderError(f"{_where(cred, product)}: {what} is not a mapping")
+        raise RenderError(f"{where}: {what} is not a mapping")
     return dict(result)
 
 
@@ -144,12 +158,16 @@ def _checked_headers(where: str, headers: Mapping[Any, Any], view: TokenView) ->
     return out
 
 
-def product_headers(cred: Credential, grant: Grant, product: Product) -> dict[str, str]:
-    """*product*'s headers with ``cred.extra_headers`` merged last (names compared without
-    case), validated: RFC 7230 names, no hop-by-hop names, no duplicates, single-line values."""
-    view = token_view(cred, grant, product)
-    where = _where(cred, product)
-    merged = _checked_headers(where, _call(cred, product, "headers", view), view)
+def product_headers(
+    cred: Credential, grant: Grant, product: Product, instance: str | None = None
+) -> dict[str, str]:
+    """*product*'s headers for *instance* (default: the product's own name) with
+    ``cred.extra_headers`` merged last (names compared without case), validated: RFC 7230
+    names, no hop-by-hop names, no duplicates, single-line values."""
+    instance = instance or product.name
+    view = token_view(cred, grant, product, instance)
+    where = _where(cred, product, instance)
+    merged = _checked_headers(where, _call(where, product, "headers", view), view)
     extra = _checked_headers(f"{cred.name}: extra_headers", cred.extra_headers, view)
     for name, value in extra.items():
         for same in [k for k in merged if k.lower() == name.lower()]:
@@ -158,11 +176,15 @@ def product_headers(cred: Credential, grant: Grant, product: Product) -> dict[st
     return merged
 
 
-def product_env(cred: Credential, grant: Grant, product: Product) -> dict[str, str]:
-    """*product*'s environment variables, validated so that systemd and docker read the same."""
-    view = token_view(cred, grant, product)
-    where = _where(cred, product)
-    env = _call(cred, product, "env", view)
+def product_env(
+    cred: Credential, grant: Grant, product: Product, instance: str | None = None
+) -> dict[str, str]:
+    """*product*'s environment variables for *instance* (default: the product's own name),
+    validated so that systemd and docker read the same."""
+    instance = instance or product.name
+    view = token_view(cred, grant, product, instance)
+    where = _where(cred, product, instance)
+    env = _call(where, product, "env", view)
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
             raise RenderError(f"{where}: invalid environment variable name")
@@ -174,11 +196,15 @@ def product_env(cred: Credential, grant: Grant, product: Product) -> dict[str, s
     return env
 
 
-def _products(cred: Credential, products: Mapping[str, Product]) -> list[Product]:
-    for name in cred.products:
-        if name not in products:
-            raise RenderError(f"{cred.name}: unknown product {name!r}")
-    return [products[p] for p in cred.products]
+def _resolved(cred: Credential, products: Mapping[str, Product]) -> list[tuple[str, Product]]:
+    out: list[tuple[str, Product]] = []
+    for name, product in instances(cred, products):
+        if product is None:
+            raise RenderError(
+                f"{cred.name}: unknown product {dict(cred.product_instances)[name]!r}"
+            )
+        out.append((name, product))
+    return out
 
 
 def _document(
@@ -198,7 +224,7 @@ def _document(
 
 def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) -> dict[str, Any]:
     """The ``token.json`` document (also what the socket API serves)."""
-    headers = {p.name: product_headers(cred, grant, p) for p in _products(cred, products)}
+    headers = {n: product_headers(cred, grant, p, n) for n, p in _resolved(cred, products)}
     return _document(cred, grant, headers)
 
 
@@ -217,29 +243,31 @@ def render_safe(
     cred: Credential, grant: Grant, products: Mapping[str, Product]
 ) -> tuple[dict[str, bytes], list[Unrendered]]:
     """File name → content for every output of ``cred.outputs`` that renders safely, and
-    what was left out. Each product's headers and env files stand alone: one that a product
+    what was left out. Each instance's headers and env files stand alone: one that a product
     (or a value it carries) makes unsafe does not hold back the others, nor ``token`` and
     ``token.json``, which carry any printable value verbatim or JSON-escaped
-    (``token.json`` then lacks only that product's headers)."""
+    (``token.json`` then lacks only that instance's headers)."""
     kinds = set(cred.outputs)
     left_out: list[Unrendered] = []
-    selected: list[Product] = []
-    for name in cred.products:
-        if name in products:
-            selected.append(products[name])
+    selected: list[tuple[str, Product]] = []
+    kind_of = dict(cred.product_instances)
+    for name, plugin in instances(cred, products):
+        if plugin is not None:
+            selected.append((name, plugin))
             continue
         files = [f"{name}.{kind}" for kind in ("headers", "env") if kind in kinds]
         files += [f"headers.{name} in token.json"] if "json" in kinds else []
         if files:
-            left_out.append(Unrendered(tuple(files), f"{cred.name}: unknown product {name!r}"))
+            why = f"{cred.name}: unknown product {kind_of[name]!r}"
+            left_out.append(Unrendered(tuple(files), why))
     headers: dict[str, dict[str, str]] = {}
     if kinds & {"json", "headers"}:
-        for p in selected:
+        for name, p in selected:
             try:
-                headers[p.name] = product_headers(cred, grant, p)
+                headers[name] = product_headers(cred, grant, p, name)
             except RenderError as e:
-                files = [f"{p.name}.headers"] if "headers" in kinds else []
-                files += [f"headers.{p.name} in token.json"] if "json" in kinds else []
+                files = [f"{name}.headers"] if "headers" in kinds else []
+                files += [f"headers.{name} in token.json"] if "json" in kinds else []
                 left_out.append(Unrendered(tuple(files), str(e)))
     out: dict[str, bytes] = {}
     if "token" in kinds:
@@ -247,17 +275,17 @@ def render_safe(
     if "json" in kinds:
         doc = _document(cred, grant, headers)
         out["token.json"] = (json.dumps(doc, indent=2) + "\n").encode()
-    for product in selected:
-        if "headers" in kinds and product.name in headers:
-            lines = "".join(f"{k}: {v}\n" for k, v in headers[product.name].items())
-            out[f"{product.name}.headers"] = lines.encode()
+    for name, product in selected:
+        if "headers" in kinds and name in headers:
+            lines = "".join(f"{k}: {v}\n" for k, v in headers[name].items())
+            out[f"{name}.headers"] = lines.encode()
         if "env" in kinds:
             try:
-                env = product_env(cred, grant, product)
+                env = product_env(cred, grant, product, name)
             except RenderError as e:
-                left_out.append(Unrendered((f"{product.name}.env",), str(e)))
+                left_out.append(Unrendered((f"{name}.env",), str(e)))
                 continue
-            out[f"{product.name}.env"] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
+            out[f"{name}.env"] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
     return out, left_out
 
 
