@@ -259,6 +259,8 @@ async def test_unknown_credential_is_a_clear_error(tmp_path: Path, imsd_exec: An
     assert await p.wait() == 1
     assert p.stderr.startswith("imsd: "), p.stderr
     assert str(tmp_path / "tokens" / "nope" / "token.json") in p.stderr
+    assert "pass its --output-dir" in p.stderr  # the path it tried, and what to do
+    assert len(p.stderr.splitlines()) == 1, p.stderr
     assert "Traceback" not in p.stderr
     assert not marker.exists()
 

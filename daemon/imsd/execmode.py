@@ -98,6 +98,12 @@ async def run_exec(
     try:
         env = exec_env(output_dir, name, product)
     except ImsdUnavailable as e:
+        if isinstance(e.__cause__, FileNotFoundError):  # the usual mistake: another dir
+            path = output_dir / name / "token.json"
+            raise ExecError(
+                f"token file does not exist ({path}): is imsd running with output_dir "
+                f"{output_dir}? pass its --output-dir; imsd status lists the credentials"
+            ) from None
         raise ExecError(str(e)) from None
     base = dict(os.environ if base_env is None else base_env)
     # Where a --signal child re-reads the token (its environment cannot change).
