@@ -123,7 +123,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     base = str(session.config._tmp_path_factory.getbasetemp())
     deadline = time.monotonic() + 5  # a process told to stop may take a moment
     while (left := _processes_mentioning(base)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # a synchronous hook polling /proc: other processes, no event to await
     none: set[Path] = set()
     before = session.config.stash.get(_DEMO_KEY, none)
     new_dirs = sorted(_demo_dirs() - before)

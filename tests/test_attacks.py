@@ -161,7 +161,7 @@ class DaemonProc:
                 if self.get("/readyz").status_code == 200:
                     return
             assert time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
+            time.sleep(0.05)  # the daemon is another process: polled, under a deadline
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -233,7 +233,7 @@ def test_descriptor_exhaustion_never_ends_the_daemon_nor_its_refreshes(
             data = token.read_bytes()
             assert fake.state.validate_token(data.decode()) is not None  # never expired
             seen.add(data)
-            time.sleep(0.1)
+            time.sleep(0.1)  # the reader's pace: a token file read every 100 ms during the attack
         # Served while still under attack: a new client sheds an idle attacker.
         assert d.get("/livez").status_code == 200
         r = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5)
@@ -296,7 +296,7 @@ def _wait_for_log(d: DaemonProc, needle: str, count: int = 1, limit: float = 10.
     deadline = time.monotonic() + limit
     while d.log().count(needle) < count:
         assert time.monotonic() < deadline, d.log()
-        time.sleep(0.05)
+        time.sleep(0.05)  # another process's log file: polled, under a deadline
 
 
 def test_sighup_applies_the_allow_list(
@@ -383,7 +383,7 @@ def test_forced_refresh_flood_on_a_failing_credential_obeys_backoff(
     while not _failed_once(d, "bad"):  # its first attempt ended (invalid_client)
         assert time.monotonic() < deadline, d.log()
         assert d.proc.poll() is None, d.log()
-        time.sleep(0.05)
+        time.sleep(0.05)  # the daemon's socket, polled under a deadline
     before = fake.state.request_count()
     statuses = [d.get("/v1/credentials/bad/refresh", method="POST") for _ in range(200)]
     assert fake.state.request_count() - before <= 1

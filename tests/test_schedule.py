@@ -13,7 +13,6 @@ from imsd.schedule import (
     backoff_delay,
     next_refresh_at,
     retry_at,
-    sleep_for,
     token_state,
     write_retry_at,
 )
@@ -205,12 +204,6 @@ def test_the_last_second_is_not_a_retry_storm() -> None:
         now = retry_at(now, e, attempts + 1, P, 0.5, expires)
         attempts += 1
     assert attempts == 1
-
-
-@given(st.floats(0, 1e9), st.floats(-1e9, 1e9))
-def test_sleep_until_due_never_negative(now: float, delta: float) -> None:
-    s = sleep_for(now, now + delta)
-    assert s == max(0.0, (now + delta) - now)
 
 
 @pytest.mark.parametrize(

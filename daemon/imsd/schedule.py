@@ -35,7 +35,6 @@ __all__ = [
     "backoff_delay",
     "next_refresh_at",
     "retry_at",
-    "sleep_for",
     "token_state",
     "write_retry_at",
 ]
@@ -129,12 +128,6 @@ def write_retry_at(
     if expires_at > now:
         wake = min(wake, max(now + MIN_WAIT, expires_at))
     return wake
-
-
-def sleep_for(now: float, wake_at: float) -> float:
-    """How long (monotonic seconds) to sleep until wall-clock *wake_at*; a clock jump in
-    between is the :class:`ClockWatch`'s business."""
-    return max(0.0, wake_at - now)
 
 
 class ClockWatch:

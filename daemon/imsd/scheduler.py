@@ -158,6 +158,11 @@ class Record:
 Step = tuple[Record, tuple[Effect, ...]]
 
 
+def _failure(name: str, error: str | None) -> Notify:
+    """Plugins hear of every failure: of the file, of a fetch, of a write."""
+    return Notify("imsd_credential_failed", {"credential": name, "error": error})
+
+
 # -- the credential file --------------------------------------------------------------------
 
 
@@ -223,9 +228,7 @@ def changed(rec: Record, cred: Credential, now: float) -> Step:
 
 def file_failed(rec: Record, error: str) -> Step:
     """The file is broken now; the last good version (if any) keeps running."""
-    return replace(rec, file_error=error), (
-        Notify("imsd_credential_failed", {"credential": rec.name, "error": error}),
-    )
+    return replace(rec, file_error=error), (_failure(rec.name, error),)
 
 
 def file_resolved(rec: Record) -> Step:
@@ -289,7 +292,7 @@ def fetch_failed(
         due=retry_at(now, error, failures, policy, rand, expires),
         attempted=True,
     )
-    return rec, (Notify("imsd_credential_failed", {"credential": rec.name, "error": str(error)}),)
+    return rec, (_failure(rec.name, str(error)),)
 
 
 def forced_refresh_at(rec: Record, min_interval: float) -> float | None:
@@ -325,9 +328,7 @@ def write_succeeded(rec: Record, grant: Grant, now: float, left_out: str | None 
     )
     effects: list[Effect] = []
     if left_out:
-        effects.append(
-            Notify("imsd_credential_failed", {"credential": rec.name, "error": rec.write_error})
-        )
+        effects.append(_failure(rec.name, rec.write_error))
     if rec.announced is not grant:
         rec = replace(rec, announced=grant)
         effects += [
@@ -354,6 +355,4 @@ def write_failed(
         write_due=write_retry_at(now, attempt, policy, rand, grant.expires_at),
         attempted=True,
     )
-    return rec, (
-        Notify("imsd_credential_failed", {"credential": rec.name, "error": rec.write_error}),
-    )
+    return rec, (_failure(rec.name, rec.write_error),)

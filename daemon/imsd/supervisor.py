@@ -278,7 +278,7 @@ class Supervisor:
 
     async def run_due(self) -> None:
         """Carry out everything due at the clock's current time, and return when no fetch
-        or write is left in progress (``imsd once``, and tests driving a fake clock)."""
+        or write is left in progress (tests drive a fake clock with it)."""
         while True:
             self._dispatch(self._clock())
             if not self._active and not self._queue:
@@ -709,7 +709,3 @@ class Supervisor:
         if overran is not None:
             out += [name for name, flow in self._flows.items() if overran(flow, grace)]
         return out
-
-    @property
-    def fetches_in_flight(self) -> int:
-        return len(self._flights)
