@@ -219,14 +219,22 @@ class RefreshToken:
     every use; the daemon persists the returned one and passes it back as *refresh_token*."""
 
     name = "refresh_token"
-    fields: frozenset[str] = frozenset({"refresh_token_file", "refresh_token_env"})
+    #: ``redirect_uri`` is only read by ``imsd login`` (which obtains the first token)
+    fields: frozenset[str] = frozenset({"refresh_token_file", "refresh_token_env", "redirect_uri"})
 
     def validate(self, table: Mapping[str, Any], secrets: SecretSource) -> Mapping[str, Any]:
+        if not isinstance(table.get("redirect_uri", ""), str):
+            raise ValueError("redirect_uri: must be a URL string")
         where = _one_of(table, ("refresh_token_file", "refresh_token_env"))
         if where is None:
             raise ValueError('refresh_token_file: required for auth = "refresh_token"')
         read = secrets.file if where == "refresh_token_file" else secrets.env
-        return {"refresh_token": read(str(table[where]), where)}
+        try:
+            return {"refresh_token": read(str(table[where]), where)}
+        except ValueError as e:
+            if "file not found" not in str(e):
+                raise
+            raise ValueError(f"{e}; imsd login NAME obtains the first refresh token") from None
 
     def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow:
         return refresh_token_flow(credential, now, refresh_token)

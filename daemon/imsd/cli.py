@@ -134,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing files")
     p = sub.add_parser("plugins", help="list loaded plugins, products and auth methods")
     _common(p)
+    p = sub.add_parser(
+        "login",
+        help="obtain a refresh_token credential's first refresh token (a user logs in)",
+        description="Prints the IMS authorize URL (and opens a browser), then takes the "
+        "answer on a loopback listener (redirect_uri http://127.0.0.1:PORT/...) or as the "
+        "pasted address, and writes the refresh token 0600 to refresh_token_file.",
+    )
+    _common(p)
+    p.add_argument("name", metavar="NAME", help="credential name")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the browser (default: %(default)g)",
+    )
     p = sub.add_parser("status", help="credentials, states and expiry (from the daemon)")
     _common(p)
     p = sub.add_parser("token", help="print a credential's access token (from the daemon)")
@@ -321,6 +338,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     registry = load_registry(plugin_dirs=settings.plugin_dirs)
     if args.command == "plugins":
         return _plugins(registry)
+    if args.command == "login":
+        from imsd.login import main as login
+
+        return login(
+            settings, registry, args.name, browser=not args.no_browser, timeout=args.timeout
+        )
     if args.command == "check":
         return _check(settings, registry, strict=args.strict)
     if args.command == "once" and (problem := _preflight(settings, socket=False)):

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 
 import anyio
 
+from imsd.fakeims import authorize
 from imsd.fakeims.state import FakeImsState
 from imsd.httpserver import AbortConnection, Request, Response
 
@@ -115,6 +116,8 @@ class FakeImsApp:
             return await self._token(req, path)
         if path == "/ims/validate_token/v1":
             return self._validate(req)
+        if path.startswith("/ims/authorize/v2"):
+            return authorize.handle(self.state, req, path)
         if path.startswith("/gateway/"):
             return self._gateway(req, path)
         if path.startswith("/_fake/"):

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from imsd.fakeims.authorize import Authorizations, authorization_code
 from imsd.fakeims.jwtcheck import Binding, Refused, check_assertion
 
 __all__ = ["Client", "FakeImsState", "LogEntry", "TokenReply"]
@@ -129,6 +130,7 @@ class FakeImsState:
     _refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
     _seen_jti: set[str] = field(default_factory=set)
     minted: list[str] = field(default_factory=list)  # every token issued (leak audits)
+    authorize: Authorizations = field(default_factory=Authorizations)  # user logins
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -478,5 +480,6 @@ class FakeImsState:
 FakeImsState._grants = {
     "client_credentials": FakeImsState._client_credentials,
     "refresh_token": FakeImsState._refresh_token,
+    "authorization_code": authorization_code,
     _JWT_GRANT: FakeImsState._jwt_exchange,  # set by token_request for /ims/exchange/jwt
 }
