@@ -284,6 +284,14 @@ _LISTS: Final = frozenset({"allowed_uids", "allowed_gids", "plugin_dirs"})
 _NULLABLE: Final = frozenset({"request_rate", "allowed_uids", "file_group", "socket_group"})
 
 
+def _default_config(env: Mapping[str, str]) -> Path:
+    """``imsd.toml`` in the unit's ``ConfigurationDirectory=`` under systemd (the first of
+    ``$CONFIGURATION_DIRECTORY``'s colon-separated paths), else ``/etc/imsd/imsd.toml``: so
+    the unit needs no ``--config``, which would make the file mandatory."""
+    unit_dir = env.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+    return Path(unit_dir) / DEFAULT_CONFIG.name if unit_dir else DEFAULT_CONFIG
+
+
 def load_settings(
     config: Path | None = None,
     *,
@@ -294,7 +302,7 @@ def load_settings(
     be absent; an explicitly named file must exist."""
     env = os.environ if env is None else env
     required = config is not None or bool(env.get("IMSD_CONFIG"))
-    path = config or Path(env.get("IMSD_CONFIG") or DEFAULT_CONFIG)
+    path = config or Path(env.get("IMSD_CONFIG") or _default_config(env))
     layers: list[tuple[str, dict[str, Any]]] = [
         (str(path), _read_file(path, required=required)),
         (ENV_SOURCE, _from_env(env)),
