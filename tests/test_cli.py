@@ -24,14 +24,16 @@ SECRET = "p8e-CliSecretValue0123456789abcdef"
 
 
 def imsd(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, clean: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    """``imsd ARGS``; *clean*: without the caller's IMSD_* variables."""
+    base = {k: v for k, v in os.environ.items() if not (clean and k.startswith("IMSD_"))}
     return subprocess.run(
         [sys.executable, "-m", "imsd", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
         check=False,
     )
 
@@ -102,11 +104,85 @@ def test_once_writes_and_reports(tmp_path: Path, fake: FakeIms) -> None:
     assert "invalid_client" in r.stderr
 
 
-def test_once_help_shows_defaults_and_allow_empty() -> None:
-    r = imsd("once", "--help")
+ALL_COMMON = {
+    "--config",
+    "--credentials-dir",
+    "--output-dir",
+    "--state-dir",
+    "--socket",
+    "--metrics-address",
+    "--ims-url",
+    "--log-format",
+    "--log-level",
+}
+DIRS = {"--credentials-dir", "--output-dir", "--state-dir"}
+LOGS = {"--log-format", "--log-level"}
+
+# (command, the common options its --help lists: only those it uses)
+HELP: list[tuple[list[str], set[str]]] = [
+    (["run"], ALL_COMMON),
+    (["check"], ALL_COMMON),
+    (["once"], {"--config", "--ims-url", *DIRS, *LOGS}),
+    (["demo"], ALL_COMMON - {"--ims-url"}),
+    (["import", "x.json"], {"--config", "--credentials-dir", *LOGS}),
+    (["plugins"], {"--config", *LOGS}),
+    (["status"], {"--config", "--socket"}),
+    (["token", "x"], {"--config", "--socket"}),
+    (["headers", "x"], {"--config", "--socket"}),
+    (["exec", "x"], {"--config", "--output-dir", "--socket", *LOGS}),
+]
+
+#: Options that have no default to show (repeatable, or nothing unless given).
+NO_DEFAULT = {"--signal", "--private-key", "--option", "--help", "--restart", "--no-token-env"}
+
+
+def _entries(text: str) -> dict[str, str]:
+    """--help's option entries: the first long option of each, and its whole text."""
+    out: dict[str, str] = {}
+    for entry in re.split(r"\n(?=  -)", text):
+        if m := re.match(r"\s+(?:-\w[ ,]+)?(--[a-z-]+)", entry):
+            out[m.group(1)] = " ".join(entry.split())
+    return out
+
+
+@pytest.mark.parametrize(("argv", "shown"), HELP, ids=[h[0][0] for h in HELP])
+def test_help_lists_the_options_a_command_uses_with_defaults(
+    argv: list[str], shown: set[str]
+) -> None:
+    """Each --help lists the common options that command uses, no others; every option that
+    takes a value shows its default; NAME is described."""
+    r = imsd(argv[0], "--help")
     assert r.returncode == 0, r.stderr
-    assert "(default 60.0)" in " ".join(r.stdout.split())
+    entries = _entries(r.stdout)
+    assert set(entries) & ALL_COMMON == shown
+    for option, text in entries.items():
+        takes_value = re.match(r"--[a-z-]+ [A-Z{]", text) is not None
+        if takes_value and option not in NO_DEFAULT:
+            assert "default" in text, f"{argv[0]} {option}: no default shown: {text}"
+    if "name" in r.stdout.split("options:")[0]:
+        assert "credential name" in r.stdout, r.stdout
+
+
+def test_once_help_shows_the_timeout_default() -> None:
+    r = imsd("once", "--help")
+    assert "seconds (default: 60)" in " ".join(r.stdout.split())
     assert "--allow-empty" in r.stdout
+
+
+@pytest.mark.parametrize(("argv", "shown"), HELP, ids=[h[0][0] for h in HELP])
+def test_options_a_command_does_not_use_are_still_accepted(
+    argv: list[str], shown: set[str]
+) -> None:
+    """Hidden, not removed: scripts that pass one set of options to every command go on
+    working (argparse would exit 2 with 'unrecognized arguments')."""
+    from imsd.cli import build_parser
+
+    extra = ["--metrics-address", "", "--ims-url", "https://ims-na1.adobelogin.com"]
+    extra += ["--output-dir", "o", "--state-dir", "s", "--credentials-dir", "c"]
+    extra += ["--socket", "x.sock", "--log-level", "info", "--log-format", "json"]
+    args = build_parser().parse_args([*argv, *extra])
+    assert args.output_dir == Path("o")
+    assert args.metrics_address == ""
 
 
 def test_once_on_an_empty_directory_exits_1_unless_allowed(tmp_path: Path) -> None:
@@ -118,6 +194,83 @@ def test_once_on_an_empty_directory_exits_1_unless_allowed(tmp_path: Path) -> No
     assert "once.empty" in r.stderr
     r = imsd(*args, "--allow-empty", env={"IMSD_CONFIG": ""})
     assert r.returncode == 0, r.stderr
+
+
+def _json_events(stderr: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_once_without_output_dir_refuses_a_missing_default(tmp_path: Path) -> None:
+    """An init container that forgot IMSD_OUTPUT_DIR must fail, not write the tokens into
+    its own filesystem: a default directory that does not exist is not created."""
+    for default in ("/run/imsd/tokens", "/var/lib/imsd"):
+        if Path(default).exists():
+            pytest.skip(f"{default} exists on this machine")
+    (tmp_path / "creds").mkdir()
+    env = {"IMSD_CONFIG": ""}
+    base = ["once", "--credentials-dir", str(tmp_path / "creds"), "--allow-empty"]
+    r = imsd(*base, "--state-dir", str(tmp_path / "state"), env=env, clean=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("imsd: output_dir is not set and its default does not exist ")
+    assert "(/run/imsd/tokens): pass --output-dir" in r.stderr
+    r = imsd(*base, "--output-dir", str(tmp_path / "out"), env=env, clean=True)
+    assert r.returncode == 2, r.stderr
+    assert "state_dir is not set" in r.stderr
+    assert "--state-dir" in r.stderr
+    assert not Path("/run/imsd/tokens").exists()
+    assert not Path("/var/lib/imsd").exists()
+
+
+def test_once_names_the_directories_it_creates(tmp_path: Path) -> None:
+    out, state = tmp_path / "new" / "out", tmp_path / "state"
+    r = imsd(
+        *("once", "--credentials-dir", str(tmp_path), "--allow-empty", "--log-format", "json"),
+        *("--output-dir", str(out), "--state-dir", str(state)),
+        env={"IMSD_CONFIG": ""},
+    )
+    assert r.returncode == 0, r.stderr
+    created = [
+        (e["setting"], e["path"])
+        for e in _json_events(r.stderr)
+        if e["event"] == "once.created_directory"
+    ]
+    assert created == [
+        ("output_dir", str(tmp_path / "new")),
+        ("output_dir", str(out)),
+        ("state_dir", str(state)),
+    ]
+    assert out.is_dir()
+    assert state.stat().st_mode & 0o777 == 0o700
+    r = imsd(
+        *("once", "--credentials-dir", str(tmp_path), "--allow-empty", "--log-format", "json"),
+        *("--output-dir", str(out), "--state-dir", str(state)),
+        env={"IMSD_CONFIG": ""},
+    )
+    assert "once.created_directory" not in r.stderr  # nothing new: nothing said
+
+
+def test_once_logs_an_invalid_file_once_and_no_retry_it_will_not_make(
+    tmp_path: Path, fake: FakeIms
+) -> None:
+    """One line for an invalid file (not three), and a permanent failure without retry_in:
+    imsd once never retries it."""
+    creds = tmp_path / "creds"
+    cred(creds, "refused", fake.url)
+    (creds / "broken.toml").write_text('auth = "oauth_server_to_server"\n')
+    r = imsd(
+        *("once", "--credentials-dir", str(creds), "--log-format", "json"),
+        *("--output-dir", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")),
+        env={"IMSD_CONFIG": "", "CLI_SECRET": "p8e-wrong-000000000000000000"},
+    )
+    assert r.returncode == 1, r.stderr
+    events = _json_events(r.stderr)
+    broken = [e for e in events if "broken" in json.dumps(e)]
+    assert [e["event"] for e in broken] == ["credential.invalid"], broken
+    failures = [e for e in events if e["event"] == "token.refresh_failed"]
+    assert failures, r.stderr
+    assert all("retry_in" not in e for e in failures), failures
+    done = [e for e in events if e["event"] == "once.done"]
+    assert done == [{**done[0], "written": 0, "failed": 1, "invalid_files": 1}], done
 
 
 def test_config_error_names_source(tmp_path: Path) -> None:
@@ -244,7 +397,10 @@ MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
     ("exec-config", ["exec", "x", "--", "true"], 'log_format = "text"\n', {}, "log_format"),
     ("import-config", ["import", "dl.json"], 'log_level = "loud"\n', {}, "log_level"),
     ("import-option", ["import", "dl.json", "--option", "sandbox"], "", {}, "--option"),
-    ("exec-no-dashes", ["exec", "x", "ls", "-l"], "", {}, "(imsd exec): put the command after --"),
+    ("exec-no-dashes", ["exec", "x", "ls", "-l"], "", {}, "(ls -l): put -- before the command"),
+    ("exec-cmd-help", ["exec", "x", "env", "--help"], "", {}, "imsd exec x -- env --help"),
+    ("exec-no-command", ["exec", "x"], "", {}, "no command given (imsd exec)"),
+    ("exec-bad-signal", ["exec", "x", "--signal", "NOPE", "--", "true"], "", {}, "(--signal)"),
     ("demo-config", ["demo"], 'log_format = "text"\n', {}, "log_format"),
 ]
 

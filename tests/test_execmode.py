@@ -123,11 +123,20 @@ async def imsd_exec(tmp_path: Path) -> AsyncIterator[Any]:
     config = tmp_path / "exec.toml"
     config.write_text("")
 
-    async def start(*args: str, token_file: Path | None = None) -> ExecProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMSD_", "ADOBE_"))}
+    async def start(
+        *args: str,
+        token_file: Path | None = None,
+        output_dir: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> ExecProcess:
+        """Without *output_dir*, no --output-dir (a --socket in *args*, or *env*'s IMSD_*)."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("IMSD_", "ADOBE_"))}
+        env = {**base, **(env or {})}
         env["CHILD_TOKEN_FILE"] = str(token_file or tmp_path / "tokens" / "alpha" / "token")
         argv = [sys.executable, "-m", "imsd", "exec", "--config", str(config)]
-        argv += ["--output-dir", str(tmp_path / "tokens"), *args]
+        if output_dir:
+            argv += ["--output-dir", str(tmp_path / "tokens")]
+        argv += args
         stderr_path = tmp_path / f"exec-{len(started)}.stderr"
         err = stderr_path.open("wb")
         proc = await anyio.open_process(argv, env=env, stdin=None, stderr=err)
@@ -209,6 +218,99 @@ async def test_restart_on_rotation_new_token_in_env(
     assert await p.wait() == 42, p.stderr
 
 
+# -- where the token comes from: --socket, --output-dir, or files then socket ---------------
+
+
+async def test_socket_alone_asks_the_daemon_and_follows_rotation(
+    tmp_path: Path, fake: FakeIms, running: Any, imsd_exec: Any
+) -> None:
+    """--socket without --output-dir: the token and variables come from the socket API (the
+    default output_dir, which would not have them, is not read), and a rotation seen there
+    restarts CMD with the new token."""
+    write_cred(tmp_path / "creds", "alpha", fake, extra='products = ["aep"]\n')
+    d = await running(min_refresh_interval=0)
+    old = (tmp_path / "tokens" / "alpha" / "token").read_text()
+    sock = str(tmp_path / "imsd.sock")
+    p = await imsd_exec(
+        "--socket", sock, "--restart", "alpha", "--", *child(tmp_path), output_dir=False
+    )
+    pid1, env1 = await p.start_line()
+    assert env1["ADOBE_ACCESS_TOKEN"] == old
+    assert env1["ADOBE_SANDBOX_NAME"] == "prod"  # the product's own variables, from the API
+    new = await force_refresh(d, "alpha")
+    assert await p.line() == "term"
+    pid2, env2 = await p.start_line()
+    assert pid2 != pid1
+    assert env2["ADOBE_ACCESS_TOKEN"] == new != old
+    p.signal(signal.SIGTERM)
+    assert await p.line() == "term"
+    assert await p.wait() == 42, p.stderr
+
+
+async def test_without_either_flag_files_then_socket(
+    tmp_path: Path, fake: FakeIms, running: Any, imsd_exec: Any
+) -> None:
+    """Neither flag: the configured output_dir (here one without the credential's files) is
+    read first, then the configured socket answers."""
+    write_cred(tmp_path / "creds", "alpha", fake)
+    await running()
+    token = (tmp_path / "tokens" / "alpha" / "token").read_text()
+    env = {
+        "IMSD_OUTPUT_DIR": str(tmp_path / "elsewhere"),
+        "IMSD_SOCKET": str(tmp_path / "imsd.sock"),
+    }
+    p = await imsd_exec("alpha", "--", *child(tmp_path), output_dir=False, env=env)
+    _, seen = await p.start_line()
+    assert seen["ADOBE_ACCESS_TOKEN"] == token
+    p.signal(signal.SIGTERM)
+    assert await p.wait() == 42, p.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "named", "not_named"),
+    [
+        # --socket alone: only the socket is tried, and named.
+        (["--socket", "{tmp}/no.sock"], ["no socket at {tmp}/no.sock", "--socket"], ["token.json"]),
+        # neither flag: both are tried, both named.
+        ([], ["{tmp}/tokens/alpha/token.json", "socket {tmp}/no.sock"], []),
+    ],
+)
+async def test_errors_name_every_source_tried(
+    tmp_path: Path, imsd_exec: Any, flags: list[str], named: list[str], not_named: list[str]
+) -> None:
+    env = {"IMSD_OUTPUT_DIR": str(tmp_path / "tokens"), "IMSD_SOCKET": str(tmp_path / "no.sock")}
+    args = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    p = await imsd_exec(*args, "alpha", "--", *cmd, output_dir=False, env=env)
+    assert await p.wait() == 1
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("imsd: "), p.stderr
+    for needle in named:
+        assert needle.replace("{tmp}", str(tmp_path)) in lines[0]
+    for needle in not_named:
+        assert needle not in lines[0]
+    assert not marker.exists()
+
+
+async def test_socket_errors_say_what_the_daemon_said(
+    tmp_path: Path, fake: FakeIms, running: Any, imsd_exec: Any
+) -> None:
+    write_cred(tmp_path / "creds", "alpha", fake)
+    await running()
+    sock = str(tmp_path / "imsd.sock")
+    p = await imsd_exec("--socket", sock, "nope", "--", "true", output_dir=False)
+    assert await p.wait() == 1
+    assert p.stderr.startswith("imsd: no credential named 'nope' (socket "), p.stderr
+    assert f"imsd status --socket {sock}" in p.stderr
+    p = await imsd_exec(
+        "--socket", sock, "--product", "cja", "alpha", "--", "true", output_dir=False
+    )
+    assert await p.wait() == 1
+    assert "alpha has no product 'cja'" in p.stderr
+
+
 # -- exit codes, forwarded signals, errors (hand-written token files) -----------------------
 
 
@@ -268,8 +370,12 @@ async def test_unknown_credential_is_a_clear_error(tmp_path: Path, imsd_exec: An
 @pytest.mark.parametrize(
     ("args", "message", "rc"),
     [
-        (["alpha"], "no command given", 1),
-        (["alpha", "--"], "no command given", 1),
+        (["alpha"], "no command given (imsd exec): put it after --", 2),
+        (["alpha", "--"], "no command given (imsd exec): put it after --", 2),
+        (["alpha", "ls", "-l"], "(ls -l): put -- before the command: imsd exec ", 2),
+        (["alpha", "ls", "-l"], "tokens alpha -- ls -l", 2),  # the line to paste
+        (["alpha", "env", "--help"], "alpha -- env --help", 2),  # not exec's help
+        (["alpha", "true", "--restart"], "alpha -- true --restart", 2),  # whose --restart?
         (["--signal", "NOPE", "alpha", "--", "true"], "unknown signal 'NOPE'", 2),
     ],
 )
@@ -280,7 +386,8 @@ async def test_usage_errors(
     p = await imsd_exec(*args)
     assert await p.wait() == rc
     assert message in p.stderr
-    assert "Traceback" not in p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert "usage:" not in p.stderr
 
 
 async def test_expired_token_is_refused(tmp_path: Path, imsd_exec: Any) -> None:

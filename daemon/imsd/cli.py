@@ -24,29 +24,66 @@ __all__ = ["main"]
 
 log = structlog.get_logger("imsd.cli")
 
-_COMMON = (
-    "credentials_dir",
-    "output_dir",
-    "state_dir",
-    "socket",
-    "metrics_address",
-    "ims_url",
-    "log_format",
-    "log_level",
-)
+#: Help, metavar and the setting of each common option; its default is the setting's.
+_OPTIONS: dict[str, tuple[str, str | None]] = {
+    "credentials_dir": ("directory of credential files", "DIR"),
+    "output_dir": ("where token files are written", "DIR"),
+    "state_dir": ("persistent state (tokens across restarts, rotated refresh tokens)", "DIR"),
+    "socket": ("Unix socket of the daemon's API", "PATH"),
+    "metrics_address": ("metrics/health listener; empty disables", "HOST:PORT"),
+    "ims_url": ("IMS host for credentials that name none", "URL"),
+    "log_format": ("format (default: journald under systemd, console on a tty, else json)", None),
+    "log_level": ("log level", None),
+}
+
+#: The common options each command uses and lists in its --help. The others are still
+#: accepted (scripts pass one set of options to every command) but hidden: they do nothing.
+_USES: dict[str, tuple[str, ...]] = {
+    "run": tuple(_OPTIONS),
+    "check": tuple(_OPTIONS),
+    "once": ("credentials_dir", "output_dir", "state_dir", "ims_url", "log_format", "log_level"),
+    "demo": tuple(k for k in _OPTIONS if k != "ims_url"),
+    "import": ("credentials_dir", "log_format", "log_level"),
+    "plugins": ("log_format", "log_level"),
+    "login": ("credentials_dir", "state_dir", "ims_url", "log_format", "log_level"),
+    "status": ("socket",),
+    "token": ("socket",),
+    "headers": ("socket",),
+    "exec": ("output_dir", "socket", "log_format", "log_level"),
+}
+
+_NAME_HELP = "credential name: its file's stem or name field (imsd status lists them)"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, command: str) -> None:
+    from imsd.config import DEFAULT_CONFIG
+
     g = p.add_argument_group("common options (flag > IMSD_* env > config file > default)")
-    g.add_argument("--config", type=Path, help="config file (default /etc/imsd/imsd.toml)")
-    g.add_argument("--credentials-dir", type=Path, help="directory of credential files")
-    g.add_argument("--output-dir", type=Path, help="where token files are written")
-    g.add_argument("--state-dir", type=Path, help="persistent state directory")
-    g.add_argument("--socket", type=Path, help="Unix socket path of the API")
-    g.add_argument("--metrics-address", metavar="HOST:PORT", help="metrics/health listener")
-    g.add_argument("--ims-url", metavar="URL", help="IMS host for credentials that name none")
-    g.add_argument("--log-format", choices=logs.FORMATS)
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    g.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"config file (default: $IMSD_CONFIG, else {DEFAULT_CONFIG} if it exists)",
+    )
+    uses = _USES[command]
+    for key, (text, metavar) in _OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        default = Settings.model_fields[key].default
+        shown = f"{text} (default: {default or 'none'}; env IMSD_{key.upper()})"
+        if key == "log_format":
+            shown = f"{text}; env IMSD_LOG_FORMAT"
+        kwargs: dict[str, Any] = {
+            "help": shown.replace("%", "%%") if key in uses else argparse.SUPPRESS
+        }
+        if key == "log_format":
+            kwargs["choices"] = logs.FORMATS
+        elif key == "log_level":
+            kwargs["choices"] = ("debug", "info", "warning", "error")
+        else:
+            kwargs["metavar"] = metavar
+        if key.endswith(("_dir", "socket")):
+            kwargs["type"] = Path
+        g.add_argument(flag, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,15 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
-    _common(p)
+    _common(p, "run")
     p = sub.add_parser("once", help="fetch every credential once, write outputs, exit")
-    _common(p)
+    _common(p, "once")
     p.add_argument(
         "--timeout",
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="give up retrying transient failures after this many seconds (default %(default)s)",
+        help="give up retrying transient failures after this many seconds (default: %(default)g)",
     )
     p.add_argument(
         "--allow-empty",
@@ -82,24 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 when the credentials directory holds no credential (default: exit 1)",
     )
     p = sub.add_parser("check", help="validate config and credential files (no network)")
-    _common(p)
+    _common(p, "check")
     p.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 on a warning too (no credentials found, a listen address in use)",
     )
     p = sub.add_parser("demo", help="run the daemon against the embedded fake IMS")
-    _common(p)
+    _common(p, "demo")
     p.add_argument(
         "--token-lifetime",
         type=float,
         default=86400.0,
-        help="lifetime of the fake IMS's tokens in seconds (default 86400)",
+        metavar="SECONDS",
+        help="lifetime of the fake IMS's tokens in seconds (default: %(default)g)",
     )
     p = sub.add_parser("fake-ims", help="run the fake IMS and API gateway alone")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="listen port (default: %(default)s)")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log level (default: %(default)s)",
+    )
     p = sub.add_parser(
         "import",
         help="turn a Developer Console download into native credential files",
@@ -107,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "into the credentials directory (or --dir). The download itself holds the secret in "
         "clear: delete it afterwards.",
     )
-    _common(p)
+    _common(p, "import")
     p.add_argument("file", type=Path, help="the downloaded JSON file")
     p.add_argument("--name", help="credential name (default: the file name's stem)")
     p.add_argument(
@@ -127,13 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret-index",
         type=int,
         default=0,
-        help="which of CLIENT_SECRETS to use while two are active (default 0)",
+        help="which of CLIENT_SECRETS to use while two are active (default: %(default)s)",
     )
     p.add_argument("--private-key", metavar="PATH", help="JWT only: the private.key to sign with")
-    p.add_argument("--dir", type=Path, help="where to write (default: the credentials dir)")
+    p.add_argument(
+        "--dir", type=Path, metavar="DIR", help="where to write (default: the credentials dir)"
+    )
     p.add_argument("--force", action="store_true", help="replace existing files")
     p = sub.add_parser("plugins", help="list loaded plugins, products and auth methods")
-    _common(p)
+    _common(p, "plugins")
     p = sub.add_parser(
         "login",
         help="obtain a refresh_token credential's first refresh token (a user logs in)",
@@ -141,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "answer on a loopback listener (redirect_uri http://127.0.0.1:PORT/...) or as the "
         "pasted address, and writes the refresh token 0600 to refresh_token_file.",
     )
-    _common(p)
-    p.add_argument("name", metavar="NAME", help="credential name")
+    _common(p, "login")
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
     p.add_argument(
         "--timeout",
@@ -152,24 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the browser (default: %(default)g)",
     )
     p = sub.add_parser("status", help="credentials, states and expiry (from the daemon)")
-    _common(p)
+    _common(p, "status")
     p = sub.add_parser("token", help="print a credential's access token (from the daemon)")
-    _common(p)
-    p.add_argument("name")
+    _common(p, "token")
+    p.add_argument("name", help=_NAME_HELP)
     p = sub.add_parser("headers", help="print a credential's request headers (from the daemon)")
-    _common(p)
-    p.add_argument("name")
-    p.add_argument("--product", help="product (default: the credential's first)")
+    _common(p, "headers")
+    p.add_argument("name", help=_NAME_HELP)
+    p.add_argument("--product", help="product or instance (default: the credential's first)")
     p.add_argument(
         "--format",
         choices=("json", "curl", "env"),
         default="curl",
-        help="json object, curl -H arguments' lines, or env lines",
+        help="json object, curl -H arguments' lines, or env lines (default: %(default)s)",
     )
-    p = sub.add_parser("exec", help="run CMD with a credential's token in its environment")
-    _common(p)
-    p.add_argument("name")
-    p.add_argument("--product", help="whose env variables (default: the credential's first)")
+    p = sub.add_parser(
+        "exec",
+        help="run CMD with a credential's token in its environment",
+        usage="imsd exec [OPTIONS] NAME [OPTIONS] -- CMD [ARGS...]",
+        description="Runs CMD with ADOBE_ACCESS_TOKEN, ADOBE_API_KEY, ADOBE_ORG_ID and the "
+        "product's variables, read from the daemon's token files in output_dir or, when "
+        "those have no usable token, from its socket API. --output-dir alone reads only the "
+        "files, --socket alone asks only the socket. Put -- before CMD.",
+    )
+    _common(p, "exec")
+    p.add_argument("name", help=_NAME_HELP)
+    p.add_argument(
+        "--product",
+        help="product or instance whose env variables (default: the credential's first)",
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument(
         "--signal",
@@ -184,12 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep the token out of CMD's environment; CMD reads $IMSD_TOKEN_FILE",
     )
-    p.add_argument("argv", nargs="*", metavar="-- CMD", help="the command to run (after --)")
+    p.add_argument("argv", nargs="*", metavar="-- CMD", help="the command to run and its arguments")
     return parser
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    overrides = {k: getattr(args, k, None) for k in _COMMON}
+    overrides = {k: getattr(args, k, None) for k in _OPTIONS}
     overrides.update(extra)
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
@@ -217,6 +273,21 @@ def _preflight(settings: Settings, *, socket: bool, access: bool = True) -> str 
     if socket and not os.environ.get("LISTEN_FDS"):  # systemd's socket: not ours to create
         dirs.append(("socket directory", settings.socket.parent))
     return next((p for key, path in dirs if (p := _dir_problem(key, path, access=access))), None)
+
+
+def _unset_and_missing(settings: Settings) -> str | None:
+    """``imsd once`` creates only directories it was told about: an init container that
+    forgot IMSD_OUTPUT_DIR (or whose volume is mounted elsewhere) would otherwise write the
+    tokens into its own discarded filesystem and succeed."""
+    for key in ("output_dir", "state_dir"):
+        path: Path = getattr(settings, key)
+        if key not in settings.model_fields_set and not path.exists():
+            return (
+                f"{key} is not set and its default does not exist ({path}): pass "
+                f"--{key.replace('_', '-')} (or IMSD_{key.upper()}, or {key} in the config), "
+                f"or create {path}"
+            )
+    return None
 
 
 def _listen_problem(settings: Settings, *, socket: bool) -> str | None:
@@ -300,22 +371,21 @@ def _one_line(e: BaseException) -> str:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command: list[str] | None = None
-    if argv[:1] == ["exec"] and "--" in argv:  # options may follow NAME; CMD is all after --
-        cut = argv.index("--")
-        argv, command = argv[:cut], argv[cut + 1 :]
     parser = build_parser()
-    if argv[:1] == ["exec"] and command is None:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # CMD's own options without -- before it: exec's usage, not imsd's
-            return _fail(
-                f"unrecognized arguments: {printable(' '.join(extra))} (imsd exec): "
-                "put the command after --: imsd exec NAME [OPTIONS] -- CMD [ARGS...]"
-            )
-    else:
-        args = parser.parse_args(argv)
+    command: list[str] | None = None
+    if argv[:1] == ["exec"]:
+        split = _split_exec(argv, _subparser(parser, "exec"))
+        if isinstance(split, str):
+            return _fail(split)
+        argv, command = split
+    args = parser.parse_args(argv)
     if command is not None:
         args.argv = command
+    if args.command == "exec" and not args.argv:
+        return _fail(
+            "no command given (imsd exec): put it after --: "
+            "imsd exec NAME [OPTIONS] -- CMD [ARGS...]"
+        )
     try:
         if args.command == "fake-ims":
             logs.configure(args.log_level)
@@ -346,7 +416,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "check":
         return _check(settings, registry, strict=args.strict)
-    if args.command == "once" and (problem := _preflight(settings, socket=False)):
+    if args.command == "once" and (
+        problem := _unset_and_missing(settings) or _preflight(settings, socket=False)
+    ):
         return _fail(problem)
     if args.command == "run" and (
         problem := _preflight(settings, socket=True) or _listen_problem(settings, socket=True)
@@ -354,7 +426,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _fail(problem)
     if args.command == "once":
         from imsd.daemon import run_once
+        from imsd.sinks import make_dirs
 
+        for key, mode in (("output_dir", 0o755), ("state_dir", 0o700)):  # the daemon's modes
+            for created in make_dirs(getattr(settings, key), mode):
+                log.info("once.created_directory", setting=key, path=str(created))
         return anyio.run(
             lambda: run_once(
                 settings, registry, give_up_after=args.timeout, allow_empty=args.allow_empty
@@ -367,6 +443,49 @@ def _main(argv: Sequence[str] | None = None) -> int:
         anyio.run(daemon.run)
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise AssertionError(name)
+
+
+def _split_exec(
+    argv: list[str], parser: argparse.ArgumentParser
+) -> tuple[list[str], list[str] | None] | str:
+    """exec's own arguments and CMD, or the one-line error. CMD is everything after ``--``;
+    without ``--`` it starts at the first word after NAME, accepted only when none of its
+    words looks like an option (``imsd exec aep ls -l``: whose is ``-l``?)."""
+    import shlex
+
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    options = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
+    positionals = 0
+    i = 1  # after "exec"
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("-") and word != "-":
+            known = [o for o in options if o == word] or [o for o in options if o.startswith(word)]
+            if "=" not in word and len(known) == 1 and options[known[0]]:
+                i += 1  # its value
+        else:
+            positionals += 1
+            if positionals == 2:  # NAME, then CMD
+                cmd = argv[i:]
+                if any(w.startswith("-") for w in cmd[1:]):
+                    fixed = shlex.join([*argv[:i], "--", *cmd])
+                    return printable(
+                        f"options after the command ({shlex.join(cmd)}): put -- before the "
+                        f"command: imsd {fixed}"
+                    )
+                return argv[:i], cmd
+        i += 1
+    return argv, None
 
 
 def printable(value: object) -> str:
@@ -433,14 +552,22 @@ def _exec(args: argparse.Namespace, settings: Settings) -> int:
         try:
             sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
         except KeyError:
-            return _fail(f"unknown signal {args.rotate_signal!r}")
+            return _fail(
+                f"unknown signal {printable(repr(args.rotate_signal))} (--signal): "
+                "name one such as HUP, USR1 or TERM"
+            )
     logs.configure(settings.log_level, settings.log_format)
+    # Files, then the socket; naming one of them on the command line means only that one.
+    only_socket = args.socket is not None and args.output_dir is None
+    only_files = args.output_dir is not None and args.socket is None
     try:
         return anyio.run(
             lambda: run_exec(
                 args.name,
                 command,
                 output_dir=settings.output_dir,
+                files=not only_socket,
+                socket=None if only_files else settings.socket,
                 product=args.product,
                 rotate_signal=sig,
                 restart=args.restart,

@@ -465,10 +465,7 @@ async def run_once(
     *give_up_after* seconds. Returns the exit code: 0 when every credential was written, else
     1 — also when there was none to write unless *allow_empty* (an init container whose
     credentials mount is wrong must fail, not start its app without tokens)."""
-    events = _initial_events(settings, registry)
-    invalid = [e for e in events if isinstance(e, Failed)]
-    for event in invalid:
-        log.error("credential.invalid", path=str(event.path), error=str(event.error))
+    events = _initial_events(settings, registry)  # invalid files: logged by the supervisor
     if not events:
         (log.info if allow_empty else log.error)(
             "once.empty",
@@ -488,6 +485,7 @@ async def run_once(
             notify=registry.notify,
             notify_wants=registry.implemented,
             output_dir=str(settings.output_dir),
+            retry_until=time.time() + give_up_after,
         )
         await tg.start(sup.run)
         await sup.apply(events)
@@ -500,13 +498,14 @@ async def run_once(
                 await anyio.sleep(0.05)
         outcomes = {e.name: _outcome(sup, e.name) for e in sup.store}
         tg.cancel_scope.cancel()
-    failed = sorted(n for n, o in outcomes.items() if o != "ok")
-    for name in failed:
+    invalid = {n for n in outcomes if (e := sup.store.get(n)) is not None and e.file_error}
+    failed = sorted(n for n, o in outcomes.items() if o != "ok" and n not in invalid)
+    for name in failed:  # an invalid file was logged once already, as credential.invalid
         entry = sup.store.get(name)
         log.error("once.failed", credential=name, error=entry.error() if entry else None)
     log.info(
         "once.done",
-        written=len(outcomes) - len(failed),
+        written=len(outcomes) - len(failed) - len(invalid),
         failed=len(failed),
         invalid_files=len(invalid),
     )

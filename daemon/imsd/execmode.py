@@ -1,10 +1,13 @@
 """``imsd exec NAME -- CMD…``: run CMD with a credential's token in its environment.
 
-The token comes from the daemon's output files (``PRODUCT.env``, written atomically), so exec
-needs no socket access. When the token rotates (``token.json`` changes), CMD is either sent a
-signal (``--signal HUP``: for programs that re-read the token files themselves) or restarted
-with the new environment (``--restart``). SIGTERM, SIGINT and SIGHUP are forwarded; exec
-exits with CMD's exit code (128+N when CMD dies of signal N).
+The token and the product's variables come from one of two sources (README "Using the
+tokens"): the daemon's output files (``PRODUCT.env``, written atomically; no socket access
+needed) or its socket API (``GET …/headers``; no file access needed). The CLI decides which:
+``--socket`` alone means the socket, ``--output-dir`` the files, neither the files first and
+then the socket. When the token rotates, CMD is either sent a signal (``--signal HUP``: for
+programs that re-read the token file themselves) or restarted with the new environment
+(``--restart``). SIGTERM, SIGINT and SIGHUP are forwarded; exec exits with CMD's exit code
+(128+N when CMD dies of signal N).
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 import anyio.abc
 import structlog
 
-from imsd.client import ImsdUnavailable, token_document
+from imsd.client import ImsdUnavailable, request, token_document
 
-__all__ = ["ExecError", "exec_env", "parse_env_file", "run_exec"]
+__all__ = ["ExecError", "FileSource", "SocketSource", "exec_env", "parse_env_file", "run_exec"]
 
 log = structlog.get_logger("imsd.exec")
 
@@ -53,22 +57,94 @@ def exec_env(output_dir: Path, name: str, product: str | None) -> dict[str, str]
         raise ExecError(f"{path} does not exist (products of {name}: {products})") from None
 
 
-def _version(output_dir: Path, name: str) -> tuple[int, int] | None:
-    try:
-        st = (output_dir / name / "token.json").stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
+class FileSource:
+    """The daemon's output files. Each source has ``version`` (changes when the token
+    rotates; None while unreadable), ``env`` (CMD's variables, or ImsdUnavailable/ExecError)
+    and ``settled`` (whether those variables carry the current token); all block."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+
+    def version(self, name: str) -> object | None:
+        try:
+            st = (self.output_dir / name / "token.json").stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def env(self, name: str, product: str | None) -> dict[str, str]:
+        return exec_env(self.output_dir, name, product)
+
+    def settled(self, name: str, env: Mapping[str, str]) -> bool:
+        # The daemon writes token.json before the env files: in between, the env file still
+        # holds the previous token.
+        try:
+            doc = token_document(name, output_dir=self.output_dir, min_validity=0)
+        except ImsdUnavailable:
+            return False
+        return env.get("ADOBE_ACCESS_TOKEN") == doc.get("access_token")
+
+    def problem(self, name: str, e: Exception) -> str:
+        if isinstance(e.__cause__, FileNotFoundError):  # the usual mistake: another dir
+            return f"{self.output_dir / name / 'token.json'}: does not exist"
+        return str(e)
 
 
-def _settled(output_dir: Path, name: str, env: Mapping[str, str]) -> bool:
-    """Whether the env file already carries the token that token.json names (the daemon
-    writes token.json before the env files)."""
-    try:
-        doc = token_document(name, output_dir=output_dir, min_validity=0)
-    except ImsdUnavailable:
-        return False
-    return env.get("ADOBE_ACCESS_TOKEN") == doc.get("access_token")
+class SocketSource:
+    """The daemon's socket API: ``GET /v1/credentials/NAME/token`` and ``…/headers``."""
+
+    def __init__(self, socket: Path, timeout: float = 5.0) -> None:
+        self.socket = socket
+        self.timeout = timeout
+
+    def version(self, name: str) -> object | None:
+        try:
+            path = f"/v1/credentials/{quote(name, safe='')}/token"
+            doc = request("GET", path, socket=self.socket, timeout=self.timeout)
+        except ImsdUnavailable:
+            return None
+        return doc.get("access_token")
+
+    def env(self, name: str, product: str | None) -> dict[str, str]:
+        query = f"?product={quote(product, safe='')}" if product else ""
+        path = f"/v1/credentials/{quote(name, safe='')}/headers{query}"
+        doc = request("GET", path, socket=self.socket, timeout=self.timeout)
+        env = doc.get("env")
+        if not isinstance(env, dict):
+            raise ImsdUnavailable(f"imsd answered without env variables ({self.socket})")
+        return {str(k): str(v) for k, v in env.items()}
+
+    def settled(self, name: str, env: Mapping[str, str]) -> bool:
+        return True  # one answer of the daemon: token and variables from the same grant
+
+    def problem(self, name: str, e: Exception) -> str:
+        return f"socket {self.socket}: {e}"
+
+
+_Source = FileSource | SocketSource
+
+
+def _explain(name: str, tried: list[tuple[_Source, Exception]]) -> str:
+    """One line ``<what> (<where>): <what to do>`` naming every source exec tried."""
+    if len(tried) == 1:
+        source, e = tried[0]
+        if isinstance(source, FileSource):
+            if isinstance(e.__cause__, FileNotFoundError):
+                path = source.output_dir / name / "token.json"
+                return (
+                    f"token file does not exist ({path}): is imsd running with output_dir "
+                    f"{source.output_dir}? pass its --output-dir (or --socket to ask the "
+                    "daemon); imsd status lists the credentials"
+                )
+            return str(e)
+        if isinstance(e, ImsdUnavailable) and e.status is None:  # nothing answered there
+            return f"{e}: start imsd or pass its --socket (or --output-dir to read its token files)"
+        return f"{e} (socket {source.socket}): imsd status --socket {source.socket} says why"
+    where = "; ".join(source.problem(name, e) for source, e in tried)
+    return (
+        f"no token for {name} (tried {where}): pass the daemon's --output-dir or --socket; "
+        "imsd status lists the credentials"
+    )
 
 
 def _exit_code(rc: int | None) -> int:
@@ -82,6 +158,8 @@ async def run_exec(
     command: Sequence[str],
     *,
     output_dir: Path,
+    socket: Path | None = None,
+    files: bool = True,
     product: str | None = None,
     rotate_signal: signal.Signals | None = None,
     restart: bool = False,
@@ -89,25 +167,39 @@ async def run_exec(
     base_env: Mapping[str, str] | None = None,
     token_env: bool = True,
 ) -> int:
-    """Run *command* with the credential's env variables. Without *token_env* the token
-    itself stays out of the child's environment (which processes of the same uid can read
-    in ``/proc/PID/environ``): it reads ``$IMSD_TOKEN_FILE``."""
+    """Run *command* with the credential's env variables, read from the files in
+    *output_dir* (if *files*), else or failing that from the daemon at *socket* (if given):
+    the first that has a usable token is used from then on. Without *token_env* the token
+    itself stays out of the child's environment (which processes of the same uid can read in
+    ``/proc/PID/environ``): it reads ``$IMSD_TOKEN_FILE``."""
     if not command:
         raise ExecError("no command given (imsd exec NAME -- CMD ...)")
-    seen = _version(output_dir, name)  # before reading: a rotation meanwhile is not lost
-    try:
-        env = exec_env(output_dir, name, product)
-    except ImsdUnavailable as e:
-        if isinstance(e.__cause__, FileNotFoundError):  # the usual mistake: another dir
-            path = output_dir / name / "token.json"
-            raise ExecError(
-                f"token file does not exist ({path}): is imsd running with output_dir "
-                f"{output_dir}? pass its --output-dir; imsd status lists the credentials"
-            ) from None
-        raise ExecError(str(e)) from None
+    sources: list[_Source] = []
+    if files:
+        sources.append(FileSource(output_dir))
+    if socket is not None:
+        sources.append(SocketSource(socket))
+    if not sources:
+        raise ExecError("no source for the token: give an output directory or a socket")
+    tried: list[tuple[_Source, Exception]] = []
+    for source in sources:
+        seen = source.version(name)  # before reading: a rotation meanwhile is not lost
+        try:
+            env = source.env(name, product)
+            break
+        except (ImsdUnavailable, ExecError) as e:
+            tried.append((source, e))
+    else:
+        raise ExecError(_explain(name, tried))
+    token_file = output_dir / name / "token"
+    if not token_env and not token_file.exists():
+        raise ExecError(
+            f"--no-token-env needs the daemon's token file ({token_file}): pass the daemon's "
+            "--output-dir, or drop --no-token-env"
+        )
     base = dict(os.environ if base_env is None else base_env)
     # Where a --signal child re-reads the token (its environment cannot change).
-    base["IMSD_TOKEN_FILE"] = str(output_dir / name / "token")
+    base["IMSD_TOKEN_FILE"] = str(token_file)
     stopping = False
     while True:
         try:
@@ -134,16 +226,19 @@ async def run_exec(
                 nonlocal seen, env, restart_now, stopping
                 while True:
                     await anyio.sleep(poll_interval)
-                    current = _version(output_dir, name)
+                    current = await anyio.to_thread.run_sync(source.version, name)
                     if current is None or current == seen:
                         continue
                     try:
-                        fresh = exec_env(output_dir, name, product)
+                        fresh = await anyio.to_thread.run_sync(source.env, name, product)
                     except (ImsdUnavailable, ExecError) as e:
                         log.warning("exec.env_unavailable", credential=name, error=str(e))
                         continue
-                    if not _settled(output_dir, name, fresh):
+                    if not await anyio.to_thread.run_sync(source.settled, name, fresh):
                         continue  # the daemon is between token.json and the env file
+                    if fresh == env:  # files rewritten with the same token: nothing to do
+                        seen = current
+                        continue
                     seen, env = current, fresh
                     log.info(
                         "exec.token_rotated",

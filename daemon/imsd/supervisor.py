@@ -105,6 +105,7 @@ class Supervisor:
         output_dir: str = "",
         state: StateFile | None = None,
         max_fetches: int = 8,
+        retry_until: float | None = None,
     ) -> None:
         self.client = client
         self.sink = sink
@@ -124,6 +125,7 @@ class Supervisor:
         self._state = state
         self._restorable: dict[str, Stored] = state.load() if state is not None else {}
         self._output_dir = output_dir
+        self._retry_until = retry_until  # imsd once: no retry after this (clock) time
         self._restored = 0  # tokens reused from the state dir since the last summary
         # The timer heap.
         self._heap: list[tuple[float, int, str]] = []
@@ -573,6 +575,8 @@ class Supervisor:
             step = scheduler.fetch_failed(current, identity, e, now, self.policy, self._rand())
             failed = step[0]
             level = log.error if e.kind is ImsErrorKind.PERMANENT else log.warning
+            until = self._retry_until
+            retries = until is None or (e.kind is not ImsErrorKind.PERMANENT and failed.due < until)
             level(
                 "token.refresh_failed",
                 credential=rec.name,
@@ -580,7 +584,7 @@ class Supervisor:
                 kind=e.kind.value,
                 failures=failed.consecutive_failures,
                 state=failed.state(now).value,
-                retry_in=round(max(0.0, failed.due - now), 1),
+                **({"retry_in": round(max(0.0, failed.due - now), 1)} if retries else {}),
             )
             await self._apply(step)
             return
