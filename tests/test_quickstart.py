@@ -147,16 +147,16 @@ class Machine:
     def as_user(self, setpriv: list[str] | None, argv: list[str]) -> list[str]:
         """*argv* run as another user (``setpriv`` options; None: *argv* changes user
         itself), in a mount namespace where this Python is reachable to that user."""
-        script = "set -e\n"
-        hidden = hidden_interpreter()
-        if hidden is not None:  # e.g. a pyenv under /root (0700): bind it into a tmpfs /root
-            top, child = hidden
-            aside = self.root / ".interpreter"
-            aside.mkdir(exist_ok=True)
-            script += (
-                f"mount --bind {child} {aside}\nmount -t tmpfs -o mode=0755 tmpfs {top}\n"
-                f"mkdir {child}\nmount --bind {aside} {child}\n"
-            )
+        # e.g. a pyenv under /root (0700): a tmpfs /root holding only what is needed.
+        script, back = "set -e\n", ""
+        for i, (top, children) in enumerate(sorted(hidden_paths().items())):
+            for j, child in enumerate(sorted(children)):
+                aside = self.root / ".aside" / f"{i}-{j}"
+                aside.mkdir(parents=True, exist_ok=True)
+                script += f"mount --bind {child} {aside}\n"
+                back += f"mkdir -p {child}\nmount --bind {aside} {child}\n"
+            script += f"mount -t tmpfs -o mode=0755 tmpfs {top}\n"
+        script += back
         script += f'exec setpriv {" ".join(setpriv)} "$@"' if setpriv else 'exec "$@"'
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
@@ -247,16 +247,19 @@ def unit_file(m: Machine, name: str, section: str) -> dict[str, list[str]]:
     return out
 
 
-def hidden_interpreter() -> tuple[Path, Path] | None:
-    """(the first directory others cannot traverse on the way to this Python, its child on
-    that way), or None when other users can run it as it is."""
-    real = Path(sys.executable).resolve()
-    here = Path("/")
-    for part in real.parts[1:-1]:
-        here = here / part
-        if not here.stat().st_mode & 0o001:
-            return here, here / real.relative_to(here).parts[0]
-    return None
+def hidden_paths() -> dict[Path, set[Path]]:
+    """Directories other users cannot traverse on the way to this Python or this checkout
+    (its venv and sources), each with its children on those ways: empty when other users
+    can run the checkout's imsd as it is."""
+    hidden: dict[Path, set[Path]] = {}
+    for target in (Path(sys.executable).resolve(), Path(sys.executable).absolute(), ROOT):
+        here = Path("/")
+        for part in target.parts[1:-1]:
+            here = here / part
+            if not here.stat().st_mode & 0o001:
+                hidden.setdefault(here, set()).add(here / target.relative_to(here).parts[0])
+                break
+    return hidden
 
 
 def free_dynamic_uid() -> int:
