@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from imsd.daemon import run_once
 from imsd.fakeims.server import FakeIms
-from imsd.importer import ImportFailed, plan_import
+from imsd.importer import ImportFailed, check_plan, login_needed, plan_import
 from imsd.registry import load_registry
 
 from tests.support import ORG, TECH, make_settings, private_pem, rsa_key
@@ -301,3 +302,54 @@ def test_import_sets_product_options_and_creates_the_directory_0750(tmp_path: Pa
     )
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout
+
+
+# -- OAuth user credentials (imsd login) ----------------------------------------------------
+
+WEBAPP_SECRET = "p8e-FAKEWEBAPPFAKEWEBAPPFAKEWEB01"
+
+
+def test_import_a_web_app_credential_for_imsd_login(tmp_path: Path) -> None:
+    """A project's OAuth Web App credential becomes auth = "refresh_token" with its default
+    redirect URI and a refresh_token_file for imsd login; its Single Page App twin (no
+    refresh tokens from Adobe) is left out; the CLI says what to run next."""
+    creds = tmp_path / "creds"
+    r = imsd("import", str(FIXTURES / "project-webapp.json"), "--name", "user", "--dir", str(creds))
+    assert r.returncode == 0, r.stderr
+    assert "next: imsd login user " in r.stdout
+    assert sorted(p.name for p in creds.iterdir()) == ["user.secret", "user.toml"]
+    table = tomllib.loads((creds / "user.toml").read_text())
+    assert {k: v for k, v in table.items() if k != "client_secret_file"} == {
+        "auth": "refresh_token",
+        "client_id": "abcdefabcdefabcdefabcdefabcdef01",
+        "org_id": ORG,
+        "scopes": ["openid", "AdobeID", "offline_access"],
+        "redirect_uri": "https://localhost/imsd/callback",
+        "refresh_token_file": "user.refresh_token",
+    }
+    assert (creds / "user.secret").read_text() == WEBAPP_SECRET + "\n"
+    assert "imsd login user" in (creds / "user.toml").read_text()  # the file says so too
+
+
+def test_import_mixes_server_and_user_credentials(tmp_path: Path) -> None:
+    download = json.loads((FIXTURES / "project.json").read_bytes())
+    webapp = json.loads((FIXTURES / "project-webapp.json").read_bytes())
+    entries = download["project"]["workspace"]["details"]["credentials"]
+    entries[:] = [entries[0], *webapp["project"]["workspace"]["details"]["credentials"]]
+    files = plan_import(json.dumps(download).encode(), source="p.json")
+    assert sorted(f.name for f in files) == [
+        "p.S2S-credential.secret",
+        "p.S2S-credential.toml",
+        "p.Web-App.secret",
+        "p.Web-App.toml",
+    ]
+    assert login_needed(files) == ["p.Web-App"]
+    check_plan(tmp_path, files, auth_methods=load_registry().auth_methods)
+
+
+def test_import_refuses_public_user_credentials_only(tmp_path: Path) -> None:
+    download = json.loads((FIXTURES / "project-webapp.json").read_bytes())
+    entries = download["project"]["workspace"]["details"]["credentials"]
+    del entries[0]
+    with pytest.raises(ImportFailed, match="Browser-app are Single Page App or Native App"):
+        plan_import(json.dumps(download).encode(), source="spa.json")

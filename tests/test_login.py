@@ -382,3 +382,26 @@ def test_daemon_says_to_log_in(tmp_path: Path, user_fake: FakeIms) -> None:
     )
     assert r.returncode == 1
     assert "imsd login NAME obtains the first refresh token" in r.stderr
+
+
+def test_import_then_login(tmp_path: Path, fake: FakeIms) -> None:
+    """A Console project's Web App credential, imported, is one imsd login away from use."""
+    client = "abcdefabcdefabcdefabcdefabcdef01"  # tests/fixtures/console/project-webapp.json
+    fake.state.add_client(
+        client, secrets=["p8e-FAKEWEBAPPFAKEWEBAPPFAKEWEB01"], scopes=SCOPES, org_id=ORG
+    )
+    fake.state.authorize.registrations[client] = Registration(PASTE, r"https://localhost/imsd/.*")
+    download = Path(__file__).parent / "fixtures" / "console" / "project-webapp.json"
+    creds = str(tmp_path / "creds")
+    imported = subprocess.run(
+        [sys.executable, "-m", "imsd", "import", str(download), "--name", "user", "--dir", creds],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "next: imsd login user" in imported.stdout, imported.stderr
+    proc = _login(tmp_path, "--ims-url", fake.url)
+    location = _consent(_authorize_url(proc, fake))
+    code, _, err = _finish(proc, location + "\n")
+    assert (code, err) == (0, "")
+    assert _check_file(tmp_path / "creds" / "user.refresh_token")

@@ -585,6 +585,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
         DIRECTORY_MODE,
         ImportFailed,
         check_plan,
+        login_needed,
         parse_options,
         plan_import,
         write_import,
@@ -617,6 +618,8 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
         print(f"wrote {directory / f.name} ({f.mode:04o})")
     if args.file.resolve().parent == directory.resolve():
         print(f"note: {args.file} is in the credentials dir too; remove it (it holds the secret)")
+    for name in login_needed(files):
+        print(f"next: imsd login {name} (a user's consent gives its first refresh token)")
     return 0
 
 

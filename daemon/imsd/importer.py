@@ -5,6 +5,13 @@ per Console credential, its secret and any inline private key each in a separate
 referenced by relative ``*_file`` fields). :func:`write_import` writes them atomically and
 never replaces an existing file unless asked to. Every value is validated by parsing the
 planned TOML back with the daemon's own credential parser before anything is written.
+
+OAuth user credentials of a project file (the ``oauth2`` payload, which ``imsd.console``
+leaves out: the daemon cannot use them until a user has logged in) are imported as
+``auth = "refresh_token"`` credentials with their ``redirect_uri`` and a
+``refresh_token_file`` that ``imsd login NAME`` fills. Only Web App (and the deprecated Web)
+credentials qualify: Adobe gives Single Page App and Native App credentials no refresh
+tokens (UserAuthentication/implementation.md in AdobeDocs/adobe-dev-console).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECTORY_MODE",
+    "LOGIN_SCOPES",
     "ImportFailed",
     "PlannedFile",
     "check_plan",
@@ -39,6 +47,12 @@ _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 DIRECTORY_MODE: Final = 0o750  # a credentials directory import creates: not world-readable
 # Native field order in the written file (the rest keep their table order).
 _ORDER: Final = ("auth", "client_id", "client_secret_file", "org_id", "scopes", "ims_url")
+_SLUG: Final = re.compile(r"[^A-Za-z0-9._-]+")  # as imsd.console names project entries
+#: What an imported user credential asks for: the identity scopes (a project file lists
+#: none for OAuth user credentials; add the ones the credential's Scopes tab shows).
+LOGIN_SCOPES: Final = ("openid", "AdobeID", "offline_access")
+_CONFIDENTIAL: Final = frozenset({"oauthwebapp", "oauthweb"})
+_PUBLIC: Final = frozenset({"oauthsinglepageapp", "oauthnativeapp", "oauthios", "oauthandroid"})
 
 
 class ImportFailed(ValueError):
@@ -104,6 +118,138 @@ def _render(
     return ("\n".join(lines) + "\n").encode()
 
 
+def _label(entry: Mapping[str, Any], index: int) -> str:
+    raw = str(entry.get("name") or entry.get("id") or index)
+    return _SLUG.sub("-", raw).strip("-.") or str(index)
+
+
+def _redirect(payload: Mapping[str, Any]) -> str | None:
+    """The Default redirect URI (the pattern, ``redirect_uri``, may be a regular expression:
+    used only when it is a plain URL)."""
+    default = payload.get("defaultRedirectUri") or payload.get("default_redirect_uri")
+    if isinstance(default, str) and default:
+        return default
+    pattern = payload.get("redirect_uri")
+    candidates = pattern if isinstance(pattern, list) else [pattern]
+    for uri in candidates:
+        if isinstance(uri, str) and "://" in uri and not re.search(r"[\\*()\[\]|]", uri):
+            return uri.split(",")[0].strip()
+    return None
+
+
+def _user_tables(
+    obj: Mapping[str, Any], stem_path: str
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(label, native table) for each OAuth Web App credential of a project file, and why
+    each other user credential was left out."""
+    project = obj.get("project") or {}
+    org = (project.get("org") or {}).get("ims_org_id")
+    creds = (((project.get("workspace") or {}).get("details")) or {}).get("credentials")
+    tables: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[str] = []
+    for i, c in enumerate(creds if isinstance(creds, list) else []):
+        if not isinstance(c, Mapping) or not isinstance(c.get("oauth2"), Mapping):
+            continue
+        kind, payload, label = str(c.get("integration_type", "")), c["oauth2"], _label(c, i)
+        where = f"{stem_path}: project.workspace.details.credentials[{i}].oauth2"
+        if kind in _PUBLIC or (kind not in _CONFIDENTIAL and not payload.get("client_secret")):
+            skipped.append(label)
+            continue
+        for key in ("client_id", "client_secret"):
+            if not isinstance(payload.get(key), str) or not payload[key]:
+                raise ImportFailed(f"{where}.{key}: must be a non-empty string")
+        if not isinstance(org, str) or not org:
+            raise ImportFailed(f"{stem_path}: project.org.ims_org_id: must be a non-empty string")
+        table: dict[str, Any] = {
+            "auth": "refresh_token",
+            "client_id": payload["client_id"],
+            "client_secret": payload["client_secret"],
+            "org_id": org,
+            "scopes": list(LOGIN_SCOPES),
+        }
+        redirect = _redirect(payload)
+        if redirect is not None:
+            table["redirect_uri"] = redirect
+        tables.append((label, table))
+    return tables, skipped
+
+
+def _without_user_credentials(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """*obj* without its oauth2 entries; None when nothing else is left."""
+    project = dict(obj["project"])
+    workspace = dict(project.get("workspace") or {})
+    details = dict(workspace.get("details") or {})
+    creds = details.get("credentials")
+    kept = [
+        c
+        for c in (creds if isinstance(creds, list) else [])
+        if not (isinstance(c, Mapping) and isinstance(c.get("oauth2"), Mapping))
+    ]
+    if isinstance(creds, list) and len(kept) == len(creds):
+        return obj
+    if not kept:
+        return None
+    details["credentials"] = kept
+    workspace["details"] = details
+    project["workspace"] = workspace
+    return {**obj, "project": project}
+
+
+def _server_label(obj: Mapping[str, Any], table: Mapping[str, Any]) -> str:
+    """The label imsd.console gives the one server credential it converted."""
+    creds = obj["project"]["workspace"]["details"]["credentials"]
+    payload = "oauth_server_to_server" if table.get("auth") != "jwt" else "jwt"
+    for i, c in enumerate(creds):
+        if isinstance(c, Mapping) and (c.get(payload) or {}).get("client_id") == table.get(
+            "client_id"
+        ):
+            return _label(c, i)
+    return "server"
+
+
+def _convert(
+    obj: dict[str, Any], stem: str, source: str, secret_index: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Console's server credentials plus this module's user credentials, named as
+    imsd.console names them: the stem alone for one, ``STEM.LABEL`` for several."""
+    users: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[str] = []
+    server: dict[str, Any] | None = obj
+    if console.detect(obj) == console.PROJECT:
+        users, skipped = _user_tables(obj, source)
+        server = _without_user_credentials(obj)
+    tables: list[tuple[str, dict[str, Any]]] = []
+    if server is not None:
+        try:
+            tables = console.convert(server, stem=stem, secret_index=secret_index)
+        except console.ConsoleError as e:
+            if not users:
+                raise ImportFailed(f"{source}: {e.field}: {e}") from None
+    if not tables and not users:
+        kinds = ", ".join(skipped)
+        raise ImportFailed(
+            f"{source}: no importable credential: {kinds} are Single Page App or Native App "
+            "credentials, which Adobe gives no refresh tokens; add an OAuth Web App credential"
+        )
+    if not users:
+        return tables
+    if not tables and len(users) == 1:
+        return [(stem, users[0][1])]
+    if len(tables) == 1 and tables[0][0] == stem:
+        tables = [(f"{stem}.{_server_label(obj, tables[0][1])}"[:64], tables[0][1])]
+    return tables + [(f"{stem}.{label}"[:64], table) for label, table in users]
+
+
+def login_needed(files: Sequence[PlannedFile]) -> list[str]:
+    """The imported credentials that need ``imsd login NAME`` before the daemon can use
+    them."""
+    return [
+        f.name.removesuffix(".toml")
+        for f in files
+        if f.name.endswith(".toml") and b'auth = "refresh_token"' in f.data
+    ]
+
+
 def plan_import(
     download: bytes,
     *,
@@ -134,7 +280,7 @@ def plan_import(
     if not NAME_RE.fullmatch(stem):
         raise ImportFailed(f"{stem!r}: names are 1-64 of A-Z a-z 0-9 . _ - (use --name)")
     try:
-        tables = console.convert(obj, stem=stem, secret_index=secret_index)
+        tables = _convert(obj, stem, source, secret_index)
     except console.ConsoleError as e:
         raise ImportFailed(f"{source}: {e.field}: {e}") from None
     out: list[PlannedFile] = []
@@ -158,9 +304,17 @@ def plan_import(
                     "config.zip). JWT reached end of life: prefer an OAuth Server-to-Server "
                     "credential"
                 )
+        if table.get("auth") == "refresh_token":
+            table["refresh_token_file"] = f"{cred_name}.refresh_token"
         if products:
             table["products"] = products
         header = f"imported from {Path(source).name} by imsd import; the secret is in a 0600 file"
+        if table.get("auth") == "refresh_token":
+            header += (
+                f"\n# an OAuth Web App credential: run imsd login {cred_name} for its first "
+                "refresh token;\n# set redirect_uri to its Default redirect URI (or one its "
+                "pattern matches) and add the scopes its Scopes tab lists"
+            )
         data = _render(table, header, options)
         out.append(PlannedFile(f"{cred_name}.toml", data, CREDENTIAL_MODE))
     return out
@@ -180,9 +334,13 @@ def check_plan(
     from imsd.registry import validate_products
 
     planned = {directory / f.name: f.data for f in files}
+    # imsd login writes these later: stand-ins, so the rest of the file is checked now.
+    pending = {directory / f"{name}.refresh_token" for name in login_needed(files)}
 
     def read(path: Path) -> str:
         data = planned.get(path)
+        if data is None and path in pending and not path.exists():
+            return "pending-login"
         return read_secret_file(path) if data is None else data.decode().rstrip("\r\n")
 
     for f in files:
