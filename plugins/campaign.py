@@ -40,11 +40,7 @@ class Campaign:
         }
 
     def env(self, view: TokenView) -> dict[str, str]:
-        return {
-            **trio_env(view),
-            "ADOBE_CAMPAIGN_TENANT": str(view.options["tenant"]),
-            "ADOBE_BASE_URL": self.base_url(view.options),
-        }
+        return {**trio_env(view), "ADOBE_CAMPAIGN_TENANT": str(view.options["tenant"])}
 
     def base_url(self, options: Mapping[str, Any]) -> str:
         tenant = str(options["tenant"])

@@ -23,6 +23,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(imsd.plugin.__all__) == [
         "AuthMethod",
         "Credential",
+        "Discovery",
         "Flow",
         "Grant",
         "HttpRequest",
@@ -39,6 +40,7 @@ def test_public_names_are_pinned() -> None:
         "expires_in_unit",
         "hookimpl",
         "hookspec",
+        "https_or_loopback",
         "parse_token_response",
     ]
     assert imsd.plugin.PLUGIN_API_VERSION == 1
@@ -173,7 +175,10 @@ def test_third_party_distribution_adds_a_product(tmp_path: Path, fake: FakeIms) 
         f"Authorization: Bearer {token}",
         "x-acme-region: us",
     ]
-    assert (out / "a" / "acme.env").read_text() == f"ACME_TOKEN={token}\n"
+    # The daemon adds ADOBE_BASE_URL from the product's base_url() to every env file.
+    assert (out / "a" / "acme.env").read_text() == (
+        f"ACME_TOKEN={token}\nADOBE_BASE_URL=https://acme.example/us\n"
+    )
     assert (out / "a" / "generic.headers").exists()
 
 

@@ -64,6 +64,18 @@ def test_generic_files_exactly() -> None:
             '      "x-api-key": "cid",\n'
             f'      "x-gw-ims-org-id": "{ORG}"\n'
             "    }\n"
+            "  },\n"
+            '  "instances": {\n'
+            '    "generic": {\n'
+            '      "type": "generic",\n'
+            '      "base_url": null,\n'
+            '      "base_urls": {},\n'
+            '      "headers": {\n'
+            f'        "Authorization": "Bearer {TOKEN}",\n'
+            '        "x-api-key": "cid",\n'
+            f'        "x-gw-ims-org-id": "{ORG}"\n'
+            "      }\n"
+            "    }\n"
             "  }\n"
             "}\n"
         ).encode(),

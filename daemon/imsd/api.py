@@ -23,7 +23,8 @@ from imsd.model import CredentialState
 from imsd.plugin import Product
 from imsd.render import (
     RenderError,
-    document,
+    document_safe,
+    instance_entry,
     instances,
     product_env,
     product_headers,
@@ -225,13 +226,14 @@ class Api:
         cred, grant = entry.credential, entry.grant
         assert cred is not None
         assert grant is not None
+        # With what its products discovered (Analytics' company id); the same object until
+        # the credential or the discovery changes, so the cache below holds.
+        cred = self.supervisor.discovery.resolved(cred, grant, self.products)
         cached = self._documents.get(entry.name)
         if cached is not None and cached[0] is cred and cached[1] is grant:
             return cached[2]
-        try:
-            resp = Response.json(document(cred, grant, self.products))
-        except RenderError as e:
-            return _error(500, "render_failed", str(e))
+        # As token.json: an instance that cannot be rendered is left out, never the token.
+        resp = Response.json(document_safe(cred, grant, self.products))
         if len(self._documents) > 4 * len(self.store) + 64:  # forget removed credentials
             self._documents.clear()
         self._documents[entry.name] = (cred, grant, resp)
@@ -253,12 +255,15 @@ class Api:
                 "unknown_product",
                 f"{entry.name} has no product {product!r} (it has: {', '.join(known)})",
             )
+        cred = self.supervisor.discovery.resolved(cred, grant, self.products)
         try:
             headers = product_headers(cred, grant, plugin, product)
             env = product_env(cred, grant, plugin, product)
+            about = instance_entry(cred, plugin, product, headers)
         except RenderError as e:
             return _error(500, "render_failed", str(e))
-        return Response.json({"product": product, "headers": headers, "env": env})
+        # "type", "base_url" and "base_urls" are additions; "product", "headers", "env" as ever.
+        return Response.json({"product": product, **about, "env": env})
 
     async def _refresh(self, entry: Entry) -> Response:
         if entry.credential is None:

@@ -11,12 +11,14 @@ Hooks are synchronous and must be pure: they receive values and return values; t
 does all I/O. Products (:class:`Product`) describe an Adobe API's header conventions; auth
 methods (:class:`AuthMethod`) describe how a credential becomes a token, as a generator flow
 over :class:`HttpRequest`/:class:`HttpResponse` values that the daemon drives. Plugin API
-version: :data:`PLUGIN_API_VERSION`.
+version: :data:`PLUGIN_API_VERSION`; API 1.1 added the optional product members ``base_urls``
+and ``discover`` (with :data:`Discovery`) and :func:`https_or_loopback`, the rule for where a
+token may be sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -31,6 +33,7 @@ from imsd.model import (
     ImsError,
     ImsErrorKind,
     Secret,
+    https_or_loopback,
 )
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "PROJECT",
     "AuthMethod",
     "Credential",
+    "Discovery",
     "Flow",
     "Grant",
     "HttpRequest",
@@ -52,12 +56,17 @@ __all__ = [
     "expires_in_unit",
     "hookimpl",
     "hookspec",
+    "https_or_loopback",
     "parse_token_response",
 ]
 
 PROJECT: Final = "imsd"
 #: Bumped on a breaking change to a hook or to the types below.
 PLUGIN_API_VERSION: Final = 1
+
+#: A product's discovery (:meth:`Product.discover`): a generator that yields the requests to
+#: send, receives each answer, and returns the options it found.
+Discovery = Generator[HttpRequest, HttpResponse, Mapping[str, Any]]
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -88,7 +97,40 @@ class Product(Protocol):
     """An Adobe product's header conventions.
 
     ``validate_options`` raises :class:`ValueError` with a message naming the option; it
-    returns the normalized options (defaults filled in).
+    returns the normalized options (defaults filled in). ``base_url`` is the root of the
+    product's API for those options (None: no fixed host, as for ``generic``); the daemon
+    publishes it as ``ADOBE_BASE_URL`` in the env file and ``base_url`` in ``token.json`` and
+    the socket's headers answer, so a product's ``env`` need not set it. ``default_scopes``
+    are the scopes a credential for the product usually needs: ``imsd check`` and
+    ``imsd import`` name the ones a credential lacks (a hint, never an error).
+
+    Optional members, looked up with ``getattr`` (a product without them is unchanged):
+
+    ``notice: str``
+        Logged once for each credential using the product (e.g. a retirement).
+
+    ``base_urls(options) -> Mapping[str, str]``
+        Other APIs of the product that live under another root, by a short name
+        (``[a-z0-9_]``): published next to ``base_url`` (``base_urls`` in ``token.json``,
+        ``ADOBE_<NAME>_BASE_URL`` in the env file). Journey Optimizer's Capping and
+        Throttling APIs (``/journey/orchestration``) are ``ajo``'s ``journey``.
+
+        .. versionadded:: API 1.1 (an optional addition: API 1 products are unaffected)
+
+    ``discover(view) -> Discovery | None``
+        Options that can be looked up with the token itself (Analytics 2.0's company id,
+        from ``/discovery/me``). Return None when ``view.options`` need nothing; else a
+        :data:`Discovery` generator: it yields :class:`HttpRequest` values, the daemon sends
+        each one (https, or http to loopback only; same client, caps and timeouts as IMS
+        requests) and sends back the :class:`HttpResponse`; it returns the options found,
+        which are merged into the instance's and validated again by ``validate_options``.
+        It raises :class:`ValueError` with a message for the user (several companies, none,
+        an HTTP error) that never holds the token. The daemon runs it after the first token
+        of each version of the credential and keeps the answer in memory; until it has one,
+        and after a failure (tried again with the next token), the instance has no headers
+        or env file and the credential shows the error.
+
+        .. versionadded:: API 1.1 (an optional addition: API 1 products are unaffected)
     """
 
     name: str

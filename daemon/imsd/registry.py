@@ -207,6 +207,24 @@ def _load_file(path: Path) -> ModuleType:
     return module
 
 
+def scope_hints(cred: Credential, products: Mapping[str, Product]) -> list[str]:
+    """One line for each product of *cred* whose ``default_scopes`` it does not all request:
+    a hint for ``imsd check`` and ``imsd import``, never an error (the Developer Console
+    decides what a credential may request, and IMS refuses a scope it was not granted)."""
+    have = set(cred.scopes)
+    hints: list[str] = []
+    for kind in cred.products:
+        product = products.get(kind)
+        missing = [s for s in product.default_scopes if s not in have] if product else []
+        if missing:
+            hints.append(
+                f"{cred.name}: product {kind!r} usually needs scopes {', '.join(missing)}, "
+                "not in scopes; if its API refuses the token, add them in the Developer "
+                "Console and to scopes"
+            )
+    return hints
+
+
 def validate_products(cred: Credential, products: Mapping[str, Product]) -> Credential:
     """Check the credential's products and instances exist and their options are valid;
     return the credential with normalized options as :class:`~imsd.model.ValidatedOptions`

@@ -16,16 +16,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from imsd.model import Credential, Grant, ValidatedOptions
+from imsd.model import Credential, Grant, ValidatedOptions, https_or_loopback
 from imsd.plugin import Product, TokenView
 
 __all__ = [
     "RenderError",
     "Unrendered",
+    "Unresolved",
     "document",
+    "document_safe",
+    "instance_entry",
     "instances",
     "product_env",
     "product_headers",
+    "product_urls",
     "render_outputs",
     "render_safe",
     "rfc3339",
@@ -54,10 +58,25 @@ _HOP_BY_HOP: Final = frozenset(
 # leading quote and unescapes backslashes. Values that would read differently in the two are
 # refused rather than quoted. (A quote after the first character is literal in both.)
 _ENV_AMBIGUOUS: Final = re.compile(r"""\A\s|\s\Z|\A["']|\\""")
+# A base URL is published in files and env vars: printable, no whitespace, https (or loopback).
+_URL: Final = re.compile(r"[!-~]+")
+_URL_NAME: Final = re.compile(r"[a-z0-9_]{1,32}")
 
 
 class RenderError(ValueError):
     """A product produced something unusable; names the credential and product only."""
+
+
+class Unresolved(dict[str, Any]):
+    """An instance's options that a product's discovery (:meth:`imsd.plugin.Product.discover`)
+    has not completed: not yet, or it failed. Rendering the instance fails with *reason*,
+    which is safe to show (it names the instance's problem, never a value)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, options: Mapping[str, Any], reason: str) -> None:
+        super().__init__(options)
+        self.reason = reason
 
 
 def rfc3339(ts: float) -> str:
@@ -102,13 +121,9 @@ def validated_options(product: Product, options: Mapping[str, Any]) -> Mapping[s
         raise ValueError(f"validate_options failed ({type(e).__name__})") from None
 
 
-def token_view(
-    cred: Credential, grant: Grant, product: Product, instance: str | None = None
-) -> TokenView:
-    """What *product* sees for *instance* (default: the product's own name). Its options are
-    the ones :func:`imsd.registry.validate_products` left on *cred*, else validated now
-    (defaults filled in)."""
-    instance = instance or product.name
+def instance_options(cred: Credential, product: Product, instance: str) -> Mapping[str, Any]:
+    """*instance*'s options as its product validated them (validated now if they were not),
+    or RenderError when a discovery left them :class:`Unresolved`."""
     options = cred.product_options
     if isinstance(options, ValidatedOptions) and instance in options:
         checked = options[instance]
@@ -117,6 +132,52 @@ def token_view(
             checked = validated_options(product, options.get(instance, {}))
         except (ValueError, TypeError) as e:  # option messages never hold the token
             raise RenderError(f"{_where(cred, product, instance)}: {e}") from None
+    if isinstance(checked, Unresolved):
+        raise RenderError(f"{_where(cred, product, instance)}: {checked.reason}")
+    return checked
+
+
+def _checked_url(where: str, what: str, url: object) -> str:
+    if not isinstance(url, str) or not _URL.fullmatch(url) or not https_or_loopback(url):
+        raise RenderError(f"{where}: {what} is not an https URL")
+    return url
+
+
+def product_urls(
+    cred: Credential, product: Product, instance: str | None = None
+) -> tuple[str | None, dict[str, str]]:
+    """*instance*'s base URL (None: the product has no fixed host) and its other named base
+    URLs (:meth:`imsd.plugin.Product.base_urls`), each validated: https (http to loopback
+    only), printable, no whitespace."""
+    instance = instance or product.name
+    where = _where(cred, product, instance)
+    options = instance_options(cred, product, instance)
+    more = getattr(product, "base_urls", None)
+    try:
+        base = product.base_url(options)
+        named = more(options) if callable(more) else {}
+    except Exception as e:  # a plugin bug; its message may quote anything
+        raise RenderError(f"{where}: failed to compute its base URL ({type(e).__name__})") from None
+    if base is not None:
+        base = _checked_url(where, "base_url", base)
+    if not isinstance(named, Mapping):
+        raise RenderError(f"{where}: base_urls is not a mapping")
+    urls: dict[str, str] = {}
+    for name, url in named.items():
+        if not isinstance(name, str) or not _URL_NAME.fullmatch(name):
+            raise RenderError(f"{where}: base_urls has an invalid name (use [a-z0-9_])")
+        urls[name] = _checked_url(where, f"base_urls[{name!r}]", url)
+    return base, urls
+
+
+def token_view(
+    cred: Credential, grant: Grant, product: Product, instance: str | None = None
+) -> TokenView:
+    """What *product* sees for *instance* (default: the product's own name). Its options are
+    the ones :func:`imsd.registry.validate_products` left on *cred*, else validated now
+    (defaults filled in)."""
+    instance = instance or product.name
+    checked = instance_options(cred, product, instance)
     return TokenView(
         credential=cred.name,
         access_token=grant.access_token.reveal(),
@@ -185,6 +246,11 @@ def product_env(
     view = token_view(cred, grant, product, instance)
     where = _where(cred, product, instance)
     env = _call(where, product, "env", view)
+    # The base URLs come from one place, base_url()/base_urls(), for every product.
+    base, named = product_urls(cred, product, instance)
+    if base is not None:
+        env["ADOBE_BASE_URL"] = base
+    env.update({f"ADOBE_{name.upper()}_BASE_URL": url for name, url in named.items()})
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
             raise RenderError(f"{where}: invalid environment variable name")
@@ -207,8 +273,20 @@ def _resolved(cred: Credential, products: Mapping[str, Product]) -> list[tuple[s
     return out
 
 
+def instance_entry(
+    cred: Credential, product: Product, instance: str, headers: Mapping[str, str]
+) -> dict[str, Any]:
+    """What ``token.json``'s ``instances`` and the socket's headers answer say of *instance*:
+    its product (``type``), base URLs and *headers*."""
+    base, named = product_urls(cred, product, instance)
+    return {"type": product.name, "base_url": base, "base_urls": named, "headers": dict(headers)}
+
+
 def _document(
-    cred: Credential, grant: Grant, headers: Mapping[str, Mapping[str, str]]
+    cred: Credential,
+    grant: Grant,
+    headers: Mapping[str, Mapping[str, str]],
+    entries: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     return {
         "credential": cred.name,
@@ -219,13 +297,16 @@ def _document(
         "client_id": cred.client_id,
         "org_id": cred.org_id,
         "headers": {name: dict(h) for name, h in headers.items()},
+        "instances": {name: dict(e) for name, e in entries.items()},
     }
 
 
 def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) -> dict[str, Any]:
     """The ``token.json`` document (also what the socket API serves)."""
-    headers = {n: product_headers(cred, grant, p, n) for n, p in _resolved(cred, products)}
-    return _document(cred, grant, headers)
+    resolved = _resolved(cred, products)
+    headers = {n: product_headers(cred, grant, p, n) for n, p in resolved}
+    entries = {n: instance_entry(cred, p, n, headers[n]) for n, p in resolved}
+    return _document(cred, grant, headers, entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +318,36 @@ class Unrendered:
 
     def __str__(self) -> str:
         return f"{', '.join(self.files)} not written ({self.reason})"
+
+
+def _instance_parts(
+    cred: Credential, grant: Grant, selected: list[tuple[str, Product]]
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """Headers and ``instances`` entries of the instances that render, and why the others
+    do not."""
+    headers: dict[str, dict[str, str]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    failed: list[tuple[str, str]] = []
+    for name, p in selected:
+        try:
+            h = product_headers(cred, grant, p, name)
+            entries[name] = instance_entry(cred, p, name, h)
+        except RenderError as e:
+            failed.append((name, str(e)))
+            continue
+        headers[name] = h
+    return headers, entries, failed
+
+
+def document_safe(
+    cred: Credential, grant: Grant, products: Mapping[str, Product]
+) -> dict[str, Any]:
+    """The ``token.json`` document as :func:`render_safe` writes it: the instances that
+    cannot be rendered (an unknown product, a discovery that failed) are left out, the token
+    is there whatever they are. What the socket API serves."""
+    known = [(n, p) for n, p in instances(cred, products) if p is not None]
+    headers, entries, _ = _instance_parts(cred, grant, known)
+    return _document(cred, grant, headers, entries)
 
 
 def render_safe(
@@ -261,19 +372,18 @@ def render_safe(
             why = f"{cred.name}: unknown product {kind_of[name]!r}"
             left_out.append(Unrendered(tuple(files), why))
     headers: dict[str, dict[str, str]] = {}
+    entries: dict[str, dict[str, Any]] = {}
     if kinds & {"json", "headers"}:
-        for name, p in selected:
-            try:
-                headers[name] = product_headers(cred, grant, p, name)
-            except RenderError as e:
-                files = [f"{name}.headers"] if "headers" in kinds else []
-                files += [f"headers.{name} in token.json"] if "json" in kinds else []
-                left_out.append(Unrendered(tuple(files), str(e)))
+        headers, entries, failed = _instance_parts(cred, grant, selected)
+        for name, why in failed:
+            files = [f"{name}.headers"] if "headers" in kinds else []
+            files += [f"headers.{name} in token.json"] if "json" in kinds else []
+            left_out.append(Unrendered(tuple(files), why))
     out: dict[str, bytes] = {}
     if "token" in kinds:
         out["token"] = grant.access_token.reveal().encode()
     if "json" in kinds:
-        doc = _document(cred, grant, headers)
+        doc = _document(cred, grant, headers, entries)
         out["token.json"] = (json.dumps(doc, indent=2) + "\n").encode()
     for name, product in selected:
         if "headers" in kinds and name in headers:

@@ -40,6 +40,7 @@ import structlog
 from imsd import scheduler
 from imsd.actions import run_action
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
+from imsd.discovery import Discoveries
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.persist import StateFile, Stored
@@ -117,6 +118,9 @@ class Supervisor:
         self.auth_methods = auth_methods
         self.policy = policy or RefreshPolicy()
         self.store = store if store is not None else TokenStore()
+        # Products' discovered options (Analytics' company id), with the IMS client's send
+        # (test doubles without one get a discovery error, not a crash).
+        self.discovery = Discoveries(getattr(client, "send", None))
         self._clock = clock
         self._rand = rand
         self._notify = notify
@@ -436,6 +440,7 @@ class Supervisor:
         if scope is not None:
             scope.cancel()
         self.store.remove(name)
+        self.discovery.forget(name)
         self._scheduled.pop(name, None)
         self._settle(name)
         if self._observer is not None:
@@ -625,7 +630,10 @@ class Supervisor:
         rec = self.store.get(name)
         if rec is None or rec.credential is None or rec.grant is not grant:
             return
-        cred = rec.credential
+        cred = await self.discovery.resolve(rec.credential, grant, self.products)
+        rec = self.store.get(name)
+        if rec is None or rec.credential is None or rec.grant is not grant:
+            return  # changed during the discovery: its own write follows
         try:
             files, left_out = render_safe(cred, grant, self.products)
             if self.sink.in_memory():  # no device to wait for: cheaper than a thread hop

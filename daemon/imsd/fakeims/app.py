@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 import anyio
 
-from imsd.fakeims import authorize
+from imsd.fakeims import authorize, discovery
 from imsd.fakeims.state import FakeImsState
 from imsd.httpserver import AbortConnection, Request, Response
 
@@ -118,6 +118,8 @@ class FakeImsApp:
             return self._validate(req)
         if path.startswith("/ims/authorize/v2"):
             return authorize.handle(self.state, req, path)
+        if path in discovery.PATHS:
+            return discovery.handle(self.state, req, path)
         if path.startswith("/gateway/"):
             return self._gateway(req, path)
         if path.startswith("/_fake/"):
