@@ -23,6 +23,8 @@ from imsd.model import CredentialError
 from imsd.watcher import DirectoryWatcher, ScanCache, dir_trust_problem, scan_directory
 from structlog.testing import capture_logs
 
+from tests.support import wait_for
+
 pytestmark = pytest.mark.anyio
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
@@ -269,6 +271,22 @@ async def test_a_full_scan_rereads_everything(tmp_path: Path, monkeypatch: Any) 
     assert counting.take() == ["a.toml"]
     await w.rescan(full=True)
     assert counting.take() == ["a.toml"]
+
+
+async def test_racy_files_are_checked_again_once_their_stats_can_be_trusted(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # No event and a rescan_interval of an hour: only the follow-up scan that a racy result
+    # asks for can settle the entry (and catch a write one clock tick hid).
+    monkeypatch.setattr(watcher, "RACY", 0.3)
+    (tmp_path / "a.toml").write_text(body("a"))
+    w = DirectoryWatcher(tmp_path, parse=parse, on_events=Recorder(), rescan_interval=3600.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(w.run)
+        assert [p.settled for p in w._cache.values()] == [False]
+        await wait_for(lambda: all(p.settled for p in w._cache.values()))
+        assert not w._racy
+        tg.cancel_scope.cancel()
 
 
 # -- files that would block a scan -------------------------------------------------------------
