@@ -18,7 +18,7 @@ import structlog
 
 from imsd import __version__, logs
 from imsd.config import ConfigError, Settings, load_settings
-from imsd.registry import Registry, load_registry
+from imsd.registry import Registry, load_registry, scope_hints
 
 __all__ = ["main"]
 
@@ -606,7 +606,9 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             private_key_file=str(Path(args.private_key).resolve()) if args.private_key else None,
             options=options,
         )
-        check_plan(directory, files, products=registry.products, auth_methods=registry.auth_methods)
+        hints = check_plan(
+            directory, files, products=registry.products, auth_methods=registry.auth_methods
+        )
         created = write_import(directory, files, force=args.force)
     except OSError as e:
         return _fail(f"{e.filename or args.file}: {e.strerror or e}", 1)
@@ -620,6 +622,8 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
         print(f"note: {args.file} is in the credentials dir too; remove it (it holds the secret)")
     for name in login_needed(files):
         print(f"next: imsd login {name} (a user's consent gives its first refresh token)")
+    for hint in hints:
+        print(f"note: {hint}")
     return 0
 
 
@@ -656,7 +660,12 @@ def _check(settings: Settings, registry: Registry, *, strict: bool) -> int:
     problems = check(settings, registry)
     for problem in problems:
         print(problem, file=sys.stderr)
-    found = sum(isinstance(e, Added) for e in _initial_events(settings, registry))
+    events = _initial_events(settings, registry)
+    found = sum(isinstance(e, Added) for e in events)
+    for event in events:  # a hint, whatever --strict: only the Console knows the scopes
+        if isinstance(event, Added):
+            for hint in scope_hints(event.cred, registry.products):
+                print(f"note: {hint}")
     if not found and not problems:  # "ok" for an empty directory would hide a wrong path
         files = sum(1 for p in creds.iterdir() if not p.is_dir())
         warnings.append(

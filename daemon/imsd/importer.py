@@ -326,12 +326,15 @@ def check_plan(
     *,
     products: Mapping[str, Product] | None = None,
     auth_methods: Mapping[str, AuthMethod] | None = None,
-) -> None:
+) -> list[str]:
     """Parse each planned credential with the daemon's parser, its planned secrets supplied
     in memory, and (given the plugins' *products*) check its products and their options as
-    the daemon will: what import writes, the daemon will load."""
+    the daemon will: what import writes, the daemon will load. Returns the products' scope
+    hints (:func:`imsd.registry.scope_hints`)."""
     from imsd.credentials import parse_credentials, read_secret_file
-    from imsd.registry import validate_products
+    from imsd.registry import scope_hints, validate_products
+
+    hints: list[str] = []
 
     planned = {directory / f.name: f.data for f in files}
     # imsd login writes these later: stand-ins, so the rest of the file is checked now.
@@ -363,6 +366,8 @@ def check_plan(
                 except CredentialError as e:
                     problem = _product_problem(e, cred.products, products)
                     raise ImportFailed(problem, usage=True) from None
+                hints += scope_hints(cred, products)
+    return hints
 
 
 def _product_problem(
