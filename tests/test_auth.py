@@ -180,7 +180,7 @@ JM = J + 'metascopes = ["m"]\n'
         (JM + 'private_key = "not a key"\n', "private_key", "not a PEM private key"),
         ('auth = "refresh_token"\n', "refresh_token_file", "required"),
         ('scopes = ["o"]\nrefresh_token_file = "rt"\n', "refresh_token_file", "'refresh_token'"),
-        ('scopes = ["openid"]\nprivate_kye_file = "k"\n', "private_kye_file", "typo"),
+        ('scopes = ["openid"]\nprivate_kye_file = "k"\n', "private_kye_file", "did you mean 'private_key_file'?"),  # noqa: E501
         ("", "scopes", "at least one scope"),
     ],
 )  # fmt: skip

@@ -45,6 +45,51 @@ def test_errors_name_source_and_key(tmp_path: Path, text: str, needle: str) -> N
         assert str(config) in str(err.value)
 
 
+ORG = "0123456789ABCDEF01234567@AdobeOrg"
+CRED = f'client_id = "cid"\nclient_secret_env = "S"\norg_id = "{ORG}"\nscopes = ["openid"]\n'
+
+
+CONFIG_DOC = "not a known key; see the README's configuration reference"
+CRED_DOC = "not a known key; see the README's credential file section"
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "hint"),
+    [
+        ("config", "ouput_dir", "did you mean 'output_dir'?"),
+        ("config", "log_levle", "did you mean 'log_level'?"),
+        ("config", "zzz", CONFIG_DOC),
+        ("credential", "clientid", "did you mean 'client_id'?"),
+        ("credential", "org", "did you mean 'org_id'?"),
+        ("credential", "private_kye_file", "did you mean 'private_key_file'?"),  # a jwt field
+        ("credential", "zzz", CRED_DOC),
+    ],
+)
+def test_unknown_keys_have_one_wording_in_config_and_credential_files(
+    tmp_path: Path, kind: str, key: str, hint: str
+) -> None:
+    """The config file and a credential file word an unknown key alike: ``unknown key 'K'``
+    then ``did you mean 'KEY'?`` (difflib) or where the keys are documented, each in its
+    family's frame (the CLI's ``what (where): what to do``; a credential's ``FILE: FIELD:``)."""
+    from imsd.credentials import parse_credentials
+    from imsd.model import CredentialError
+
+    line = f"{key} = '1'\n"
+    if kind == "config":
+        path = tmp_path / "imsd.toml"
+        path.write_text(line)
+        with pytest.raises(ConfigError) as config_error:
+            load_settings(path, env={})
+        assert str(config_error.value) == f"unknown key '{key}' ({path}): {hint}"
+    else:
+        path = tmp_path / "c.toml"
+        text = CRED + line
+        path.write_text(text)
+        with pytest.raises(CredentialError) as cred_error:
+            parse_credentials(path, text.encode(), env={"S": "secret-value"})
+        assert str(cred_error.value) == f"{path}: {key}: unknown key '{key}': {hint}"
+
+
 def test_env_error_names_env(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\(environment IMSD_MAX_CONCURRENT_REQUESTS\)"):
         load_settings(None, env={"IMSD_MAX_CONCURRENT_REQUESTS": "zero"})

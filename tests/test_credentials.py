@@ -85,7 +85,7 @@ def test_digest_changes_with_the_secret_file(tmp_path: Path) -> None:
         ({"products": ["aep", "aep"]}, "products", "twice"),
         ({"outputs": ["tokens"]}, "outputs.0", ""),
         ({"product": {"cja": {}}}, "product", "not in products"),
-        ({"clientid": "x"}, "clientid", "unknown field"),
+        ({"clientid": "x"}, "clientid", "unknown key 'clientid': did you mean 'client_id'?"),
         ({"client_secret_env": "X"}, "client_secret", "exactly one"),
         ({"name": "../evil"}, "name", "A-Z"),
         ({"auth": "password"}, "auth", ""),

@@ -12,7 +12,7 @@ import enum
 import grp
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -31,6 +31,7 @@ __all__ = [
     "Reload",
     "Settings",
     "load_settings",
+    "unknown_key",
 ]
 
 DEFAULT_CONFIG: Final = Path("/etc/imsd/imsd.toml")
@@ -226,12 +227,20 @@ def _shown(key: str, value: Any) -> str:
     return " " + (text if len(text) <= 60 else text[:57] + "...")
 
 
+def unknown_key(key: str, known: Iterable[str], documented: str) -> tuple[str, str]:
+    """What and what to do for a key that is not one of *known*: the one wording of the
+    config file and of credential files (``unknown key 'ouput_dir'`` and ``did you mean
+    'output_dir'?``, or where the keys are *documented*)."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"not a known key; see {documented}"
+    return f"unknown key {key!r}", hint
+
+
 def _one(source: str, e: Any) -> str:
     key = str(e["loc"][0]) if e["loc"] else "(top level)"
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        hint = f"did you mean {close[0]}?" if close else "not a setting; see the README's table"
-        return f"unknown key {key} ({_where(source, key)}): {hint}"
+        what, hint = unknown_key(key, FIELDS, "the README's configuration reference")
+        return f"{what} ({source}): {hint}"
     msg = str(e["msg"]).removeprefix("Value error, ")
     return f"invalid {key}{_shown(key, e.get('input'))} ({_where(source, key)}): {msg}"
 

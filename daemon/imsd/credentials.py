@@ -345,11 +345,13 @@ def _auth_options(m: _Native, r: _Resolver, methods: Mapping[str, AuthMethod]) -
     stray = sorted(set(extras) - method.fields)
     if stray:
         owner = [n for n, other in sorted(methods.items()) if stray[0] in other.fields]
-        why = (
-            f"applies to auth = {owner[0]!r}, not {m.auth!r}"
-            if owner
-            else "unknown field (a typo?)"
-        )
+        if owner:
+            why = f"applies to auth = {owner[0]!r}, not {m.auth!r}"
+        else:
+            from imsd.config import unknown_key  # the config's wording
+
+            fields = {*_Native.model_fields, *(f for a in methods.values() for f in a.fields)}
+            why = ": ".join(unknown_key(stray[0], fields, "the README's credential file section"))
         raise CredentialError(r.path, why, field=stray[0])
     table = {**m.model_dump(exclude={"client_secret"}), **extras, "scopes": tuple(m.scopes)}
     try:
