@@ -102,12 +102,22 @@ class MemoryState:
     def __init__(self, entries: dict[str, Stored] | None = None) -> None:
         self.entries = dict(entries or {})
         self.path = Path("/state/state.db")
+        self.puts: list[set[str]] = []  # the names each incremental save was given
 
     def load(self) -> dict[str, Stored]:
         return dict(self.entries)
 
     def save(self, entries: Mapping[str, Stored]) -> None:
         self.entries = dict(entries)
+
+    def put(self, changes: Mapping[str, Stored | None]) -> bool:
+        self.puts.append(set(changes))
+        for name, stored in changes.items():
+            if stored is None:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = stored
+        return True
 
 
 @dataclass
@@ -335,3 +345,22 @@ async def test_a_removed_credential_leaves_no_work(world: World) -> None:
     assert "alpha" not in sup.store
     assert "alpha" not in world.sink.files
     assert sup.pending_timers == 0
+
+
+async def test_a_save_after_the_first_writes_only_what_changed(world: World) -> None:
+    from imsd.catalog import Removed
+
+    sup = await world.start()
+    await sup.apply([Added(cred(f"c{i}")) for i in range(50)])
+    await sup.wait_first_attempts()
+    await sup._save_state()
+    assert set(world.state.entries) == {f"c{i}" for i in range(50)}
+    world.state.puts.clear()
+    await sup.refresh("c7")
+    await sup._save_state()
+    assert world.state.puts[-1] == {"c7"}
+    assert world.state.entries["c7"].grant == record(sup, "c7").grant
+    await sup.apply([Removed(cred("c8"))])
+    await sup._save_state()
+    assert world.state.puts[-1] == {"c8"}
+    assert "c8" not in world.state.entries

@@ -40,7 +40,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -338,21 +338,26 @@ class StateFile:
             known = self._ensure_known()
             upserts, deletes = diff(known, entries)
             if upserts or deletes:
-                self._apply(dict(entries), upserts, deletes)
+                self._apply(lambda: dict(entries), upserts, deletes)
 
-    def put(self, changes: Mapping[str, Stored | None]) -> None:
+    def put(self, changes: Mapping[str, Stored | None]) -> bool:
         """For a caller that knows what changed: set these names, delete those mapped to
-        None; the others are left as they are (so after a corrupt database was moved aside,
-        only these are in the new one until the next :meth:`save`)."""
+        None; the others are left as they are. False when there was no usable database to
+        change (none yet, or a corrupt one moved aside): the new one holds only what the
+        database knew plus *changes*, and the caller should :meth:`save` everything."""
         with self._lock:
             known = self._ensure_known()
             upserts = {
                 n: s for n, s in changes.items() if s is not None and not same(known.get(n), s)
             }
             deletes = {n for n, s in changes.items() if s is None and n in known}
-            if upserts or deletes:
-                target = {n: s for n, s in known.items() if n not in deletes} | upserts
-                self._apply(target, upserts, deletes)
+            if not (upserts or deletes):
+                return self._conn is not None
+            return self._apply(
+                lambda: {n: s for n, s in known.items() if n not in deletes} | upserts,
+                upserts,
+                deletes,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -455,22 +460,27 @@ class StateFile:
     # -- writing ----------------------------------------------------------------------------------
 
     def _apply(
-        self, target: dict[str, Stored], upserts: Mapping[str, Stored], deletes: Iterable[str]
-    ) -> None:
+        self,
+        target: Callable[[], dict[str, Stored]],
+        upserts: Mapping[str, Stored],
+        deletes: Iterable[str],
+    ) -> bool:
+        """Write the changes; True if into the existing database, False if a new one had to
+        be built (from *target*, only called then: a copy of every row costs at 10,000)."""
         # Never through a symlink, never a directory another user planted: it holds secrets.
         dir_fd = open_private_dir(self.dir, 0o700)
         try:
             if self._conn is None:
-                self._create(dir_fd, target)
-                return
+                self._create(dir_fd, target())
+                return False
             try:
                 self._write(self._conn, [encode_row(n, s) for n, s in upserts.items()], deletes)
             except sqlite3.Error as e:
                 if not _is_not_a_database(e):
                     raise _io_error(self.path, e) from None
                 self._discard(f"not a usable SQLite database: {e}")  # broken since it was read
-                self._create(dir_fd, target)
-                return
+                self._create(dir_fd, target())
+                return False
             except ValueError as e:  # a string SQLite cannot take (a lone surrogate)
                 raise _io_error(self.path, e) from None
             known = self._known
@@ -478,6 +488,7 @@ class StateFile:
             known.update(upserts)
             for n in deletes:
                 known.pop(n, None)
+            return True
         finally:
             os.close(dir_fd)
 

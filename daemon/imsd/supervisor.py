@@ -157,6 +157,10 @@ class Supervisor:
         self._save_lock = anyio.Lock()
         self._dirty = anyio.Event()
         self._save_requested = self._saved = 0
+        # Names whose record changed since the last save: a save writes only their rows,
+        # except the first (and any after a failure or a new database), which writes all.
+        self._unsaved: set[str] = set()
+        self._save_all = True
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -300,6 +304,7 @@ class Supervisor:
 
     def _put(self, rec: Record) -> None:
         self.store.put(rec)
+        self._unsaved.add(rec.name)
         if rec.credential is not None and not rec.attempted:
             self._unattempted.add(rec.name)
 
@@ -440,6 +445,7 @@ class Supervisor:
         if scope is not None:
             scope.cancel()
         self.store.remove(name)
+        self._unsaved.add(name)
         self.discovery.forget(name)
         self._scheduled.pop(name, None)
         self._settle(name)
@@ -467,6 +473,7 @@ class Supervisor:
                 continue
             if rec.credential is None:
                 self.store.remove(rec.name)  # an invalid file that is gone or fixed
+                self._unsaved.add(rec.name)
             else:
                 await self._apply(scheduler.file_resolved(rec))
 
@@ -486,29 +493,37 @@ class Supervisor:
             await self._write_state(self._state)
             self._saved = covered
 
-    def _stored(self) -> dict[str, Stored]:
-        entries: dict[str, Stored] = {}
-        for rec in self.store:
-            cred = rec.credential
-            if cred is None:
-                # A file broken since the start: what the last run saved stays saved until
-                # the file is fixed (its token may still be good then).
-                kept = self._restorable.get(rec.name)
-                if kept is not None:
-                    entries[rec.name] = kept
-                continue
-            identity = cred.identity
-            grant = rec.serving(identity)  # never an old identity's token under the new one
-            if grant is not None or rec.refresh_token is not None:
-                entries[rec.name] = Stored(identity, grant, rec.refresh_token)
-        return entries
+    def _stored(self, rec: Record | None) -> Stored | None:
+        """What the state dir keeps of *rec* (None: nothing)."""
+        if rec is None:
+            return None
+        cred = rec.credential
+        if cred is None:
+            # A file broken since the start: what the last run saved stays saved until
+            # the file is fixed (its token may still be good then).
+            return self._restorable.get(rec.name)
+        identity = cred.identity
+        grant = rec.serving(identity)  # never an old identity's token under the new one
+        if grant is None and rec.refresh_token is None:
+            return None
+        return Stored(identity, grant, rec.refresh_token)
 
     async def _write_state(self, state: StateFile) -> None:
-        entries = self._stored()
+        names, self._unsaved = self._unsaved, set()
+        full, self._save_all = self._save_all, False
+        get = self.store.get
         try:
-            await anyio.to_thread.run_sync(lambda: state.save(entries))
+            if full:
+                entries = {r.name: s for r in self.store if (s := self._stored(r)) is not None}
+                await anyio.to_thread.run_sync(lambda: state.save(entries))
+            else:
+                changes = {n: self._stored(get(n)) for n in names}
+                if not await anyio.to_thread.run_sync(lambda: state.put(changes)):
+                    self._save_all = True  # a new database: the next save fills it
+                    self._dirty.set()
         except OSError as e:
             log.error("state.save_failed", path=str(state.path), error=str(e))
+            self._save_all = True  # what this save missed is written by the next
 
     # -- fetching ----------------------------------------------------------------------------
 
