@@ -63,7 +63,8 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help=f"config file (default: $IMSD_CONFIG, else {DEFAULT_CONFIG} if it exists)",
+        help=f"config file (default: $IMSD_CONFIG, else {DEFAULT_CONFIG.name} in "
+        f"$CONFIGURATION_DIRECTORY under systemd or {DEFAULT_CONFIG}, if it exists)",
     )
     uses = _USES[command]
     for key, (text, metavar) in _OPTIONS.items():
