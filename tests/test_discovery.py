@@ -76,32 +76,32 @@ async def test_fake_discovery_has_adobes_shape(fake: FakeIms) -> None:
 async def test_one_company_is_discovered_and_used_everywhere(
     tmp_path: Path, fake: FakeIms, running: Any
 ) -> None:
-    discovery.set_companies(fake.state, "client-a", [{"globalCompanyId": "acme0"}])
+    # The client's one company by default (the one the fake gateway lets it call).
+    company = discovery.DEFAULT_COMPANY["globalCompanyId"]
     write_cred(tmp_path / "creds", "a", fake, extra=analytics(fake))
     d = await running()
     out = tmp_path / "tokens" / "a"
     headers = dict(
         line.split(": ", 1) for line in (out / "analytics.headers").read_text().splitlines()
     )
-    assert headers["x-proxy-global-company-id"] == "acme0"
+    assert headers["x-proxy-global-company-id"] == company
     env = (out / "analytics.env").read_text().splitlines()
-    assert "ADOBE_COMPANY_ID=acme0" in env
-    assert "ADOBE_BASE_URL=https://analytics.adobe.io/api/acme0" in env
+    assert f"ADOBE_COMPANY_ID={company}" in env
+    assert f"ADOBE_BASE_URL=https://analytics.adobe.io/api/{company}" in env
     doc = json.loads((out / "token.json").read_text())
-    assert doc["instances"]["analytics"]["base_url"] == "https://analytics.adobe.io/api/acme0"
+    assert doc["instances"]["analytics"]["base_url"] == f"https://analytics.adobe.io/api/{company}"
     assert doc["headers"]["analytics"] == headers  # the existing key, unchanged
     assert live(d, "a").last_error is None
     async with uds(d) as c:
         body = (await c.get("/v1/credentials/a/headers", params={"product": "analytics"})).json()
         assert body["type"] == "analytics"
-        assert body["base_url"] == "https://analytics.adobe.io/api/acme0"
+        assert body["base_url"] == f"https://analytics.adobe.io/api/{company}"
         assert body["headers"] == headers
         assert (await c.get("/v1/credentials/a/token")).json() == doc
     # What the daemon discovered satisfies the gateway.
     async with httpx.AsyncClient(base_url=fake.url) as c:
-        r = await c.get("/gateway/analytics/api/acme0/reportsuites", headers=headers)
+        r = await c.get(f"/gateway/analytics/api/{company}/reportsuites", headers=headers)
         assert r.status_code == 200, r.text
-        assert r.json()["x-proxy-global-company-id"] == "acme0"
 
 
 async def test_several_companies_are_the_credentials_error_and_the_token_stays(

@@ -232,10 +232,10 @@ def _import_env(tmp_path: Path) -> dict[str, str]:
     ("extra", "needle"),
     [
         (["--product", "aem"], "unknown product (aem, --product): choose among "),
-        (["--product", "analytics"], "option 'company_id' is required (analytics, --option)"),
+        (["--product", "campaign"], "option 'tenant' is required (campaign, --option)"),
         (
             ["--product", "analytics", "--option", "analytics.company=acme"],
-            "unknown option 'company' (allowed: company_id) (analytics, --option)",
+            "unknown option 'company' (allowed: company_id, discovery_url) (analytics, --option)",
         ),
         (["--option", "aep.sandbox=prod"], "add --product aep"),
         (["--product", "aep", "--option", "sandbox=prod"], "not PRODUCT.KEY=VALUE"),
