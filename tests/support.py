@@ -24,7 +24,9 @@ from imsd.fakeims.server import FakeIms
 from imsd.supervisor import Supervisor
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
-SCOPES = ["openid", "AdobeID", "read_organizations"]
+# With the scope that puts the client's product profiles in its tokens: the fake gateway
+# refuses a token without it, as Adobe's does.
+SCOPES = ["openid", "AdobeID", "read_organizations", "additional_info.projectedProductContext"]
 SECRET = "p8e-TestSecretValue0123456789abcdef"
 SECRET2 = "p8e-RotatedSecret9876543210fedcba"
 TECH = "ABCDEF0123456789ABCDEF01@techacct.adobe.com"

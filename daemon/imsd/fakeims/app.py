@@ -3,10 +3,9 @@
 
 IMS endpoints accept their parameters as ``application/x-www-form-urlencoded`` or
 ``multipart/form-data`` bodies, in the query string, and client credentials as HTTP Basic,
-with or without a trailing slash. ``/gateway/PRODUCT/...`` plays Adobe's API gateway: it
-checks the bearer token against this fake's own tokens, ``x-api-key`` against the token's
-client, and each product's required headers, answering in the gateway's error format.
-``/_fake/...`` lets another process drive the test controls.
+with or without a trailing slash. ``/gateway/PRODUCT/...`` plays Adobe's API gateways, as
+their documentation describes them (:mod:`imsd.fakeims.gateway`). ``/_fake/...`` lets another
+process drive the test controls.
 """
 
 from __future__ import annotations
@@ -19,18 +18,16 @@ import functools
 import json
 import secrets
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl
 
 import anyio
 
-from imsd.fakeims import authorize, discovery
-from imsd.fakeims.state import FakeImsState
+from imsd.fakeims import authorize, discovery, gateway
+from imsd.fakeims.state import FakeImsState, Profile
 from imsd.httpserver import AbortConnection, Request, Response
 
-__all__ = ["DRIP_HEADER", "GATEWAY_RULES", "FakeImsApp", "GatewayRule", "gzip_bomb"]
+__all__ = ["DRIP_HEADER", "FakeImsApp", "gzip_bomb"]
 
 _TOKEN_PATHS: Final = frozenset(
     {"/ims/token/v3", "/ims/token/v2", "/ims/token/v1", "/ims/token", "/ims/exchange/jwt"}
@@ -38,31 +35,6 @@ _TOKEN_PATHS: Final = frozenset(
 _JSON_UTF8: Final = "application/json;charset=UTF-8"
 #: Marks an answer whose body the connection sends one byte per this many seconds.
 DRIP_HEADER: Final = "x-fake-drip"
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayRule:
-    """What the gateway in front of one product requires beyond Bearer + x-api-key."""
-
-    org_header: str | None = "x-gw-ims-org-id"
-    required: tuple[str, ...] = ()
-    defaults: Mapping[str, str] | None = None  # header → value assumed when absent
-
-
-GATEWAY_RULES: Final[dict[str, GatewayRule]] = {
-    "generic": GatewayRule(),
-    "cja": GatewayRule(),
-    # AEP routes a request without x-sandbox-name to the prod sandbox.
-    "aep": GatewayRule(defaults={"x-sandbox-name": "prod"}),
-    "ajo": GatewayRule(required=("x-sandbox-name",)),
-    "analytics": GatewayRule(required=("x-proxy-global-company-id",)),
-    "analytics-1.4": GatewayRule(org_header=None),
-    "campaign": GatewayRule(org_header=None, required=("cache-control",)),
-}
-
-
-def _gateway_error(status: int, code: str, message: str) -> Response:
-    return Response.json({"error_code": code, "message": message}, status=status)
 
 
 def _multipart(content_type: str, body: bytes) -> dict[str, str]:
@@ -121,7 +93,7 @@ class FakeImsApp:
         if path in discovery.PATHS:
             return discovery.handle(self.state, req, path)
         if path.startswith("/gateway/"):
-            return self._gateway(req, path)
+            return gateway.handle(self.state, req, path)
         if path.startswith("/_fake/"):
             return self._control(req, path)
         if path == "/":
@@ -183,40 +155,6 @@ class FakeImsApp:
         expires = int(claims["created_at"]) + int(claims["expires_in"])
         return Response.json({"valid": True, "token": claims, "expires_at": expires})
 
-    def _gateway(self, req: Request, path: str) -> Response:
-        product = path.split("/")[2]
-        rule = GATEWAY_RULES.get(product)
-        if rule is None:
-            return _gateway_error(404, "404000", f"no such API: {product}")
-        auth = req.header("authorization")
-        if not auth:
-            return _gateway_error(403, "403010", "Oauth token is missing.")
-        claims = None
-        if auth[:7].lower() == "bearer ":
-            claims = self.state.validate_token(auth[7:].strip())
-        if claims is None:
-            return _gateway_error(401, "401013", "Oauth token is not valid")
-        api_key = req.header("x-api-key")
-        if not api_key:
-            return _gateway_error(403, "403000", "Api Key is required")
-        if api_key != claims.get("client_id"):
-            return _gateway_error(403, "403003", "Api Key is invalid")
-        if rule.org_header is not None:
-            org = req.header(rule.org_header)
-            if not org:
-                return _gateway_error(403, "403025", f"{rule.org_header} header is required")
-            if org != claims.get("org"):
-                return _gateway_error(403, "403026", "Profile is not valid for this org")
-        for name in rule.required:
-            if not req.header(name):
-                return _gateway_error(400, "400003", f"{name} header is required")
-        seen: dict[str, Any] = {"ok": True, "product": product, "client_id": claims["client_id"]}
-        for name, default in (rule.defaults or {}).items():
-            seen[name] = req.header(name) or default
-        for name in rule.required:
-            seen[name] = req.header(name)
-        return Response.json(seen)
-
     def _control(self, req: Request, path: str) -> Response:
         state = self.state
         if path == "/_fake/stats":
@@ -245,6 +183,7 @@ class FakeImsApp:
                     lifetime=body.get("lifetime"),
                     public_keys=[k.encode() for k in body.get("public_keys", [])],
                     metascopes=body.get("metascopes", []),
+                    profile=Profile.of(body["profile"]) if "profile" in body else None,
                 )
             elif path == "/_fake/login":
                 token = state.login(body["client_id"], body.get("scopes", []))

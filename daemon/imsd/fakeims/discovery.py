@@ -88,12 +88,13 @@ def _me(state: FakeImsState, req: Request) -> Response:
     if api_key != claims.get("client_id"):
         return _error(403, "403003", "Api Key is invalid")
     client_id = str(claims["client_id"])
+    client = state.client(client_id)  # tokens carry no org claim; the client has the org
     return Response.json(
         {
             "imsUserId": str(claims.get("user_id", client_id)),
             "imsOrgs": [
                 {
-                    "imsOrgId": str(claims.get("org", "")),
+                    "imsOrgId": client.org_id if client is not None else "",
                     "companies": companies_of(state, client_id),
                 }
             ],

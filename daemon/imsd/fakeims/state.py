@@ -7,10 +7,12 @@ hands each token request to :meth:`FakeImsState.token_request` as a plain mappin
 parameters and gets back ``(status, json_body, headers)``. Every public method takes the
 lock, so the state is safe to drive from a test thread while the server runs in its own.
 
-Tokens are shaped like IMS's (reference/ims-protocol.md §4): JWT-like, with ``created_at``
-and ``expires_in`` as millisecond strings and no ``exp``; they are HMAC-signed with a key
-private to this instance so :meth:`validate_token` (and the fake gateway) can tell ours from
-forgeries. Faults are consumed in a fixed order per request: reset, hang, bomb, fail,
+Tokens are shaped like IMS's (reference/ims-protocol.md §4): JWT-like, carrying only the
+claims real IMS tokens are documented to carry (``id``, ``type``, ``client_id``, ``user_id``,
+``as``, ``scope``, ``created_at`` and ``expires_in`` as millisecond strings; no ``exp`` and no
+org: the gateway finds a token's org through its client, as IMS does). They are HMAC-signed
+with a key private to this instance so :meth:`validate_token` (and the fake gateway) can tell
+ours from forgeries. Faults are consumed in a fixed order per request: reset, hang, bomb, fail,
 throttle; a drip applies to whatever answer is then sent.
 """
 
@@ -34,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from imsd.fakeims.authorize import Authorizations, authorization_code
 from imsd.fakeims.jwtcheck import Binding, Refused, check_assertion
 
-__all__ = ["Client", "FakeImsState", "LogEntry", "TokenReply"]
+__all__ = ["PRODUCTS", "Client", "FakeImsState", "LogEntry", "Profile", "TokenReply"]
 
 TokenReply = tuple[int, dict[str, Any], dict[str, str]]
 
@@ -55,6 +57,32 @@ def _error(status: int, code: str, description: str) -> TokenReply:
     return status, {"error": code, "error_description": description}, {}
 
 
+#: The product profiles a client can be in (what the fake gateway's products need).
+PRODUCTS: Final = frozenset({"aep", "ajo", "cja", "analytics", "campaign"})
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What an Admin Console admin gave a client (its product profiles) and what its org has:
+    the products it may call, the org's Platform sandboxes and the Campaign tenants it can
+    see. The default is in every product, with the ``prod`` and ``dev`` sandboxes and one
+    tenant (``fake``). The Analytics companies it can see are what the fake discovery lists
+    for it (:mod:`imsd.fakeims.discovery`, one company by default)."""
+
+    products: frozenset[str] = PRODUCTS
+    sandboxes: frozenset[str] = frozenset({"prod", "dev"})
+    tenants: frozenset[str] = frozenset({"fake"})
+
+    @classmethod
+    def of(cls, data: Mapping[str, Iterable[str]]) -> Profile:
+        """A profile from JSON-like *data*; keys left out keep their defaults."""
+        unknown = set(data) - {"products", "sandboxes", "tenants"}
+        if unknown:
+            raise KeyError(sorted(unknown)[0])
+        values = {k: frozenset(str(v) for v in vs) for k, vs in data.items()}
+        return cls(**values)
+
+
 @dataclass
 class Client:
     client_id: str
@@ -66,6 +94,7 @@ class Client:
     keys: list[RSAPublicKey] = field(default_factory=list)  # JWT: certificates' public keys
     metascopes: frozenset[str] = frozenset()
     require_jti: bool = False
+    profile: Profile = field(default_factory=Profile)
 
 
 @dataclass
@@ -146,6 +175,7 @@ class FakeImsState:
         public_keys: Iterable[bytes] = (),
         metascopes: Iterable[str] = (),
         require_jti: bool = False,
+        profile: Profile | None = None,
     ) -> Client:
         keep = list(secrets)
         if not 1 <= len(keep) <= 2:
@@ -162,10 +192,19 @@ class FakeImsState:
             keys=[_public_key(pem) for pem in public_keys],
             metascopes=frozenset(metascopes),
             require_jti=require_jti,
+            profile=profile or Profile(),
         )
         with self._lock:
             self.clients[client_id] = client
         return client
+
+    def client(self, client_id: str) -> Client | None:
+        with self._lock:
+            return self.clients.get(client_id)
+
+    def set_profile(self, client_id: str, profile: Profile) -> None:
+        with self._lock:
+            self.clients[client_id].profile = profile
 
     def set_secrets(self, client_id: str, secrets: Iterable[str]) -> None:
         with self._lock:
@@ -303,7 +342,6 @@ class FakeImsState:
             "client_id": client.client_id,
             "user_id": client.technical_account_id,
             "as": self.ims_as,
-            "org": client.org_id,
             "scope": ",".join(sorted(scopes)),
             "created_at": str(now_ms),
             "expires_in": str(int(lifetime * 1000)),
