@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from imsd.model import Credential, CredentialError, Grant, Secret
+from imsd.model import Credential, CredentialError, Grant, Secret, ValidatedOptions
 from imsd.plugin import Product, TokenView
 from imsd.registry import load_registry, validate_products
 from imsd.render import (
     RenderError,
     Unrendered,
+    Unresolved,
     document,
     product_env,
     product_headers,
@@ -439,3 +440,72 @@ def test_token_never_escapes_into_errors_or_file_names(
     assert set(files) == {"token", "token.json", "hostile.headers", "hostile.env"}
     assert files["token"] == token.encode()
     assert json.loads(files["token.json"])["access_token"] == token
+
+
+class Rooted(Hostile):
+    """A product whose base URLs are whatever the test says."""
+
+    def __init__(self, base: Any = None, named: Any = None) -> None:
+        super().__init__()
+        self._base, self._named = base, named
+
+    def base_url(self, options: Mapping[str, Any]) -> Any:
+        return self._base
+
+    def base_urls(self, options: Mapping[str, Any]) -> Any:
+        if self._named == "boom":
+            raise RuntimeError(f"leaking {TOKEN}")
+        return self._named or {}
+
+
+@pytest.mark.parametrize(
+    ("product", "reason"),
+    [
+        (Rooted("http://api.example.com"), "base_url is not an https URL"),
+        (Rooted("https://api.example.com/a b"), "base_url is not an https URL"),
+        (Rooted("https://api.example.com/\nX: y"), "base_url is not an https URL"),
+        (Rooted(b"https://api.example.com"), "base_url is not an https URL"),
+        (Rooted(None, {"Bad-Name": "https://a.example"}), "invalid name"),
+        (Rooted(None, {"x": "ftp://a.example"}), "base_urls['x'] is not an https URL"),
+        (Rooted(None, ["https://a.example"]), "base_urls is not a mapping"),
+        (Rooted(None, "boom"), "failed to compute its base URL (RuntimeError)"),
+    ],
+)
+def test_base_urls_are_validated(product: Product, reason: str) -> None:
+    c = cred(products=("hostile",))
+    with pytest.raises(RenderError) as err:
+        product_env(c, GRANT, product)
+    assert reason in str(err.value)
+    assert TOKEN not in str(err.value)
+    # The token and token.json are still written; only the instance is left out.
+    files, left_out = render_safe(c, GRANT, {"hostile": product})
+    assert json.loads(files["token.json"])["instances"] == {}
+    assert {f for u in left_out for f in u.files} >= {"hostile.env", "hostile.headers"}
+
+
+def test_loopback_and_named_base_urls_are_published() -> None:
+    c = cred(products=("hostile",))
+    product = Rooted("http://127.0.0.1:8080/api", {"journey": "https://j.example/x"})
+    env = product_env(c, GRANT, product)
+    assert env["ADOBE_BASE_URL"] == "http://127.0.0.1:8080/api"
+    assert env["ADOBE_JOURNEY_BASE_URL"] == "https://j.example/x"
+    entry = document(c, GRANT, {"hostile": product})["instances"]["hostile"]
+    assert entry == {
+        "type": "hostile",
+        "base_url": "http://127.0.0.1:8080/api",
+        "base_urls": {"journey": "https://j.example/x"},
+        "headers": {"x-a": "ok"},
+    }
+
+
+def test_unresolved_options_leave_the_instance_out_with_the_reason() -> None:
+    c = validate_products(cred(products=("aep", "cja")), PRODUCTS)
+    options = dict(c.product_options)
+    options["aep"] = Unresolved(options["aep"], "discovery said no")
+    c = replace(c, product_options=ValidatedOptions(options))
+    files, left_out = render_safe(c, GRANT, PRODUCTS)
+    assert "aep.headers" not in files
+    assert "aep.env" not in files
+    assert "cja.headers" in files
+    assert sorted(json.loads(files["token.json"])["instances"]) == ["cja"]
+    assert [str(u.reason) for u in left_out] == ["c: product 'aep': discovery said no"] * 2
