@@ -6,13 +6,18 @@ and discovering again when the credential changes."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from imsd.discovery import MAX_REQUESTS, Discoveries
 from imsd.fakeims import discovery
 from imsd.fakeims.server import FakeIms
+from imsd.model import Credential, Grant, Secret
+from imsd.plugin import Discovery, HttpRequest, HttpResponse, TokenView
+from imsd.render import render_safe
 
 from tests.support import ORG, SECRET, live, uds, wait_for, write_cred
 
@@ -180,3 +185,88 @@ async def test_discovery_failures_name_the_instance(
     assert "a: product 'analytics'" in error, error
     assert needle in error, error
     assert (tmp_path / "tokens" / "a" / "token").read_text()  # the token is never dropped
+
+
+# -- the plugin API's rules, with a third party's discover() ------------------------------------
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJ0eXBlIjoiYWNjZXNzX3Rva2VuIn0.c2ln-_"
+
+
+class Finder:
+    """A third-party product whose discovery does what the test says."""
+
+    name = "finder"
+    default_scopes: tuple[str, ...] = ()
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def validate_options(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        return dict(options)
+
+    def headers(self, view: TokenView) -> dict[str, str]:
+        return {"x-found": str(view.options["found"])}
+
+    def env(self, view: TokenView) -> dict[str, str]:
+        return {}
+
+    def base_url(self, options: Mapping[str, Any]) -> str | None:
+        return None
+
+    def discover(self, view: TokenView) -> Discovery | None:
+        return None if "found" in view.options else self._flow(view)
+
+    def _flow(self, view: TokenView) -> Discovery:
+        url = "http://api.example.com/me" if self.how == "cleartext" else "https://a.example/me"
+        answer = yield HttpRequest("GET", url)
+        while self.how == "loop":
+            answer = yield HttpRequest("GET", url)
+        if self.how == "leak":
+            raise ValueError(f"cannot use {view.access_token} here")
+        if self.how == "bug":
+            raise RuntimeError(view.access_token)
+        return {"found": answer.body.decode()}
+
+
+@pytest.mark.parametrize(
+    ("how", "outcome"),
+    [
+        ("ok", "x-found: it\n"),
+        ("leak", "cannot use <redacted> here"),
+        ("bug", "discovery failed (RuntimeError)"),
+        ("cleartext", "discovery asked for a URL that is not https"),
+        ("loop", f"discovery made more than {MAX_REQUESTS} requests"),
+    ],
+)
+async def test_discover_hook_rules(how: str, outcome: str) -> None:
+    sent: list[str] = []
+
+    async def send(request: HttpRequest) -> HttpResponse:
+        sent.append(request.url)
+        return HttpResponse(200, {}, b"it")
+
+    products = {"finder": Finder(how)}
+    cred = Credential(
+        name="c",
+        path=Path("/c.toml"),
+        auth="oauth_server_to_server",
+        client_id="cid",
+        client_secret=Secret("s"),
+        org_id=ORG,
+        scopes=("openid",),
+        products=("finder",),
+    )
+    grant = Grant(Secret(TOKEN), "bearer", 1_800_000_000.0, 1_800_086_400.0)
+    found = Discoveries(send)
+    pending = render_safe(found.resolved(cred, grant, products), grant, products)[1]
+    assert "not finished" in str(pending[0])
+    resolved = await found.resolve(cred, grant, products)
+    assert found.resolved(cred, grant, products) is resolved  # kept for this version
+    files, left_out = render_safe(resolved, grant, products)
+    if how == "ok":
+        assert files["finder.headers"].decode() == outcome
+    else:
+        assert outcome in str(left_out[0])
+        assert TOKEN not in str(left_out[0])
+    assert all(url.startswith("https://") for url in sent)
+    assert len(sent) <= MAX_REQUESTS
