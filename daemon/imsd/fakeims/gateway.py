@@ -13,10 +13,13 @@ guide, https://experienceleague.adobe.com/en/docs/experience-platform/landing/tr
 - a required org header missing: 400 ``400003 Missing header``; naming another org than the
   client's, or a token without the product's entitlement: 403 ``403025 Profile is not valid``
 
-Entitlement: IMS puts a client's product profiles in the token's product context only when
-the token was minted with ``additional_info.projectedProductContext`` (every product's
-documented scope set has it), so a token without that scope (say, ``openid`` alone) is refused
-by every product, as is a client whose :class:`~imsd.fakeims.state.Profile` lacks the product.
+Entitlement: a token reaches a product only through its product context (``prodCtx``: the
+Campaign troubleshooting page says the request is routed by it; the Analytics curl guide shows
+it with ``serviceCode`` and ``global_company_id``), which IMS projects when the token was
+minted with ``additional_info.projectedProductContext``, a scope every product's documented
+scope set has. So a token without that scope (say, ``openid`` alone) is refused by every
+product, as is a client whose :class:`~imsd.fakeims.state.Profile` lacks the product. (That
+the gateway answers "Profile is not valid" for the missing scope is inferred from those pages.)
 
 Guesses (nothing published): the status and shape for an unknown sandbox, an Analytics
 company the client cannot see, an Analytics request naming no company, and an unknown
@@ -59,9 +62,9 @@ _PLATFORM_GUIDE: Final = (
 
 PRODUCTS: Final[dict[str, ProductRule]] = {
     # Any Experience Cloud API behind the gateway, with the Platform trio of headers.
-    # https://experienceleague.adobe.com/en/docs/experience-platform/landing/troubleshooting
     "generic": ProductRule(
-        doc="experience-platform/landing/troubleshooting#request-header-errors", profile=None
+        doc="https://experienceleague.adobe.com/en/docs/experience-platform/landing/troubleshooting",
+        profile=None,
     ),
     # "Authorization, x-api-key, x-gw-ims-org-id"; "x-sandbox-name: {SANDBOX_NAME}" and
     # "If the x-sandbox-name header is not specified, requests are resolved under the prod
@@ -70,7 +73,8 @@ PRODUCTS: Final[dict[str, ProductRule]] = {
     "aep": ProductRule(doc=_PLATFORM_GUIDE, profile="aep", sandboxed=True),
     # AdobeDocs/journey-optimizer-apis src/pages/references/authentication.md: Authorization,
     # X-Api-Key, x-gw-ims-org-id (its Cache-Control and Content-Type are sample headers, not
-    # checks). Its APIs sit on the Platform gateway, so the sandbox rule is AEP's.
+    # checks). Its APIs sit on platform.adobe.io, so the sandbox rule is AEP's (inferred: its
+    # OpenAPI specs list x-sandbox-name per call, its auth page does not require it).
     "ajo": ProductRule(
         doc="https://developer.adobe.com/journey-optimizer-apis/references/authentication/",
         profile="ajo",
