@@ -205,8 +205,10 @@ def test_profile_over_http(client: httpx.Client) -> None:
     base = {"Authorization": f"Bearer {token(client, cid='remote')}", "x-api-key": "remote"}
     assert client.get("/gateway/campaign/remoteco/campaign/x", headers=base).status_code == 200
     assert client.get("/gateway/campaign/acme/campaign/x", headers=base).status_code == 403
-    bad = {"client_id": "x", "secrets": ["s"], "scopes": [], "org_id": ORG, "profile": {"a": []}}
-    assert client.post("/_fake/clients", json=bad).status_code == 400
+    bad = {"client_id": "x", "secrets": ["s"], "scopes": [], "org_id": ORG}
+    for profile in ({"a": []}, {"tenants": "acme"}):
+        r = client.post("/_fake/clients", json={**bad, "profile": profile})
+        assert r.status_code == 400, profile
 
 
 # -- every built-in product, as the daemon renders it ----------------------------------------

@@ -79,6 +79,8 @@ class Profile:
         unknown = set(data) - {"products", "sandboxes", "tenants"}
         if unknown:
             raise KeyError(sorted(unknown)[0])
+        if any(isinstance(vs, str) for vs in data.values()):
+            raise TypeError("profile values are lists of names")
         values = {k: frozenset(str(v) for v in vs) for k, vs in data.items()}
         return cls(**values)
 
