@@ -206,7 +206,8 @@ def test_profile_over_http(client: httpx.Client) -> None:
     assert client.get("/gateway/campaign/remoteco/campaign/x", headers=base).status_code == 200
     assert client.get("/gateway/campaign/acme/campaign/x", headers=base).status_code == 403
     bad = {"client_id": "x", "secrets": ["s"], "scopes": [], "org_id": ORG}
-    for profile in ({"a": []}, {"tenants": "acme"}):
+    profiles: list[dict[str, object]] = [{"a": []}, {"tenants": "acme"}]
+    for profile in profiles:
         r = client.post("/_fake/clients", json={**bad, "profile": profile})
         assert r.status_code == 400, profile
 
