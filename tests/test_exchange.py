@@ -4,23 +4,26 @@ import gzip
 import socket
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from imsd.catalog import Added
+from imsd.cli import main
 from imsd.credentials import builtin_auth_methods
+from imsd.daemon import Daemon
 from imsd.exchange import ImsClient, check_url
 from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
-from imsd.flows import Flow
+from imsd.flows import Flow, parse_token_response
 from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, Secret
 from imsd.registry import load_registry
 from imsd.supervisor import Supervisor
+from structlog.testing import capture_logs
 
-from tests.support import ORG
+from tests.support import ORG, live, uds, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
 GZIP = {"content-encoding": "gzip"}
@@ -244,3 +247,72 @@ async def test_identity_asked_and_raw_bytes_capped() -> None:
             await client.run(flow("/gzip"))
         assert err.value.code == "response_compressed"
     assert seen == ["identity", "identity"]
+
+
+async def test_a_failure_carries_the_answers_x_debug_id(fake: FakeIms) -> None:
+    """IMS's x-debug-id (the fake sends one with every answer) rides on the error: on a
+    refusal, on a 2xx without a usable token (the flow's error, filled in by the driver) and
+    on an answer refused unread; a network error has none."""
+    async with ImsClient() as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(fake.url, "wrong"), 0.0))
+    assert err.value.code == "invalid_client"
+    assert len(err.value.debug_id or "") == 16
+
+    async def body() -> AsyncIterator[bytes]:  # streamed, as a real answer is
+        yield b'{"token_type": "bearer"}'
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/big":
+            return httpx.Response(200, content=b"x" * 5000, headers={"x-debug-id": "dbg-big"})
+        return httpx.Response(200, content=body(), headers={"X-Debug-Id": "dbg-1"})
+
+    def flow(path: str) -> Flow:
+        response = yield HttpRequest("POST", f"https://ims.example{path}")
+        return parse_token_response(response, now=0.0)
+
+    async with ImsClient(transport=httpx.MockTransport(answer), max_body=1000) as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(flow("/ims/token/v3"))
+        assert (err.value.code, err.value.debug_id) == ("invalid_response", "dbg-1")
+        with pytest.raises(ImsError) as err:
+            await client.run(flow("/big"))
+        assert (err.value.code, err.value.debug_id) == ("response_too_large", "dbg-big")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with ImsClient() as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(f"http://127.0.0.1:{port}"), 0.0))
+    assert (err.value.code, err.value.debug_id) == ("network_error", None)
+
+
+async def test_the_debug_id_of_a_failed_refresh_reaches_status_the_socket_and_the_logs(
+    fake: FakeIms,
+    tmp_path: Path,
+    running: Callable[..., Awaitable[Daemon]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """End to end: a daemon whose secret IMS refuses records the answer's x-debug-id; the
+    log line, ``GET /v1/credentials``, the socket's error bodies and ``imsd status`` show it."""
+    write_cred(tmp_path / "creds", "bad", fake, client_id="cid", secret="wrong")
+    with capture_logs() as logs:
+        d = await running()
+        bad = live(d, "bad")
+        await wait_for(lambda: bad.debug_id is not None)
+    debug_id = bad.debug_id
+    assert bad.fetch_error.startswith("HTTP 401 invalid_client")
+    assert debug_id not in bad.fetch_error
+    [line, *_] = [e for e in logs if e["event"] == "token.refresh_failed"]
+    assert (line["error"], line["debug_id"]) == (bad.fetch_error, debug_id)
+    async with uds(d) as c:
+        [row] = (await c.get("/v1/credentials")).json()["credentials"]
+        token = (await c.get("/v1/credentials/bad/token")).json()
+        refresh = (await c.post("/v1/credentials/bad/refresh")).json()
+    assert (row["last_error"], row["debug_id"]) == (bad.fetch_error, debug_id)
+    assert (token["error"], token["debug_id"]) == ("expired", debug_id)
+    assert (refresh["error"], refresh["debug_id"]) == ("too_many_requests", debug_id)
+    code = await anyio.to_thread.run_sync(main, ["status", "--socket", str(d.settings.socket)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"{bad.fetch_error} (x-debug-id {debug_id})" in out

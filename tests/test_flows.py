@@ -340,3 +340,44 @@ def test_numbers_from_ims_never_crash(created: Any, life: Any, expires_in: Any) 
         return
     assert NOW - 300 <= g.issued_at < g.expires_at <= NOW + 300 + 366 * 86400
     rfc3339(g.issued_at), rfc3339(g.expires_at)
+
+
+@pytest.mark.parametrize(
+    ("description", "kind"),
+    [
+        ("jwt_token is missing", ImsErrorKind.PERMANENT),
+        ("the JWT cannot be decoded", ImsErrorKind.PERMANENT),
+        ("Malformed JWT", ImsErrorKind.PERMANENT),
+        ("the JWT has expired", ImsErrorKind.TRANSIENT),  # a clock skew: a retry may pass
+        ("", ImsErrorKind.TRANSIENT),
+    ],
+)
+def test_a_jwt_invalid_token_about_the_assertion_itself_is_permanent(
+    description: str, kind: ImsErrorKind
+) -> None:
+    """IMS's JWT table: invalid_token for a missing or undecodable JWT (signing it again the
+    same way cannot help) and for an expired one (a new assertion may pass)."""
+    body = {"error": "invalid_token", "error_description": description}
+    assert classify_error(resp(400, body), now=NOW).kind is kind
+    assert classify_error(resp(503, body), now=NOW).kind is ImsErrorKind.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("a1b2c3d4e5f60718", "a1b2c3d4e5f60718"),
+        (" 5f1c-AB:9/x+y= ", "5f1c-AB:9/x+y="),
+        ("bad id\x1b[2J", None),  # a terminal escape from a hostile proxy: dropped
+        ("x" * 129, None),
+        (None, None),
+    ],
+)
+def test_every_classified_error_carries_the_ims_debug_id(
+    header: str | None, expected: str | None
+) -> None:
+    """Adobe support asks for IMS's x-debug-id: each failure keeps it, when it is sane."""
+    headers = {} if header is None else {"x-debug-id": header}
+    for status, body in ((401, {"error": "invalid_client"}), (429, {}), (503, b"<html>")):
+        e = classify_error(resp(status, body, **headers), now=NOW)
+        assert e.debug_id == expected
+        assert header is None or header.strip() not in str(e)  # a field, not in the message

@@ -46,10 +46,15 @@ def default_allowed_uids() -> frozenset[int]:
     return frozenset({0, os.getuid()})
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> Response:
-    return Response.json(
-        {"error": code, "message": message}, status=status, headers=list(headers.items()) or None
-    )
+def _error(
+    status: int, code: str, message: str, *, debug_id: str | None = None, **headers: str
+) -> Response:
+    """An error body; ``debug_id`` (IMS's ``x-debug-id`` behind a failed refresh) only when
+    there is one."""
+    body = {"error": code, "message": message}
+    if debug_id is not None:
+        body["debug_id"] = debug_id
+    return Response.json(body, status=status, headers=list(headers.items()) or None)
 
 
 def readiness(store: TokenStore, now: float) -> tuple[bool, dict[str, str]]:
@@ -205,6 +210,7 @@ class Api:
                     "expires_at": rfc3339(e.grant.expires_at) if e.grant else None,
                     "last_refresh": rfc3339(e.last_refresh) if e.last_refresh else None,
                     "last_error": e.error(),
+                    "debug_id": e.error_debug_id(),
                 }
             )
         return Response.json({"credentials": items})
@@ -217,7 +223,13 @@ class Api:
         code = {CredentialState.EXPIRED: "expired", CredentialState.INVALID: "invalid"}.get(
             state, "not_ready"
         )
-        return _error(503, code, f"{entry.name}: {state.value}: {reason}", **{"Retry-After": "5"})
+        return _error(
+            503,
+            code,
+            f"{entry.name}: {state.value}: {reason}",
+            debug_id=entry.error_debug_id(),
+            **{"Retry-After": "5"},
+        )
 
     def _token(self, entry: Entry) -> Response:
         unavailable = self._unavailable(entry)
@@ -285,6 +297,7 @@ class Api:
                 "too_many_requests",
                 f"{entry.name}: the next attempt is allowed in {wait} s"
                 + (f" (last error: {entry.error()})" if entry.error() else ""),
+                debug_id=entry.error_debug_id(),
                 **{"Retry-After": wait},
             )
         last = entry.last_refresh
@@ -297,7 +310,12 @@ class Api:
             return _error(404, "unknown_credential", f"no credential named {entry.name!r}")
         if current.last_refresh == last and current.consecutive_failures:
             # The attempt failed; the old token (if any) is still served by GET .../token.
-            return _error(502, "refresh_failed", f"{entry.name}: {current.error()}")
+            return _error(
+                502,
+                "refresh_failed",
+                f"{entry.name}: {current.error()}",
+                debug_id=current.error_debug_id(),
+            )
         return self._token(current)
 
 

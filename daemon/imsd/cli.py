@@ -519,6 +519,7 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
                     f"{printable(row['name']):<24} {printable(_shown_state(row)):<8} "
                     f"{printable(row['expires_at'] or '-'):<21} "
                     f"{printable(row['last_error'] or '')}"
+                    + (f" (x-debug-id {printable(row['debug_id'])})" if row.get("debug_id") else "")
                 )
             return 0
         if args.command == "token":

@@ -19,7 +19,7 @@ import anyio
 import httpx
 
 from imsd import __version__
-from imsd.flows import Flow, check_grant
+from imsd.flows import Flow, check_grant, debug_id
 from imsd.model import (
     Grant,
     HttpRequest,
@@ -120,20 +120,30 @@ class ImsClient:
             self._http = None
 
     async def run(self, flow: Flow) -> Grant:
-        """Drive *flow* to its Grant, sending each request it yields."""
+        """Drive *flow* to its Grant, sending each request it yields. An error the flow
+        raises on an answer carries that answer's ``x-debug-id`` (whatever the flow did)."""
+        response: HttpResponse | None = None  # the answer being handled, if any
         try:
-            request = _step(flow, None)
-            while True:
-                response = await self.send(request, owner=flow)
-                request = _step(flow, response)
-        except StopIteration as stop:
-            grant = stop.value
-            if not isinstance(grant, Grant):
-                raise ImsError(
-                    ImsErrorKind.TRANSIENT, "auth_method_error", "the auth flow returned no Grant"
-                ) from None
-            # A third-party flow may build its Grant without parse_token_response's checks.
-            return check_grant(grant)
+            try:
+                request = _step(flow, None)
+                while True:
+                    response = None
+                    response = await self.send(request, owner=flow)
+                    request = _step(flow, response)
+            except StopIteration as stop:
+                grant = stop.value
+                if not isinstance(grant, Grant):
+                    raise ImsError(
+                        ImsErrorKind.TRANSIENT,
+                        "auth_method_error",
+                        "the auth flow returned no Grant",
+                    ) from None
+                # A third-party flow may build its Grant without parse_token_response's checks.
+                return check_grant(grant)
+        except ImsError as e:
+            if e.debug_id is None and response is not None:
+                e.debug_id = debug_id(response)
+            raise
         finally:
             flow.close()
 
@@ -144,7 +154,14 @@ class ImsClient:
 
         def refuse(code: str, why: str) -> ImsError:
             self._note(resp.status_code)
-            return ImsError(ImsErrorKind.TRANSIENT, code, why, status=resp.status_code)
+            headers = {k.lower(): v for k, v in resp.headers.items()}
+            return ImsError(
+                ImsErrorKind.TRANSIENT,
+                code,
+                why,
+                status=resp.status_code,
+                debug_id=debug_id(HttpResponse(resp.status_code, headers, b"")),
+            )
 
         encoding = resp.headers.get("content-encoding", "").strip().lower() or "identity"
         if encoding != "identity":

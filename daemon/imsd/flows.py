@@ -19,6 +19,7 @@ import json
 import math
 import re
 from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
@@ -36,9 +37,12 @@ from imsd.model import (
 
 __all__ = [
     "AuthMethodLike",
+    "CredentialView",
     "Flow",
     "check_grant",
     "classify_error",
+    "credential_view",
+    "debug_id",
     "expires_in_unit",
     "flow_for",
     "is_bearer_token",
@@ -48,10 +52,48 @@ __all__ = [
 Flow = Generator[HttpRequest, HttpResponse, Grant]
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialView:
+    """What an auth method's flow sees of a credential: the fields IMS needs, never where the
+    file is, its digest or the daemon's actions (:class:`imsd.plugin.AuthMethod`).
+
+    ``options`` are what the method's ``validate`` returned (its own fields, secrets among
+    them as :class:`~imsd.model.Secret` values: a private key, a refresh token...).
+
+    .. versionadded:: API 1.2
+    """
+
+    name: str
+    auth: str
+    client_id: str
+    client_secret: Secret
+    org_id: str
+    scopes: tuple[str, ...]
+    ims_url: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # options may hold anything a method validated
+        return f"CredentialView(name={self.name!r}, auth={self.auth!r})"
+
+
+def credential_view(cred: Credential) -> CredentialView:
+    """The :class:`CredentialView` of *cred*, what its auth method's flow receives."""
+    return CredentialView(
+        cred.name,
+        cred.auth,
+        cred.client_id,
+        cred.client_secret,
+        cred.org_id,
+        cred.scopes,
+        cred.ims_url,
+        cred.options,
+    )
+
+
 class AuthMethodLike(Protocol):
     """What :func:`flow_for` needs of an auth method (:class:`imsd.plugin.AuthMethod`)."""
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow: ...
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow: ...
 
 
 #: Errors that retrying cannot fix: the credential file must change.
@@ -77,6 +119,10 @@ _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MAX_TOKEN: Final = 16384
 _DIGITS: Final = re.compile(r"[0-9]{1,16}(\.[0-9]{1,16})?")
 _SECONDS: Final = re.compile(r"[0-9]+")  # Retry-After delta-seconds
+_DEBUG_ID: Final = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+#: An ``invalid_token`` about the assertion itself (missing, undecodable, malformed), which a
+#: retry signs the same way again; an expired one (a clock skew) may pass on retry.
+_BROKEN_ASSERTION: Final = re.compile(r"missing|absent|decod|malformed|pars(e|ing)", re.I)
 
 
 def expires_in_unit(path: str) -> str:
@@ -108,8 +154,29 @@ def _json(resp: HttpResponse) -> Any:
         return None
 
 
+def debug_id(resp: HttpResponse) -> str | None:
+    """IMS's ``x-debug-id`` header (Adobe support asks for it), if it has a sane shape."""
+    value = resp.headers.get("x-debug-id", "").strip()
+    return value if _DEBUG_ID.fullmatch(value) else None
+
+
+def _permanent(code: str, description: str, status: int) -> bool:
+    if status >= 500:
+        return False
+    if code == "invalid_token":  # JWT exchange: see _BROKEN_ASSERTION
+        return _BROKEN_ASSERTION.search(description) is not None
+    return code in PERMANENT_CODES
+
+
 def classify_error(resp: HttpResponse, *, now: float = 0.0) -> ImsError:
-    """Turn a non-2xx IMS answer into a classified error (never quoting the request)."""
+    """Turn a non-2xx IMS answer into a classified error (never quoting the request), with
+    its ``x-debug-id``."""
+    error = _classify(resp, now)
+    error.debug_id = debug_id(resp)
+    return error
+
+
+def _classify(resp: HttpResponse, now: float) -> ImsError:
     body = _json(resp)
     code, description = "", ""
     if isinstance(body, dict):
@@ -123,7 +190,7 @@ def classify_error(resp: HttpResponse, *, now: float = 0.0) -> ImsError:
             status=resp.status,
             retry_after=_retry_after(resp.headers.get("retry-after"), now),
         )
-    if code in PERMANENT_CODES and resp.status < 500:
+    if _permanent(code, description, resp.status):
         return ImsError(ImsErrorKind.PERMANENT, code, description, status=resp.status)
     if resp.status in (401, 403) and not code:
         return ImsError(ImsErrorKind.PERMANENT, "unauthorized", description, status=resp.status)
@@ -241,8 +308,9 @@ def flow_for(
     now: float,
     refresh_token: Secret | None = None,
 ) -> Flow:
-    """The flow of *cred*'s auth method (an :class:`imsd.plugin.AuthMethod`)."""
+    """The flow of *cred*'s auth method (an :class:`imsd.plugin.AuthMethod`), which sees only
+    the credential's :class:`CredentialView`."""
     method = methods.get(cred.auth)
     if method is None:
         raise CredentialError(cred.path, f"unsupported auth method {cred.auth!r}", field="auth")
-    return method.flow(cred, now, refresh_token)
+    return method.flow(credential_view(cred), now, refresh_token)

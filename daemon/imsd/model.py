@@ -268,12 +268,15 @@ class ImsError(Exception):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        debug_id: str | None = None,
     ) -> None:
         self.kind = kind
         self.code = code
         self.description = description
         self.status = status
         self.retry_after = retry_after
+        #: IMS's ``x-debug-id`` for the failed answer (Adobe support asks for it); not in str()
+        self.debug_id = debug_id
         msg = code if not description else f"{code}: {description}"
         if status is not None:
             msg = f"HTTP {status} {msg}"

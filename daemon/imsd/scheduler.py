@@ -115,6 +115,7 @@ class Record:
     consecutive_failures: int = 0
     fetch_error: str | None = None
     error_kind: ImsErrorKind | None = None
+    debug_id: str | None = None  # IMS's x-debug-id of the answer behind fetch_error
     last_refresh: float | None = None  # wall clock of the last success (or restored issue)
     attempted_at: float = -math.inf  # wall clock when the last fetch began
     due: float = 0.0  # wall clock of the next fetch; inf: none (no usable credential)
@@ -143,6 +144,11 @@ class Record:
     def error(self) -> str | None:
         """The most relevant error to show: a broken file wins over a failed refresh."""
         return self.file_error or self.last_error
+
+    def error_debug_id(self) -> str | None:
+        """IMS's ``x-debug-id`` for :meth:`error`, when that is the failed refresh."""
+        shown = self.error()
+        return self.debug_id if shown is not None and shown == self.fetch_error else None
 
     def wake_at(self) -> float:
         """When the driver must look at this record again (inf: only an event wakes it)."""
@@ -263,6 +269,7 @@ def fetch_succeeded(
         consecutive_failures=0,
         fetch_error=None,
         error_kind=None,
+        debug_id=None,
         last_refresh=now,
         due=next_refresh_at(grant, policy, rand),
         write_pending=True,
@@ -289,6 +296,7 @@ def fetch_failed(
         consecutive_failures=failures,
         fetch_error=str(error),
         error_kind=error.kind,
+        debug_id=error.debug_id,
         due=retry_at(now, error, failures, policy, rand, expires),
         attempted=True,
     )

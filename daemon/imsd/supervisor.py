@@ -604,6 +604,7 @@ class Supervisor:
                 kind=e.kind.value,
                 failures=failed.consecutive_failures,
                 state=failed.state(now).value,
+                **({"debug_id": e.debug_id} if e.debug_id else {}),
                 **({"retry_in": round(max(0.0, failed.due - now), 1)} if retries else {}),
             )
             await self._apply(step)

@@ -4,8 +4,9 @@ or an IMS error out).
 It follows the documented ``/ims/exchange/jwt`` error table (reference/ims-protocol.md §2):
 ``invalid_token`` (undecodable, expired, ``exp``/``jti`` of the wrong type), ``invalid_signature``
 (no registered key verifies it, or not RS256), ``invalid_jti`` (required and missing, or
-replayed), ``invalid_scope`` (metascopes absent or not a subset of the binding's) and
-``bad_request`` (``iss``/``sub``/``aud`` not those of the binding).
+replayed), ``invalid_scope`` (metascopes absent or not a subset of the binding's),
+``bad_request`` (``iss``/``sub`` not those of the binding) and ``invalid_client`` (``aud`` does
+not name the client, or names another IMS environment: documented as ``400 invalid_client``).
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ def check_assertion(
     aud = claims.get("aud")
     suffix = f"/c/{binding.client_id}"
     if not isinstance(aud, str) or not aud.endswith(suffix):
-        raise Refused("bad_request", "aud is not {ims}/c/{client_id}")
+        raise Refused("invalid_client", "aud is not {ims}/c/{client_id}")
     base = aud[: -len(suffix)]
     if origin is not None and base.rstrip("/") != origin.rstrip("/"):
-        raise Refused("bad_request", "aud names another IMS host")
+        raise Refused("invalid_client", "aud names another IMS host")
     prefix = f"{base}/s/"
     asked = {k[len(prefix) :] for k, v in claims.items() if k.startswith(prefix) and v is True}
     if not asked:
