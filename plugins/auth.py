@@ -14,7 +14,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from imsd.plugin import (
     AuthMethod,
-    Credential,
+    CredentialView,
     Flow,
     HttpRequest,
     ImsError,
@@ -35,7 +35,7 @@ _JWT_HEADERS: Final = {"Accept": "application/json", "Cache-Control": "no-cache"
 
 
 def _post(
-    cred: Credential, path: str, form: Mapping[str, str], headers: Mapping[str, str] = _ACCEPT
+    cred: CredentialView, path: str, form: Mapping[str, str], headers: Mapping[str, str] = _ACCEPT
 ) -> HttpRequest:
     return HttpRequest("POST", cred.ims_url.rstrip("/") + path, form=dict(form), headers=headers)
 
@@ -71,7 +71,7 @@ def _one_of(table: Mapping[str, Any], fields: Sequence[str]) -> str | None:
 # -- OAuth Server-to-Server ----------------------------------------------------------------
 
 
-def client_credentials_flow(cred: Credential, now: float, *, version: str = "v3") -> Flow:
+def client_credentials_flow(cred: CredentialView, now: float, *, version: str = "v3") -> Flow:
     """One POST of ``grant_type=client_credentials`` to ``/ims/token/{version}``."""
     path = f"/ims/token/{version}"
     form = {
@@ -86,6 +86,7 @@ def client_credentials_flow(cred: Credential, now: float, *, version: str = "v3"
 
 class ServerToServer:
     name = "oauth_server_to_server"
+    notice: str | None = None
     fields: frozenset[str] = frozenset()
 
     def validate(self, table: Mapping[str, Any], secrets: SecretSource) -> Mapping[str, Any]:
@@ -93,8 +94,8 @@ class ServerToServer:
             raise ValueError("scopes: at least one scope is required")
         return {}
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow:
-        return client_credentials_flow(credential, now)
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow:
+        return client_credentials_flow(view, now)
 
 
 # -- legacy JWT service account -------------------------------------------------------------
@@ -106,7 +107,7 @@ class Jwt:
     to migrate."""
 
     name = "jwt"
-    notice = DEPRECATION
+    notice: str | None = DEPRECATION
     fields: frozenset[str] = frozenset(
         {
             "technical_account_id",
@@ -154,8 +155,8 @@ class Jwt:
             options["passphrase"] = passphrase
         return options
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow:
-        return jwt_flow(credential, now)
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow:
+        return jwt_flow(view, now)
 
 
 #: Loaded keys by the digest of their PEM and passphrase. Parsing an encrypted key runs its
@@ -179,7 +180,7 @@ def _loaded_key(pem: Secret, passphrase: Secret | None) -> RSAPrivateKey:
     return key
 
 
-def jwt_flow(cred: Credential, now: float) -> Flow:
+def jwt_flow(cred: CredentialView, now: float) -> Flow:
     opts = cred.options
     passphrase = opts.get("passphrase")
     try:
@@ -219,6 +220,7 @@ class RefreshToken:
     every use; the daemon persists the returned one and passes it back as *refresh_token*."""
 
     name = "refresh_token"
+    notice: str | None = None
     #: ``redirect_uri`` is only read by ``imsd login`` (which obtains the first token)
     fields: frozenset[str] = frozenset({"refresh_token_file", "refresh_token_env", "redirect_uri"})
 
@@ -236,11 +238,11 @@ class RefreshToken:
                 raise
             raise ValueError(f"{e}; imsd login NAME obtains the first refresh token") from None
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow:
-        return refresh_token_flow(credential, now, refresh_token)
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow:
+        return refresh_token_flow(view, now, refresh_token)
 
 
-def refresh_token_flow(cred: Credential, now: float, refresh_token: Secret | None) -> Flow:
+def refresh_token_flow(cred: CredentialView, now: float, refresh_token: Secret | None) -> Flow:
     current = refresh_token or cred.options.get("refresh_token")
     if not isinstance(current, Secret) or not current:
         raise ImsError(ImsErrorKind.PERMANENT, "invalid_grant", "no refresh token")

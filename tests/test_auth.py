@@ -22,8 +22,10 @@ from imsd.credentials import builtin_auth_methods, parse_credentials
 from imsd.daemon import Daemon, run_once
 from imsd.fakeims.jwtcheck import Binding, Refused, check_assertion
 from imsd.fakeims.server import FakeIms
+from imsd.flows import credential_view
 from imsd.model import Credential, CredentialError, HttpResponse, ImsError, ImsErrorKind, Secret
 from imsd.persist import StateFile
+from imsd.plugin import CredentialView
 from imsd.registry import load_registry
 
 from tests.support import (
@@ -47,10 +49,10 @@ def method(name: str) -> Any:
     return builtin_auth_methods()[name]
 
 
-def cred(auth: str, **options: Any) -> Credential:
-    return Credential(
+def cred(auth: str, **options: Any) -> CredentialView:
+    """What a flow receives (the public view, never the daemon's Credential)."""
+    return CredentialView(
         name="c",
-        path=Path("/c.toml"),
         auth=auth,
         client_id="cid",
         client_secret=Secret(SECRET),
@@ -238,7 +240,7 @@ def test_an_encrypted_key_is_loaded_once_when_the_file_is_read_not_per_refresh(
     [c] = parse(tmp_path, text)
     assert loads == [True]  # in validate: the scan thread, off the event loop
     for i in range(3):  # refreshes sign with the loaded key: no key derivation again
-        flow = auth_plugin.jwt_flow(c, time.time() + i)
+        flow = auth_plugin.jwt_flow(credential_view(c), time.time() + i)
         request = next(flow)
         assert "jwt_token" in request.form
     assert loads == [True]

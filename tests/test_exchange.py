@@ -17,7 +17,7 @@ from imsd.daemon import Daemon
 from imsd.exchange import ImsClient, check_url
 from imsd.fakeims.app import gzip_bomb
 from imsd.fakeims.server import FakeIms
-from imsd.flows import Flow, parse_token_response
+from imsd.flows import Flow, flow_for, parse_token_response
 from imsd.model import Credential, Grant, HttpRequest, ImsError, ImsErrorKind, Secret
 from imsd.registry import load_registry
 from imsd.supervisor import Supervisor
@@ -31,7 +31,7 @@ GZIP = {"content-encoding": "gzip"}
 
 def client_credentials_flow(cred: Credential, now: float) -> Flow:
     """The built-in S2S method's flow, reached the way the daemon reaches it."""
-    return builtin_auth_methods()["oauth_server_to_server"].flow(cred, now, None)
+    return flow_for(cred, builtin_auth_methods(), now=now)
 
 
 @pytest.fixture

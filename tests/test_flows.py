@@ -34,7 +34,7 @@ SECRET = "p8e-FlowSecret-0123456789"
 
 def client_credentials_flow(cred: Credential, now: float) -> Flow:
     """The built-in S2S method's flow, reached the way the daemon reaches it."""
-    return builtin_auth_methods()["oauth_server_to_server"].flow(cred, now, None)
+    return flow_for(cred, builtin_auth_methods(), now=now)
 
 
 def cred(**kw: Any) -> Credential:

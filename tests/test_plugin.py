@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -21,10 +22,11 @@ SECRET = "p8e-ThirdPartySecret0123456789abcd"
 def test_public_names_are_pinned() -> None:
     assert sorted(imsd.plugin.__all__) == [
         "AuthMethod",
-        "Credential",
+        "CredentialView",
         "Discovery",
         "Flow",
         "Grant",
+        "HasNotice",
         "HttpRequest",
         "HttpResponse",
         "ImsError",
@@ -42,7 +44,24 @@ def test_public_names_are_pinned() -> None:
         "https_or_loopback",
         "parse_token_response",
     ]
-    assert imsd.plugin.PLUGIN_API_VERSION == 1
+    assert imsd.plugin.PLUGIN_API_VERSION == "1.2"
+
+
+def test_builtin_plugins_use_only_the_public_api() -> None:
+    """The built-in products and auth methods import nothing of imsd but imsd.plugin: what
+    they do, a third party's plugin can do."""
+    for path in sorted((Path(__file__).resolve().parent.parent / "plugins").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            for name in names:
+                if name.split(".")[0] == "imsd":
+                    assert name == "imsd.plugin", f"{path.name} imports {name}"
 
 
 def test_token_view_repr_hides_the_token() -> None:

@@ -19,6 +19,7 @@ import json
 import math
 import re
 from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
@@ -36,9 +37,11 @@ from imsd.model import (
 
 __all__ = [
     "AuthMethodLike",
+    "CredentialView",
     "Flow",
     "check_grant",
     "classify_error",
+    "credential_view",
     "debug_id",
     "expires_in_unit",
     "flow_for",
@@ -49,10 +52,48 @@ __all__ = [
 Flow = Generator[HttpRequest, HttpResponse, Grant]
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialView:
+    """What an auth method's flow sees of a credential: the fields IMS needs, never where the
+    file is, its digest or the daemon's actions (:class:`imsd.plugin.AuthMethod`).
+
+    ``options`` are what the method's ``validate`` returned (its own fields, secrets among
+    them as :class:`~imsd.model.Secret` values: a private key, a refresh token...).
+
+    .. versionadded:: API 1.2
+    """
+
+    name: str
+    auth: str
+    client_id: str
+    client_secret: Secret
+    org_id: str
+    scopes: tuple[str, ...]
+    ims_url: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # options may hold anything a method validated
+        return f"CredentialView(name={self.name!r}, auth={self.auth!r})"
+
+
+def credential_view(cred: Credential) -> CredentialView:
+    """The :class:`CredentialView` of *cred*, what its auth method's flow receives."""
+    return CredentialView(
+        cred.name,
+        cred.auth,
+        cred.client_id,
+        cred.client_secret,
+        cred.org_id,
+        cred.scopes,
+        cred.ims_url,
+        cred.options,
+    )
+
+
 class AuthMethodLike(Protocol):
     """What :func:`flow_for` needs of an auth method (:class:`imsd.plugin.AuthMethod`)."""
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow: ...
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow: ...
 
 
 #: Errors that retrying cannot fix: the credential file must change.
@@ -267,8 +308,9 @@ def flow_for(
     now: float,
     refresh_token: Secret | None = None,
 ) -> Flow:
-    """The flow of *cred*'s auth method (an :class:`imsd.plugin.AuthMethod`)."""
+    """The flow of *cred*'s auth method (an :class:`imsd.plugin.AuthMethod`), which sees only
+    the credential's :class:`CredentialView`."""
     method = methods.get(cred.auth)
     if method is None:
         raise CredentialError(cred.path, f"unsupported auth method {cred.auth!r}", field="auth")
-    return method.flow(cred, now, refresh_token)
+    return method.flow(credential_view(cred), now, refresh_token)

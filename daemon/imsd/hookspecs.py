@@ -1,4 +1,5 @@
-"""Hook specifications of the ``imsd`` pluggy project (plugin API version 1).
+"""Hook specifications of the ``imsd`` pluggy project (plugin API 1.x,
+:data:`imsd.plugin.PLUGIN_API_VERSION`).
 
 Every hook is synchronous and called with keyword arguments; an implementation may accept any
 subset of the arguments (pluggy passes only those it names), so adding an argument later is
@@ -17,9 +18,9 @@ def imsd_products() -> list[Product]:  # type: ignore[empty-body]
     """Return the products this plugin provides.
 
     Called once at start-up. Each product's ``name`` must be unique across all plugins; a
-    duplicate is reported and the later one (in entry-point name order) is skipped. A product
-    may carry an optional ``notice: str`` attribute (e.g. a retirement warning) that the
-    daemon logs once for each credential using it.
+    duplicate is reported and the later one (in entry-point name order) is skipped. A
+    product's ``notice`` (e.g. a retirement warning) is logged once for each credential
+    using it.
 
     .. versionadded:: API 1
     """

@@ -50,7 +50,7 @@ from imsd.model import (
 
 if TYPE_CHECKING:
     from imsd.config import Settings
-    from imsd.plugin import AuthMethod, SecretSource
+    from imsd.plugin import AuthMethod, CredentialView, SecretSource
     from imsd.registry import Registry
 
 __all__ = [
@@ -215,7 +215,7 @@ class _Capture:
     def validate(self, table: Mapping[str, Any], secrets: SecretSource) -> Mapping[str, Any]:
         return {k: table[k] for k in ("refresh_token_file", "redirect_uri") if table.get(k)}
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Any:
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Any:
         raise NotImplementedError
 
 

@@ -10,10 +10,24 @@ point group, exactly like the built-in products in ``imsd_plugins``::
 Hooks are synchronous and must be pure: they receive values and return values; the daemon
 does all I/O. Products (:class:`Product`) describe an Adobe API's header conventions; auth
 methods (:class:`AuthMethod`) describe how a credential becomes a token, as a generator flow
-over :class:`HttpRequest`/:class:`HttpResponse` values that the daemon drives. Plugin API
-version: :data:`PLUGIN_API_VERSION`; API 1.1 added the optional product members ``base_urls``
-and ``discover`` (with :data:`Discovery`) and :func:`https_or_loopback`, the rule for where a
-token may be sent.
+over :class:`HttpRequest`/:class:`HttpResponse` values that the daemon drives.
+
+The API's version is :data:`PLUGIN_API_VERSION`, ``"MAJOR.MINOR"``: a minor version adds to
+the API (a plugin written for an older one keeps working), a major version changes or
+removes something. A plugin that needs a version declares it with a module (or plugin
+object) attribute ``requires_api = "1.2"``; the daemon refuses it, naming both versions,
+when its major version differs from the daemon's or its minor version is newer, and keeps
+loading the others. What each version added:
+
+1.0
+    The hooks of :mod:`imsd.hookspecs`, :class:`Product`, :class:`AuthMethod`.
+1.1
+    The optional product members ``base_urls`` and ``discover`` (with :data:`Discovery`),
+    :func:`https_or_loopback`.
+1.2
+    :class:`CredentialView`, what :meth:`AuthMethod.flow` receives (it received the daemon's
+    internal credential, whose fields it keeps the names of); :class:`HasNotice`, declaring
+    the optional ``notice`` of products and auth methods; ``requires_api``.
 """
 
 from __future__ import annotations
@@ -24,9 +38,14 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import pluggy
 
-from imsd.flows import Flow, classify_error, expires_in_unit, parse_token_response
+from imsd.flows import (
+    CredentialView,
+    Flow,
+    classify_error,
+    expires_in_unit,
+    parse_token_response,
+)
 from imsd.model import (
-    Credential,
     Grant,
     HttpRequest,
     HttpResponse,
@@ -40,10 +59,11 @@ __all__ = [
     "PLUGIN_API_VERSION",
     "PROJECT",
     "AuthMethod",
-    "Credential",
+    "CredentialView",
     "Discovery",
     "Flow",
     "Grant",
+    "HasNotice",
     "HttpRequest",
     "HttpResponse",
     "ImsError",
@@ -61,8 +81,11 @@ __all__ = [
 ]
 
 PROJECT: Final = "imsd"
-#: Bumped on a breaking change to a hook or to the types below.
-PLUGIN_API_VERSION: Final = 1
+#: ``"MAJOR.MINOR"``: the minor version grows with each addition to the API, the major one
+#: on a change that can break a plugin; ``requires_api`` is checked against it at load.
+#:
+#: .. versionchanged:: API 1.2 a string (it was the integer 1)
+PLUGIN_API_VERSION: Final = "1.2"
 
 #: A product's discovery (:meth:`Product.discover`): a generator that yields the requests to
 #: send, receives each answer, and returns the options it found.
@@ -104,10 +127,14 @@ class Product(Protocol):
     are the scopes a credential for the product usually needs: ``imsd check`` and
     ``imsd import`` name the ones a credential lacks (a hint, never an error).
 
-    Optional members, looked up with ``getattr`` (a product without them is unchanged):
+    Optional members (a product without them is unchanged; typing has no optional protocol
+    members, so they are not declared below, where a type checker would require them):
 
-    ``notice: str``
-        Logged once for each credential using the product (e.g. a retirement).
+    ``notice: str | None`` (:class:`HasNotice`)
+        Logged once for each credential using the product (e.g. a retirement). Checked at
+        load: a notice that is not a string or None rejects the plugin.
+
+        .. versionchanged:: API 1.2 declared by :class:`HasNotice` and checked at load
 
     ``base_urls(options) -> Mapping[str, str]``
         Other APIs of the product that live under another root, by a short name
@@ -145,6 +172,19 @@ class Product(Protocol):
     def base_url(self, options: Mapping[str, Any]) -> str | None: ...
 
 
+@runtime_checkable
+class HasNotice(Protocol):
+    """The optional member of a :class:`Product` or an :class:`AuthMethod` that the daemon
+    logs once for each credential using it (a retirement, a deprecation); None: nothing to
+    say. The daemon reads it where ``isinstance(obj, HasNotice)``; a class may list it among
+    its bases with the other protocol to say it has one.
+
+    .. versionadded:: API 1.2 (before, an undeclared ``notice`` attribute was read)
+    """
+
+    notice: str | None
+
+
 class SecretSource(Protocol):
     """How an auth method reads the secrets its fields name. Each raises :class:`ValueError`
     with a message fit for the user (never the value). Every value read counts towards the
@@ -173,12 +213,17 @@ class AuthMethod(Protocol):
     (``client_id``, ``client_secret``, ``org_id``, ``scopes``, ``ims_url``...); any other
     field is an error. ``validate`` receives the whole table (common fields normalized,
     ``scopes`` a tuple) and returns the method's options, which the flow later finds in
-    ``credential.options``; it raises :class:`ValueError` naming the field
+    ``view.options``; it raises :class:`ValueError` naming the field
     (``"private_key_file: ..."``). ``flow`` is a generator: it yields the requests to send
-    and returns a :class:`Grant`. *refresh_token* is the newest refresh token the daemon
-    holds for the credential (persisted across restarts), or None; a flow that rotates
-    refresh tokens returns the new one in ``Grant.refresh_token``. An optional ``notice: str``
-    attribute is logged for every credential using the method (e.g. a deprecation).
+    and returns a :class:`Grant`. *view* is what the flow may know of the credential (a
+    :class:`CredentialView`). *refresh_token* is the newest refresh token the daemon holds
+    for the credential (persisted across restarts), or None; a flow that rotates refresh
+    tokens returns the new one in ``Grant.refresh_token``. An optional ``notice`` member
+    (:class:`HasNotice`) is logged for every credential using the method (e.g. a
+    deprecation).
+
+    .. versionchanged:: API 1.2 ``flow`` receives a :class:`CredentialView` (before: the
+       daemon's credential, whose fields an auth method used keep their names in the view)
     """
 
     name: str
@@ -186,4 +231,4 @@ class AuthMethod(Protocol):
 
     def validate(self, table: Mapping[str, Any], secrets: SecretSource) -> Mapping[str, Any]: ...
 
-    def flow(self, credential: Credential, now: float, refresh_token: Secret | None) -> Flow: ...
+    def flow(self, view: CredentialView, now: float, refresh_token: Secret | None) -> Flow: ...

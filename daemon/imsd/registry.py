@@ -2,32 +2,60 @@
 
 Each entry point is loaded in its own ``try``: a plugin that fails to import, registers a
 misspelled hook or returns a malformed product is recorded with its error and skipped, and
-every other plugin keeps working. Built-in products arrive through the same entry points as a
-third party's; nothing here knows their names.
+every other plugin keeps working; so is one that needs a newer plugin API
+(``requires_api``, :data:`imsd.plugin.PLUGIN_API_VERSION`). Built-in products arrive through
+the same entry points as a third party's; nothing here knows their names.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import importlib.util
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 import pluggy
 import structlog
 
 from imsd import hookspecs
 from imsd.model import Credential, CredentialError, ValidatedOptions
-from imsd.plugin import PROJECT, AuthMethod, Product
+from imsd.plugin import PLUGIN_API_VERSION, PROJECT, AuthMethod, HasNotice, Product
 from imsd.render import validated_options
 
-__all__ = ["PluginInfo", "Registry", "load_registry", "validate_products"]
+__all__ = ["PluginInfo", "Registry", "api_version", "load_registry", "validate_products"]
 
 log = structlog.get_logger("imsd.registry")
+
+_VERSION: Final = re.compile(r"([0-9]{1,4})(?:\.([0-9]{1,4}))?")
+
+
+def api_version(text: object) -> tuple[int, int]:
+    """``"MAJOR.MINOR"`` (or ``"MAJOR"``) as a pair, else ValueError."""
+    match = _VERSION.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f'requires_api must be a "MAJOR.MINOR" string, not {text!r:.40}')
+    return int(match[1]), int(match[2] or 0)
+
+
+def _api_problem(plugin: object, name: str) -> str | None:
+    """Why *plugin* cannot run on this plugin API (its ``requires_api``), or None."""
+    wanted = getattr(plugin, "requires_api", None)  # optional: older plugins lack it
+    if wanted is None:
+        return None
+    need = api_version(wanted)
+    have = api_version(PLUGIN_API_VERSION)
+    if need[0] == have[0] and need[1] <= have[1]:
+        return None
+    fix = "upgrade imsd" if need > have else "use a version of the plugin written for it"
+    return (
+        f"plugin {name!r} needs plugin API {need[0]}.{need[1]}; this imsd provides "
+        f"{PLUGIN_API_VERSION}: {fix}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +109,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _valid_notice(kind: str, obj: Product | AuthMethod) -> str | None:
+    if not isinstance(obj, HasNotice) or obj.notice is None or isinstance(obj.notice, str):
+        return None
+    return f"{kind} {obj.name!r}: notice must be a string or None"
+
+
 def _valid_product(obj: object) -> str | None:
     """Why *obj* is not a usable product, or None."""
     if not isinstance(obj, Product):
@@ -89,7 +123,7 @@ def _valid_product(obj: object) -> str | None:
         return "product name must be a non-empty string"
     if not isinstance(obj.default_scopes, tuple):
         return f"product {obj.name!r}: default_scopes must be a tuple of strings"
-    return None
+    return _valid_notice("product", obj)
 
 
 def _valid_auth(obj: object) -> str | None:
@@ -99,7 +133,7 @@ def _valid_auth(obj: object) -> str | None:
         return "auth method name must be a non-empty string"
     if not isinstance(obj.fields, frozenset):
         return f"auth method {obj.name!r}: fields must be a frozenset of field names"
-    return None
+    return _valid_notice("auth method", obj)
 
 
 def _collect(pm: pluggy.PluginManager, plugin: object, hook: str, check: Any) -> list[Any]:
@@ -117,6 +151,14 @@ def _collect(pm: pluggy.PluginManager, plugin: object, hook: str, check: Any) ->
 
 def _register(reg: Registry, plugin: object, name: str, version: str, source: str) -> None:
     pm = reg.manager
+    try:
+        problem = _api_problem(plugin, name)
+    except ValueError as e:
+        problem = f"plugin {name!r}: {e}"
+    if problem is not None:  # before its hooks run: they may use what this imsd lacks
+        reg.plugins.append(PluginInfo(name, version, source, error=problem))
+        log.error("plugin.rejected", plugin=name, source=source, error=problem)
+        return
     try:
         pm.register(plugin, name=name)
     except Exception as e:  # a hook with a wrong signature fails here

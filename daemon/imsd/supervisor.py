@@ -44,7 +44,7 @@ from imsd.discovery import Discoveries
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.persist import StateFile, Stored
-from imsd.plugin import AuthMethod, Product
+from imsd.plugin import AuthMethod, HasNotice, Product
 from imsd.registry import validate_products
 from imsd.render import RenderError, render_safe, rfc3339
 from imsd.schedule import ClockWatch, RefreshPolicy
@@ -371,14 +371,12 @@ class Supervisor:
 
     def _notices(self, cred: Credential) -> None:
         for product in cred.products:
-            notice = getattr(self.products[product], "notice", None)
-            if notice:
+            if isinstance(p := self.products[product], HasNotice) and p.notice:
                 log.warning(
-                    "product.notice", credential=cred.name, product=product, notice=str(notice)
+                    "product.notice", credential=cred.name, product=product, notice=p.notice
                 )
-        notice = getattr(self.auth_methods.get(cred.auth), "notice", None)
-        if notice:
-            log.warning("auth.notice", credential=cred.name, auth=cred.auth, notice=str(notice))
+        if isinstance(m := self.auth_methods.get(cred.auth), HasNotice) and m.notice:
+            log.warning("auth.notice", credential=cred.name, auth=cred.auth, notice=m.notice)
 
     async def _added(self, cred: Credential) -> None:
         existing = self.store.get(cred.name)
