@@ -307,3 +307,71 @@ def test_secret_paths_into_proc_and_sys_are_refused(tmp_path: Path, field: str) 
             parse_credentials(tmp_path / "c.json", data, env={})
         assert err.value.field == field
         assert "not a file of secrets" in str(err.value)
+
+
+COMMUNITY = Path(__file__).parent / "fixtures" / "community"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "what"),
+    [
+        ("aepp-oauth.json", "an aepp config file: run imsd import {path} --name aepp-oauth,"),
+        ("aepp-jwt.json", "an aepp config file: run imsd import {path} --name aepp-jwt,"),
+        (
+            "cjapy-oauth.json",
+            "an aepp, cjapy or aanalytics2 config file: run imsd import {path} --name "
+            "cjapy-oauth with --product aep (aepp) or --product cja (cjapy) or --product "
+            "analytics (aanalytics2),",
+        ),
+        ("cjapy-console-keys.json", "a cjapy config file: run imsd import {path} --name"),
+        ("aanalytics2-oauth.json", "an aanalytics2 config file: run imsd import {path} --name"),
+        ("aanalytics2-jwt.json", "an aepp, cjapy or aanalytics2 config file: run imsd import"),
+    ],
+)
+def test_a_community_config_file_in_the_directory_is_one_hint(
+    tmp_path: Path, fixture: str, what: str
+) -> None:
+    """aepp/cjapy/aanalytics2 files dropped into the watched directory: one line saying what
+    the file is and the import command, not a native field error (client_secret: exactly
+    one of ... is required); never a secret."""
+    path = tmp_path / fixture
+    data = (COMMUNITY / fixture).read_bytes()
+    with pytest.raises(CredentialError) as err:
+        parse_credentials(path, data, env={})
+    message = str(err.value)
+    assert message.startswith(f"{path}: looks like {what.format(path=path)}")
+    assert message.endswith("then remove it (it holds the secret)")
+    assert "\n" not in message
+    assert "exactly one of" not in message
+    assert "p8e-" not in message
+
+
+def test_native_files_are_never_taken_for_community_ones(tmp_path: Path) -> None:
+    """A native JSON file with the keys aepp also reads works; a native file with a typo, a
+    TOML one with aepp's keys and one naming its auth get the native errors."""
+    [c] = parse({k: v for k, v in BASE.items() if k != "auth"})
+    assert c.client_secret.reveal() == SECRET
+    for obj in ({**BASE, "secret": "x"}, {**BASE, "sandbox-name": "prod", "products": ["aep"]}):
+        with pytest.raises(CredentialError) as err:
+            parse(obj)
+        assert "looks like" not in str(err.value)
+    toml = b'client_id = "cid"\nsecret = "s"\norg_id = "o@AdobeOrg"\nscopes = "openid"\n'
+    with pytest.raises(CredentialError) as err:
+        parse_credentials(tmp_path / "c.toml", toml, env={})
+    assert "looks like" not in str(err.value)
+
+
+def test_imsd_check_says_the_hint_in_one_line(tmp_path: Path) -> None:
+    from imsd.daemon import check
+    from imsd.registry import load_registry
+
+    from tests.support import make_settings
+
+    s = make_settings(tmp_path)
+    (s.credentials_dir / "aep.json").write_bytes((COMMUNITY / "aepp-oauth.json").read_bytes())
+    [problem] = check(s, load_registry())
+    path = s.credentials_dir / "aep.json"
+    assert problem == (
+        f"{path}: looks like an aepp config file: run imsd import {path} --name aep, then "
+        "remove it (it holds the secret)"
+    )

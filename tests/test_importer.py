@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from imsd.daemon import run_once
 from imsd.fakeims.server import FakeIms
 from imsd.importer import ImportFailed, check_plan, login_needed, plan_import
 from imsd.registry import load_registry
 
-from tests.support import ORG, TECH, make_settings, private_pem, rsa_key
+from tests.support import ORG, TECH, certificate, make_settings, private_pem, rsa_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console"
 FLAT_SECRETS = ["p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE01", "p8e-FAKEFAKEFAKEFAKEFAKEFAKEFAKE02"]
@@ -353,3 +354,155 @@ def test_import_refuses_public_user_credentials_only(tmp_path: Path) -> None:
     del entries[0]
     with pytest.raises(ImportFailed, match="Browser-app are Single Page App or Native App"):
         plan_import(json.dumps(download).encode(), source="spa.json")
+
+
+# -- community config files (aepp, cjapy, aanalytics2) and the flat JWT download -----------
+
+
+def _serve(fake: FakeIms, path: Path, key: rsa.RSAPrivateKey, metascopes: list[str]) -> None:
+    """The fake IMS knows the client of the file at *path* (and its key, for JWT)."""
+    obj = {k.lower(): v for k, v in json.loads(path.read_text()).items()}
+    secrets = obj.get("secret") or obj.get("client_secret") or obj["client_secrets"]
+    fake.state.add_client(
+        obj.get("client_id") or obj["api_key"],
+        secrets=[secrets] if isinstance(secrets, str) else secrets,
+        scopes=[*SCOPES, "AdobeID", "openid"],
+        org_id=obj["org_id"],
+        technical_account_id=obj.get("tech_id") or obj.get("technical_account_id"),
+        public_keys=[certificate(key)],
+        metascopes=metascopes,
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("fixture", "args", "expected", "metascopes"),
+    [
+        (
+            "community/aepp-oauth.json",
+            [],
+            [
+                'auth = "oauth_server_to_server"',
+                'products = ["aep"]',
+                '[product.aep]\nsandbox = "dev"',
+            ],
+            [],
+        ),
+        (
+            "community/aepp-jwt.json",
+            [],
+            ['auth = "jwt"', 'metascopes = ["ent_dataservices_sdk"]', 'sandbox = "prod"'],
+            ["ent_dataservices_sdk"],
+        ),
+        ("community/cjapy-oauth.json", ["--product", "cja"], ['products = ["cja"]'], []),
+        ("community/cjapy-console-keys.json", ["--secret-index", "1"], ['products = ["cja"]'], []),
+        (
+            "community/aanalytics2-oauth.json",
+            [],
+            ['products = ["analytics"]', '[product.analytics]\ncompany_id = "testco0"'],
+            [],
+        ),
+        (
+            "community/aanalytics2-jwt.json",
+            ["--product", "analytics", "--option", "analytics.company_id=testco0"],
+            ['metascopes = ["ent_analytics_bulk_ingest_sdk"]'],
+            ["ent_analytics_bulk_ingest_sdk"],
+        ),
+        (
+            "console/jwt.json",
+            ["--private-key", "KEY", "--product", "cja"],
+            ['metascopes = ["ent_dataservices_sdk", "ent_cja_sdk"]', 'products = ["cja"]'],
+            ["ent_dataservices_sdk", "ent_cja_sdk"],
+        ),
+        (
+            "console/jwt.json",
+            ["--private-key", "KEY", "--metascope", "ent_marketing_sdk"],
+            ['metascopes = ["ent_marketing_sdk"]'],
+            ["ent_marketing_sdk"],
+        ),
+    ],
+)
+async def test_import_a_community_config_file_and_the_daemon_uses_it(
+    tmp_path: Path,
+    fake: FakeIms,
+    fixture: str,
+    args: list[str],
+    expected: list[str],
+    metascopes: list[str],
+) -> None:
+    """aepp, cjapy and aanalytics2 users' files (and the Console's flat JWT download, given its
+    key): imsd import reads them, with the product of the tool that wrote them (aepp's
+    sandbox-name, aanalytics2's company as options); the daemon gets a token with the result."""
+    source = FIXTURES.parent / fixture
+    work = tmp_path / "download"
+    work.mkdir()
+    shutil.copy(source, work / source.name)
+    key = rsa_key()
+    (work / "private.key").write_bytes(private_pem(key))  # pathToKey: next to the file
+    _serve(fake, source, key, metascopes)
+    s = make_settings(tmp_path, ims_url=fake.url)
+    args = [str(work / "private.key") if a == "KEY" else a for a in args]
+    out = imsd(
+        "import", str(work / source.name), "--name", "c", "--dir", str(s.credentials_dir), *args
+    )
+    assert out.returncode == 0, out.stderr
+    toml = (s.credentials_dir / "c.toml").read_text()
+    for needle in expected:
+        assert needle in toml
+    assert "p8e-" not in toml + out.stdout + out.stderr
+    if "tech_id" in source.read_text():
+        assert f'private_key_file = "{work / "private.key"}"' in toml  # resolved from the file
+    assert await run_once(s, load_registry(), give_up_after=10) == 0
+    assert fake.state.validate_token((s.output_dir / "c" / "token").read_text()) is not None
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "status", "needle"),
+    [
+        (
+            b'{"org_id": "o@AdobeOrg", "client_id": "x", "secret": "s", "scopes": "openid"}',
+            [],
+            2,
+            "an aepp, cjapy or aanalytics2 config file names no product (",
+        ),
+        (
+            b'{"org_id": "<orgID>", "client_id": "x", "secret": "s", "scopes": "openid", '
+            b'"sandbox-name": "prod"}',
+            [],
+            1,
+            "org_id: is still createConfigFile's placeholder",
+        ),
+        (
+            b'{"org_id": "o@AdobeOrg", "client_id": "x", "secret": "s", "auth_code": "c", '
+            b'"sandbox-name": "prod"}',
+            [],
+            1,
+            "auth_code: aepp's oauthV1",
+        ),
+        (
+            b'{"org_id": "o@AdobeOrg", "client_id": "x", "secret": "s", "tech_id": "t", '
+            b'"sandbox-name": "prod"}',
+            [],
+            1,
+            "a JWT credential needs its private key",
+        ),
+        ((FIXTURES / "jwt.json").read_bytes(), [], 1, "a JWT credential needs its private key"),
+        (
+            (FIXTURES / "jwt.json").read_bytes(),
+            ["--private-key", "/nonexistent/private.key"],
+            2,
+            "pass --metascope NAME",
+        ),
+    ],
+)
+def test_import_community_errors_are_one_line(
+    tmp_path: Path, content: bytes, args: list[str], status: int, needle: str
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    out = imsd("import", str(path), "--dir", str(tmp_path / "creds"), *args)
+    assert out.returncode == status, out.stderr
+    [line] = out.stderr.splitlines()
+    assert needle in line
+    assert "p8e-" not in line
+    assert not (tmp_path / "creds").exists()

@@ -146,13 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "import",
-        help="turn a Developer Console download into native credential files",
+        help="turn a Developer Console download (or an aepp, cjapy or aanalytics2 config "
+        "file) into native credential files",
         description="Writes NAME.toml plus its secret in a separate 0600 file (NAME.secret) "
         "into the credentials directory (or --dir). The download itself holds the secret in "
         "clear: delete it afterwards.",
     )
     _common(p, "import")
-    p.add_argument("file", type=Path, help="the downloaded JSON file")
+    p.add_argument(
+        "file", type=Path, help="the downloaded JSON file, or an aepp/cjapy/aanalytics2 config"
+    )
     p.add_argument("--name", help="credential name (default: the file name's stem)")
     p.add_argument(
         "--product",
@@ -174,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="which of CLIENT_SECRETS to use while two are active (default: %(default)s)",
     )
     p.add_argument("--private-key", metavar="PATH", help="JWT only: the private.key to sign with")
+    p.add_argument(
+        "--metascope",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="JWT only: a metascope (repeatable; default: those of --product)",
+    )
     p.add_argument(
         "--dir", type=Path, metavar="DIR", help="where to write (default: the credentials dir)"
     )
@@ -607,6 +617,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             secret_index=args.secret_index,
             private_key_file=str(Path(args.private_key).resolve()) if args.private_key else None,
             options=options,
+            metascopes=args.metascope,
         )
         hints = check_plan(
             directory, files, products=registry.products, auth_methods=registry.auth_methods

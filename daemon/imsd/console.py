@@ -4,7 +4,9 @@ credential tables out).
 Three shapes (reference/ims-protocol.md §5):
 
 - the flat OAuth Server-to-Server "Download JSON" (``CLIENT_ID``, ``CLIENT_SECRETS`` — up to
-  two active secrets —, ``ORG_ID``, ``SCOPES``, ``TECHNICAL_ACCOUNT_*``);
+  two active secrets —, ``ORG_ID``, ``SCOPES``, ``TECHNICAL_ACCOUNT_*``); the JWT credential's
+  (``API_KEY``, ``CLIENT_SECRET``, ``TECHNICAL_ACCOUNT_ID``, no scopes, metascopes nor key)
+  only through ``imsd import`` (:func:`flat_jwt`), which is given what it lacks;
 - the project/workspace file (``project.org.ims_org_id``,
   ``project.workspace.details.credentials[]`` with an ``oauth_server_to_server`` or ``jwt``
   payload): one credential per entry, named ``STEM.CREDENTIAL`` when there are several; when
@@ -21,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["ConsoleError", "convert", "detect"]
+__all__ = ["ConsoleError", "convert", "detect", "flat_jwt", "is_flat_jwt"]
 
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 FLAT: Final = "console-s2s"
@@ -93,8 +95,8 @@ def _flat(obj: Mapping[str, Any], stem: str, index: int) -> list[tuple[str, dict
     if "SCOPES" not in obj:
         raise ConsoleError(
             "SCOPES",
-            "is missing (a JWT credential download? JWT needs technical_account_id, "
-            "metascopes and private_key_file in a native file)",
+            "is missing (a JWT credential download? run imsd import FILE --private-key "
+            "private.key: JWT needs its key and metascopes, which the download lacks)",
         )
     table: dict[str, Any] = {
         "auth": "oauth_server_to_server",
@@ -102,6 +104,28 @@ def _flat(obj: Mapping[str, Any], stem: str, index: int) -> list[tuple[str, dict
         "client_secret": secret,
         "org_id": org,
         "scopes": _scopes(obj["SCOPES"], "SCOPES"),
+    }
+    return [(stem, table)]
+
+
+def is_flat_jwt(obj: Mapping[str, Any]) -> bool:
+    """Whether *obj* is the flat "Download JSON" of a Service Account (JWT) credential."""
+    return detect(obj) == FLAT and "SCOPES" not in obj and "TECHNICAL_ACCOUNT_ID" in obj
+
+
+def flat_jwt(obj: Mapping[str, Any], stem: str) -> list[tuple[str, dict[str, Any]]]:
+    """The JWT credential of a flat JWT download, without ``metascopes`` and a key (the
+    download has neither: the importer adds them)."""
+    if "CLIENT_SECRETS" in obj:
+        secret = _secret(obj["CLIENT_SECRETS"], 0, "CLIENT_SECRETS")
+    else:
+        secret = _str(_get(obj, "CLIENT_SECRET", "CLIENT_SECRET"), "CLIENT_SECRET")
+    table: dict[str, Any] = {
+        "auth": "jwt",
+        "client_id": _str(obj.get("CLIENT_ID") or obj.get("API_KEY"), "API_KEY"),
+        "client_secret": secret,
+        "org_id": _str(_get(obj, "ORG_ID", "ORG_ID"), "ORG_ID"),
+        "technical_account_id": _str(obj["TECHNICAL_ACCOUNT_ID"], "TECHNICAL_ACCOUNT_ID"),
     }
     return [(stem, table)]
 

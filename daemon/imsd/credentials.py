@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from imsd import console
+from imsd import community, console
 from imsd.actions import parse_action
 from imsd.model import (
     AUTH_S2S,
@@ -486,6 +486,9 @@ def parse_credentials(
         path, os.environ if env is None else env, read_secret, credentials_directory
     )
     kind = console.detect(obj)
+    if kind is None and path.suffix == ".json" and (found := community.detect(obj)):
+        # Their keys would read as native fields gone wrong (client_secret missing...).
+        raise CredentialError(path, community.import_hint(path, found))
     if kind is None:
         tables = [(path.stem, obj)]
     else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from imsd import console
+from imsd import community, console
 from imsd.model import NAME_RE, CredentialError
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DIRECTORY_MODE",
     "LOGIN_SCOPES",
+    "METASCOPES",
     "ImportFailed",
     "PlannedFile",
     "check_plan",
@@ -250,6 +251,81 @@ def login_needed(files: Sequence[PlannedFile]) -> list[str]:
     ]
 
 
+#: The metascopes a JWT credential of a product had (reference/ims-protocol.md §2; cjapy 0.2
+#: signed both of CJA's), for downloads that do not list them.
+METASCOPES: Final = {
+    "aep": ("ent_dataservices_sdk",),
+    "ajo": ("ent_dataservices_sdk",),
+    "cja": ("ent_dataservices_sdk", "ent_cja_sdk"),
+    "analytics": ("ent_analytics_bulk_ingest_sdk",),
+    "analytics-1.4": ("ent_analytics_bulk_ingest_sdk",),
+    "campaign": ("ent_campaign_sdk",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """What a download converts to, and what it implies."""
+
+    tables: list[tuple[str, dict[str, Any]]]
+    origin: str  # the header's "imported from ... (origin)"
+    products: list[str]  # the file's tool's, when it names none
+    options: dict[str, dict[str, str]]
+
+
+def _read(
+    obj: dict[str, Any], *, stem: str, source: str, secret_index: int, given: Sequence[str]
+) -> _Source:
+    kind = console.detect(obj)
+    if kind is None:
+        found = community.detect(obj)
+        if found is None:
+            raise ImportFailed(
+                f"{source}: not a Developer Console download nor an aepp, cjapy or "
+                "aanalytics2 config file (already native?)"
+            )
+        try:
+            converted = community.convert(
+                obj,
+                community=found,
+                secret_index=secret_index,
+                key_dir=Path(os.path.abspath(source)).parent,
+            )
+        except community.CommunityError as e:
+            raise ImportFailed(f"{source}: {e.field}: {e} ({found.label})") from None
+        if not given and not converted.products:
+            choices = ", ".join(f"--product {community.PRODUCTS[t]} ({t})" for t in found.tools)
+            raise ImportFailed(
+                f"{found.label} names no product ({source}, --product): add one of {choices}, "
+                "or --product generic",
+                usage=True,
+            )
+        return _Source(
+            [(stem, converted.table)], found.label, converted.products, converted.options
+        )
+    if console.is_flat_jwt(obj):
+        return _Source(console.flat_jwt(obj, stem), "a JWT credential download", [], {})
+    try:
+        tables = _convert(obj, stem, source, secret_index)
+    except console.ConsoleError as e:
+        raise ImportFailed(f"{source}: {e.field}: {e}") from None
+    return _Source(tables, "", [], {})
+
+
+def _metascopes(name: str, given: Sequence[str], products: Sequence[str]) -> list[str]:
+    if given:
+        return list(given)
+    known = [m for p in products for m in METASCOPES.get(p, ())]
+    if not known:
+        raise ImportFailed(
+            f"{name}: a JWT credential needs its metascopes, which this file does not list "
+            "(--metascope): pass --metascope NAME (the credential's APIs in the Console, e.g. "
+            "ent_dataservices_sdk) or the --product they are for",
+            usage=True,
+        )
+    return list(dict.fromkeys(known))
+
+
 def plan_import(
     download: bytes,
     *,
@@ -259,10 +335,23 @@ def plan_import(
     secret_index: int = 0,
     private_key_file: str | None = None,
     options: Mapping[str, Mapping[str, str]] | None = None,
+    metascopes: Sequence[str] = (),
 ) -> list[PlannedFile]:
-    """The files that import *download* (the bytes of a Console file named *source*):
-    *product* (one or several) and each product's *options* go into every credential."""
-    products = [product] if isinstance(product, str) else list(product or ())
+    """The files that import *download* (the bytes of a Console file, or of an aepp, cjapy or
+    aanalytics2 config file, named *source*): *product* (one or several; a community file's
+    tool's product when none) and each product's *options* go into every credential."""
+    given = [product] if isinstance(product, str) else list(product or ())
+    try:
+        obj = json.loads(download)
+    except (ValueError, RecursionError) as e:
+        raise ImportFailed(f"{source}: not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ImportFailed(f"{source}: not a Developer Console download (already native?)")
+    stem = name or Path(source).stem
+    if not NAME_RE.fullmatch(stem):
+        raise ImportFailed(f"{stem!r}: names are 1-64 of A-Z a-z 0-9 . _ - (use --name)")
+    read = _read(obj, stem=stem, source=source, secret_index=secret_index, given=given)
+    products = given or read.products
     for named in options or {}:
         if named not in products:
             raise ImportFailed(
@@ -270,52 +359,52 @@ def plan_import(
                 f"add --product {named} or drop the option",
                 usage=True,
             )
-    try:
-        obj = json.loads(download)
-    except (ValueError, RecursionError) as e:
-        raise ImportFailed(f"{source}: not JSON: {e}") from None
-    if not isinstance(obj, dict) or console.detect(obj) is None:
-        raise ImportFailed(f"{source}: not a Developer Console download (already native?)")
-    stem = name or Path(source).stem
-    if not NAME_RE.fullmatch(stem):
-        raise ImportFailed(f"{stem!r}: names are 1-64 of A-Z a-z 0-9 . _ - (use --name)")
-    try:
-        tables = _convert(obj, stem, source, secret_index)
-    except console.ConsoleError as e:
-        raise ImportFailed(f"{source}: {e.field}: {e}") from None
+    # The file's own options (aepp's sandbox-name, a company id) for the products imported;
+    # --option wins over them.
+    merged: dict[str, dict[str, str]] = {
+        p: dict(values) for p, values in read.options.items() if p in products
+    }
+    for p, values in (options or {}).items():
+        merged.setdefault(p, {}).update(values)
     out: list[PlannedFile] = []
-    for cred_name, table in tables:
+    for cred_name, table in read.tables:
         table = dict(table)
         secret = table.pop("client_secret")
         out.append(PlannedFile(f"{cred_name}.secret", f"{secret}\n".encode(), SECRET_MODE, True))
         table["client_secret_file"] = f"{cred_name}.secret"
         if table.get("auth") == "jwt":
             inline = table.pop("private_key", None)
-            if inline is not None:
+            if private_key_file:  # the command line wins over a pathToKey
+                table["private_key_file"] = private_key_file
+            elif inline is not None:
                 key = inline if inline.endswith("\n") else inline + "\n"
                 out.append(PlannedFile(f"{cred_name}.key", key.encode(), SECRET_MODE, True))
                 table["private_key_file"] = f"{cred_name}.key"
-            elif private_key_file:
-                table["private_key_file"] = private_key_file
-            else:
+            elif "private_key_file" not in table:
                 raise ImportFailed(
                     f"{cred_name}: a JWT credential needs its private key, which Console "
                     "downloads do not include: pass --private-key PATH (private.key from "
                     "config.zip). JWT reached end of life: prefer an OAuth Server-to-Server "
                     "credential"
                 )
+            if metascopes or "metascopes" not in table:
+                table["metascopes"] = _metascopes(cred_name, metascopes, products)
         if table.get("auth") == "refresh_token":
             table["refresh_token_file"] = f"{cred_name}.refresh_token"
         if products:
             table["products"] = products
-        header = f"imported from {Path(source).name} by imsd import; the secret is in a 0600 file"
+        origin = f" ({read.origin})" if read.origin else ""
+        header = (
+            f"imported from {Path(source).name}{origin} by imsd import; the secret is in a "
+            "0600 file"
+        )
         if table.get("auth") == "refresh_token":
             header += (
                 f"\n# an OAuth Web App credential: run imsd login {cred_name} for its first "
                 "refresh token;\n# set redirect_uri to its Default redirect URI (or one its "
                 "pattern matches) and add the scopes its Scopes tab lists"
             )
-        data = _render(table, header, options)
+        data = _render(table, header, merged)
         out.append(PlannedFile(f"{cred_name}.toml", data, CREDENTIAL_MODE))
     return out
 
