@@ -238,7 +238,7 @@ def kill9_run(tmp_path: Path, fake: FakeIms, refreshes: int) -> None:
 
 
 def test_kill9_during_refreshes(tmp_path: Path, fake: FakeIms) -> None:
-    kill9_run(tmp_path, fake, refreshes=150)
+    kill9_run(tmp_path, fake, refreshes=100)
 
 
 @pytest.mark.long
