@@ -316,3 +316,17 @@ async def test_the_debug_id_of_a_failed_refresh_reaches_status_the_socket_and_th
     out = capsys.readouterr().out
     assert code == 0
     assert f"{bad.fetch_error} (x-debug-id {debug_id})" in out
+
+
+def test_the_fake_sends_an_x_debug_id_with_every_ims_answer(fake: FakeIms) -> None:
+    """As IMS does: refusals and the other IMS endpoints too, so the daemon's paths that
+    record it are exercised whatever the answer."""
+    with httpx.Client(base_url=fake.url) as c:
+        answers = [
+            c.get("/ims/token/v3"),  # 405
+            c.post("/ims/token/v3", data={"grant_type": "client_credentials"}),  # 400
+            c.post("/ims/validate_token/v1", data={"token": "x"}),
+        ]
+    for r in answers:
+        assert len(r.headers["x-debug-id"]) == 16, r.status_code
+    assert len({r.headers["x-debug-id"] for r in answers}) == len(answers)

@@ -83,6 +83,15 @@ class FakeImsApp:
         self.state = state
 
     async def handle(self, req: Request) -> Response:
+        resp = await self._route(req)
+        # IMS sends one with every answer (Adobe support asks for it): so does the fake.
+        if req.path.startswith("/ims/") and not any(
+            k.lower() == "x-debug-id" for k, _ in resp.headers
+        ):
+            resp.headers.append(("x-debug-id", secrets.token_hex(8)))
+        return resp
+
+    async def _route(self, req: Request) -> Response:
         path = req.path.rstrip("/") or "/"
         if path in _TOKEN_PATHS:
             return await self._token(req, path)
