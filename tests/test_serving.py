@@ -294,6 +294,11 @@ def _changed_value(field: str, tmp_path: Path) -> Any:
         "request_timeout": 5.0,
         "debounce_ms": 300,
         "rescan_interval": 30.0,
+        "coordination": "redis://127.0.0.1:1/0",
+        "coordination_prefix": "other",
+        "coordination_password_file": tmp_path / "redis-password",
+        "coordination_password_env": "REDIS_PASSWORD",
+        "coordination_lease": 20.0,
     }
     assert field in values, f"give the new setting {field!r} a changed value here"
     return values[field]

@@ -97,6 +97,28 @@ class Settings(BaseModel):
     # Watching.
     debounce_ms: int = Field(200, ge=10, le=10_000)
     rescan_interval: float = Field(60.0, gt=0)
+    # Fleet mode (README "Fleet mode (Redis)"): off unless a Redis URL is given.
+    coordination: str | None = None
+    coordination_prefix: str = Field("imsd", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    coordination_password_file: Path | None = None
+    coordination_password_env: str | None = None
+    coordination_lease: float = Field(10.0, ge=0.5, le=300)
+
+    @field_validator("coordination")
+    @classmethod
+    def _coordination(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected redis://HOST:PORT/DB, rediss://… (TLS) or unix:///PATH")
+        if "@" in rest.split("/", 1)[0] or (scheme == "unix" and "@" in rest):
+            # Never quoted back: the part before @ may be a password.
+            raise ValueError(
+                "no credentials in the URL: name coordination_password_file or "
+                "coordination_password_env instead"
+            )
+        return v
 
     @field_validator("ims_url")
     @classmethod
@@ -208,6 +230,12 @@ RELOAD: Final[Mapping[str, Reload]] = {
     "request_timeout": _R,
     "debounce_ms": _R,
     "rescan_interval": _R,
+    # The Redis connection and the fleet's keys are set up once, at start.
+    "coordination": _R,
+    "coordination_prefix": _R,
+    "coordination_password_file": _R,
+    "coordination_password_env": _R,
+    "coordination_lease": _R,
 }
 
 
@@ -290,7 +318,17 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 _LISTS: Final = frozenset({"allowed_uids", "allowed_gids", "plugin_dirs"})
-_NULLABLE: Final = frozenset({"request_rate", "allowed_uids", "file_group", "socket_group"})
+_NULLABLE: Final = frozenset(
+    {
+        "request_rate",
+        "allowed_uids",
+        "file_group",
+        "socket_group",
+        "coordination",
+        "coordination_password_file",
+        "coordination_password_env",
+    }
+)
 
 
 def _default_config(env: Mapping[str, str]) -> Path:

@@ -94,6 +94,27 @@ def _client(settings: Settings, metrics: Metrics | None = None) -> ImsClient:
     )
 
 
+def _fleet(
+    settings: Settings, env: Mapping[str, str], metrics: Metrics, clock: Callable[[], float]
+) -> Any:
+    """Fleet mode's Redis driver, or None: without ``coordination`` no Redis client is
+    even imported."""
+    if not settings.coordination:
+        return None
+    from imsd.fleetredis import Fleet, read_password
+
+    return Fleet(
+        settings.coordination,
+        prefix=settings.coordination_prefix,
+        password=read_password(
+            settings.coordination_password_file, settings.coordination_password_env, env
+        ),
+        lease=settings.coordination_lease,
+        clock=clock,
+        observer=metrics,
+    )
+
+
 def _sink(settings: Settings) -> FileSink:
     return FileSink(
         settings.output_dir, file_mode=settings.file_mode, file_group=settings.file_gid()
@@ -123,6 +144,7 @@ class Daemon:
         self.store = TokenStore()
         self.metrics = Metrics(self.store, clock=clock)
         self.supervisor: Supervisor | None = None
+        self.fleet: Any = None  # imsd.fleetredis.Fleet in fleet mode (imported only then)
         self.watcher: DirectoryWatcher | None = None
         self._api_scope: anyio.CancelScope | None = None
         self._health_scope: anyio.CancelScope | None = None
@@ -156,6 +178,7 @@ class Daemon:
         try:
             async with _client(s, self.metrics) as client, anyio.create_task_group() as tg:
                 self._tg = tg
+                fleet = self.fleet = _fleet(s, self._env, self.metrics, self._clock)
                 sup = self.supervisor = Supervisor(
                     client=client,
                     sink=sink,
@@ -169,8 +192,11 @@ class Daemon:
                     output_dir=str(s.output_dir),
                     clock=self._clock,
                     state=StateFile(s.state_dir),
+                    fleet=fleet,
                 )
                 await tg.start(sup.run)
+                if fleet is not None:
+                    await tg.start(fleet.run, sup)
                 if handle_signals:
                     tg.start_soon(self._signals, tg)
                 tg.start_soon(self._reloader)

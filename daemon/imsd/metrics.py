@@ -155,6 +155,7 @@ class Metrics:
         self._collector = _StoreCollector(store, clock)
         r.register(self._collector)
         self._scrapes: dict[str, tuple[float, bytes]] = {}  # content type -> (when, body)
+        self._fleet: tuple[Counter, Gauge, Gauge] | None = None  # fleet mode only
         self._render_lock = anyio.Lock()
         self.renderings = 0  # how many times the exposition was encoded (tests, bench)
 
@@ -174,6 +175,47 @@ class Metrics:
 
     def connection_event(self, listener: str, event: str) -> None:
         self.connections.labels(listener, event).inc()
+
+    # -- fleet mode (imsd.fleetredis): registered at the first event, so a daemon without
+    # coordination exposes none of these series.
+
+    def _fleet_metrics(self) -> tuple[Counter, Gauge, Gauge]:
+        if self._fleet is None:
+            r = self.registry
+            self._fleet = (
+                Counter(
+                    "fleet_events",
+                    "Fleet mode events: lease_acquired, lease_lost, published, adopted,"
+                    " fenced_out, rejected, fallback_local, waiting.",
+                    ["event"],
+                    namespace="imsd",
+                    registry=r,
+                ),
+                Gauge(
+                    "fleet_redis_up",
+                    "Redis reachable (1) or not (0).",
+                    namespace="imsd",
+                    registry=r,
+                ),
+                Gauge(
+                    "fleet_holder",
+                    "1 while this node holds the credential's lease (0: a follower).",
+                    ["credential"],
+                    namespace="imsd",
+                    registry=r,
+                ),
+            )
+        return self._fleet
+
+    def fleet_event(self, event: str) -> None:
+        self._fleet_metrics()[0].labels(event).inc()
+
+    def fleet_up(self, up: bool) -> None:
+        self._fleet_metrics()[1].set(1 if up else 0)
+
+    def fleet_holder(self, credential: str, holder: bool) -> None:
+        self._scrapes.clear()
+        self._fleet_metrics()[2].labels(credential).set(1 if holder else 0)
 
     def ims_response(self, code: int | str) -> None:
         self.ims_requests.labels(str(code)).inc()

@@ -41,6 +41,7 @@ from imsd import scheduler
 from imsd.actions import run_action
 from imsd.catalog import Added, Changed, Event, Failed, Removed, Resolved
 from imsd.discovery import Discoveries
+from imsd.fleet import Deferred, Exchange, deferred
 from imsd.flows import Flow, flow_for
 from imsd.model import Credential, CredentialError, Grant, ImsError, ImsErrorKind
 from imsd.persist import StateFile, Stored
@@ -107,8 +108,10 @@ class Supervisor:
         state: StateFile | None = None,
         max_fetches: int = 8,
         retry_until: float | None = None,
+        fleet: Exchange | None = None,
     ) -> None:
         self.client = client
+        self.fleet = fleet  # fleet mode: the IMS call goes through the shared lease
         self.sink = sink
         self.products = products
         if auth_methods is None:
@@ -582,7 +585,15 @@ class Supervisor:
             except CredentialError as e:  # the method's plugin is gone (a reload)
                 raise ImsError(ImsErrorKind.PERMANENT, "unsupported_auth", e.reason) from None
             self._flows[rec.name] = flow
-            grant = await self.client.run(flow)
+            if self.fleet is None:
+                grant = await self.client.run(flow)
+            else:
+                grant = await self.fleet.exchange(rec, lambda: self.client.run(flow))
+        except Deferred as d:  # another node holds the lease: its token will come
+            current = self.store.get(rec.name)
+            if current is not None:
+                await self._apply(deferred(current, identity, d.until, self._clock()))
+            return
         except ImsError as e:
             now = self._clock()
             if self._observer is not None:
@@ -625,6 +636,20 @@ class Supervisor:
         else:
             log.info("token.discarded", credential=rec.name, reason="credential changed")
         await self._apply(step)
+
+    async def adopt(self, name: str, identity: str, grant: Grant) -> bool:
+        """Install a token another node of the fleet obtained (as if fetched), unless a fetch
+        is in flight or the credential changed; True if it was."""
+        rec = self.store.get(name)
+        if rec is None or rec.fetching is not None or rec.credential is None:
+            return False
+        if rec.credential.identity != identity:
+            return False
+        now = self._clock()
+        await self._apply(
+            scheduler.fetch_succeeded(rec, identity, grant, now, self.policy, self._rand())
+        )
+        return True
 
     # -- writing -----------------------------------------------------------------------------
 

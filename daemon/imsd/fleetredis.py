@@ -1,0 +1,323 @@
+"""Fleet mode: the Redis driver (``coordination = "redis://…"``).
+
+The decisions and the scripts are in :mod:`imsd.fleet`; this module runs them against Redis
+with ``coredis`` (anyio-native: it runs on the asyncio and the trio backends, where
+``redis.asyncio`` would tie the daemon to asyncio). It is imported only when coordination is
+configured, so a daemon without it never loads a Redis client.
+
+:meth:`Fleet.exchange` wraps the supervisor's IMS call: adopt a newer shared token, or take
+the lease, fetch and publish (fenced) before the files are written, or wait for the holder.
+:meth:`Fleet.run` owns the connection pool, the subscriber that adopts what other nodes
+publish, the reconciler (a missed message, a restart) and the lease renewer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import anyio
+import anyio.abc
+import coredis
+import structlog
+from coredis.exceptions import RedisError
+
+from imsd import fleet
+from imsd.fleet import Deferred, FleetKeys, Sealed, Tampered, Unavailable
+from imsd.model import Credential, Grant, ImsError, ImsErrorKind
+from imsd.scheduler import Record
+
+if TYPE_CHECKING:
+    from imsd.supervisor import Supervisor
+
+__all__ = ["Fleet", "FleetObserver"]
+
+log = structlog.get_logger("imsd.fleet")
+
+#: One Redis round trip may take this long before Redis counts as unreachable.
+OP_TIMEOUT: Final = 2.0
+
+
+class FleetObserver(Protocol):
+    """Where fleet events are counted (:class:`imsd.metrics.Metrics`)."""
+
+    def fleet_event(self, event: str) -> None: ...
+
+    def fleet_up(self, up: bool) -> None: ...
+
+    def fleet_holder(self, credential: str, holder: bool) -> None: ...
+
+
+class Fleet:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "imsd",
+        password: str | None = None,
+        lease: float = 10.0,
+        reconcile_interval: float | None = None,
+        clock: Callable[[], float] = time.time,
+        observer: FleetObserver | None = None,
+        node: str | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.lease = lease
+        self.reconcile_interval = reconcile_interval or lease
+        self.node = node or f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
+        self._clock = clock
+        self._observer = observer
+        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url,
+            password=password,
+            connect_timeout=OP_TIMEOUT,
+            stream_timeout=OP_TIMEOUT,
+            verify_version=False,
+        )
+        self._derived: dict[tuple[str, str], tuple[bytes, FleetKeys]] = {}
+        self._names: dict[str, str] = {}  # token key -> credential name
+        self._held: dict[str, tuple[FleetKeys, str]] = {}  # name -> (keys, "<node>:<fence>")
+        self._supervisor: Supervisor | None = None
+        self._up: bool | None = None
+        self._pool_ready = anyio.Event()
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _keys(self, cred: Credential) -> tuple[bytes, FleetKeys]:
+        got = self._derived.get((cred.name, cred.identity))
+        if got is None:
+            key, kid = fleet.derive(cred)
+            got = (key, fleet.keys_for(self.prefix, cred.name, kid))
+            self._derived[(cred.name, cred.identity)] = got
+            self._names[got[1].token] = cred.name
+        return got
+
+    def _event(self, event: str) -> None:
+        if self._observer is not None:
+            self._observer.fleet_event(event)
+
+    def _reachable(self, up: bool) -> None:
+        if up != self._up:
+            if up:
+                log.info("fleet.redis_up", node=self.node)
+            elif self._up is not None:
+                log.error("fleet.redis_down", node=self.node)
+            self._up = up
+            if self._observer is not None:
+                self._observer.fleet_up(up)
+
+    def _holding(self, name: str, held: tuple[FleetKeys, str] | None) -> None:
+        was = name in self._held
+        if held is None:
+            self._held.pop(name, None)
+        else:
+            self._held[name] = held
+        if self._observer is not None and was != (held is not None):
+            self._observer.fleet_holder(name, held is not None)
+
+    def role(self, name: str) -> str:
+        return "holder" if name in self._held else "follower"
+
+    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        await self._pool_ready.wait()
+        try:
+            with anyio.fail_after(OP_TIMEOUT):
+                out = await op()
+        except (RedisError, OSError, TimeoutError) as e:
+            self._reachable(False)
+            raise Unavailable(type(e).__name__) from None
+        self._reachable(True)
+        return out
+
+    # -- Redis operations ---------------------------------------------------------------------
+
+    async def _read(self, name: str, key: bytes, keys: FleetKeys) -> Sealed | None:
+        blob = await self._call(lambda: self._client.get(keys.token))
+        if blob is None:
+            return None
+        try:
+            return fleet.open_sealed(key, keys.token, bytes(blob))
+        except Tampered as e:
+            log.error("fleet.token_rejected", credential=name, error=str(e))
+            self._event("rejected")
+            return None
+
+    async def _acquire(self, keys: FleetKeys) -> tuple[int, str]:
+        ms = str(math.ceil(self.lease * 1000))
+        out = await self._call(
+            lambda: self._client.eval(fleet.ACQUIRE, [keys.lease, keys.fence], [self.node, ms])
+        )
+        fence, holder = out
+        return int(fence), bytes(holder).decode(errors="replace")
+
+    async def _renew(self, keys: FleetKeys, value: str, ms: str) -> bool:
+        out = await self._call(lambda: self._client.eval(fleet.RENEW, [keys.lease], [value, ms]))
+        return bool(out)
+
+    async def publish(self, key: bytes, keys: FleetKeys, fence: int, grant: Grant) -> bool:
+        """The fenced write of *grant*; False if a newer holder has taken over."""
+        blob = fleet.seal(key, keys.token, fence, grant)
+        ttl = max(1, math.ceil((grant.expires_at - self._clock()) * 1000))
+        args: list[str | bytes] = [str(fence), blob, str(ttl), keys.channel]
+        ok = await self._call(
+            lambda: self._client.eval(fleet.PUBLISH, [keys.fence, keys.token], args)
+        )
+        return bool(ok)
+
+    # -- the seam in the supervisor's fetch ---------------------------------------------------
+
+    async def exchange(self, rec: Record, fetch: Callable[[], Awaitable[Grant]]) -> Grant:
+        """A token for *rec*: a newer shared one, or IMS's under the lease (published before
+        it is returned). Raises :class:`Deferred` while another node holds the lease, and
+        ImsError for a ``refresh_token`` credential while Redis is unreachable."""
+        cred = rec.credential
+        assert cred is not None
+        name = cred.name
+        key, keys = self._keys(cred)
+        ours = rec.serving(cred.identity)
+        try:
+            shared = await self._read(name, key, keys)
+            if fleet.adoptable(ours, shared.grant if shared else None, self._clock()):
+                assert shared is not None
+                self._event("adopted")
+                log.debug("fleet.adopted", credential=name, fence=shared.fence)
+                return shared.grant
+            fence, holder = await self._acquire(keys)
+            if fence == 0:
+                self._holding(name, None)
+                retry = self._clock() + max(0.5, min(self.lease / 2, 5.0))
+                raise Deferred(retry, holder)
+            if name not in self._held:
+                self._event("lease_acquired")
+                log.info("fleet.lease_acquired", credential=name, fence=fence, node=self.node)
+            self._holding(name, (keys, f"{self.node}:{fence}"))
+            shared = await self._read(name, key, keys)  # the last holder may just have published
+            if fleet.adoptable(ours, shared.grant if shared else None, self._clock()):
+                assert shared is not None
+                self._event("adopted")
+                return shared.grant
+        except Unavailable as e:
+            if not fleet.may_fall_back(cred):
+                self._event("waiting")
+                log.error("fleet.waiting_for_redis", credential=name, error=str(e))
+                raise ImsError(
+                    ImsErrorKind.TRANSIENT,
+                    "coordination_unavailable",
+                    "Redis is unreachable; a refresh_token credential waits for it "
+                    "(a second writer would fork its chain)",
+                ) from None
+            self._event("fallback_local")
+            log.error("fleet.fallback_local", credential=name, error=str(e))
+            return await fetch()
+        grant = await fetch()
+        try:
+            if await self.publish(key, keys, fence, grant):
+                self._event("published")
+            else:
+                self._holding(name, None)
+                self._event("fenced_out")
+                log.error("fleet.fenced_out", credential=name, fence=fence, node=self.node)
+        except Unavailable as e:
+            log.error("fleet.publish_failed", credential=name, error=str(e))
+        return grant
+
+    # -- background tasks ---------------------------------------------------------------------
+
+    async def run(
+        self,
+        supervisor: Supervisor,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._supervisor = supervisor
+        async with self._client, anyio.create_task_group() as tg:
+            self._pool_ready.set()
+            tg.start_soon(self._subscriber)
+            tg.start_soon(self._reconciler)
+            tg.start_soon(self._renewer)
+            task_status.started()
+
+    async def _subscriber(self) -> None:
+        channel = f"{self.prefix}:tokens"
+        while True:
+            try:
+                pubsub = self._client.pubsub(channels=[channel], ignore_subscribe_messages=True)
+                async with pubsub:
+                    self._reachable(True)
+                    await self.reconcile()  # what was published while we were not listening
+                    async for message in pubsub:
+                        data = message["data"]
+                        token_key = data.decode() if isinstance(data, bytes) else str(data)
+                        name = self._names.get(token_key)
+                        if name is not None:
+                            await self._follow(name)
+            # except*: coredis's pubsub raises from its own task group (and, cancelled,
+            # ClosedResourceError from its unsubscribe: the sleep below re-raises the cancel).
+            except* (RedisError, OSError, TimeoutError, Unavailable, anyio.ClosedResourceError):
+                self._reachable(False)
+                log.debug("fleet.subscriber_lost")
+            await anyio.sleep(1.0)
+
+    async def _follow(self, name: str) -> None:
+        """Adopt *name*'s shared token if it is newer than ours."""
+        sup = self._supervisor
+        rec = sup.store.get(name) if sup is not None else None
+        if sup is None or rec is None or rec.credential is None or rec.fetching is not None:
+            return
+        cred = rec.credential
+        key, keys = self._keys(cred)
+        try:
+            shared = await self._read(name, key, keys)
+        except Unavailable:
+            return
+        if shared is None or not fleet.adoptable(
+            rec.serving(cred.identity), shared.grant, self._clock()
+        ):
+            return
+        if await sup.adopt(name, cred.identity, shared.grant):
+            self._event("adopted")
+            log.debug("fleet.adopted", credential=name, fence=shared.fence)
+
+    async def reconcile(self) -> None:
+        sup = self._supervisor
+        if sup is None:
+            return
+        for rec in list(sup.store):
+            if rec.credential is not None:
+                await self._follow(rec.name)
+
+    async def _reconciler(self) -> None:
+        while True:
+            await anyio.sleep(self.reconcile_interval)
+            with contextlib.suppress(Unavailable):
+                await self.reconcile()
+
+    async def _renewer(self) -> None:
+        ms = str(math.ceil(self.lease * 1000))
+        while True:
+            await anyio.sleep(self.lease / 3)
+            for name, (keys, value) in list(self._held.items()):
+                try:
+                    ok = await self._renew(keys, value, ms)
+                except Unavailable:
+                    continue
+                held = self._held.get(name)
+                if not ok and held is not None and held[1] == value:
+                    self._holding(name, None)
+                    self._event("lease_lost")
+                    log.warning("fleet.lease_lost", credential=name, node=self.node)
+
+
+def read_password(file: Path | None, env_name: str | None, env: Mapping[str, str]) -> str | None:
+    """The Redis password from the file or the environment variable the config names."""
+    if file is not None:
+        return file.read_text().strip() or None
+    if env_name:
+        return env.get(env_name) or None
+    return None
