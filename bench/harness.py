@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,6 +182,7 @@ def new_root() -> Path:
     shm = Path("/dev/shm")  # noqa: S108 - only a place for mkdtemp
     where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="imsd-bench-", dir=where))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # tmpfs is memory: never leave it
     (root / "creds").mkdir()
     return root
 
