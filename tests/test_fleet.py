@@ -334,3 +334,27 @@ async def test_a_refresh_token_credential_waits_for_redis(tmp_path: Path) -> Non
         assert await dead.exchange(s2s, fetch) == _grant()  # S2S: minted locally
         tg.cancel_scope.cancel()
     assert calls == [1]
+
+
+async def _script(url: str, script: str, keys: list[str], args: list[str | bytes]) -> Any:
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, verify_version=False)
+    async with client:
+        return await client.eval(script, keys, args)
+
+
+async def test_a_redis_restarted_empty_never_repeats_a_fence(redis: RedisServer) -> None:
+    keys = fleet.keys_for("imsd", "alpha", "kid")
+    lease = [keys.lease, keys.fence]
+    fence, holder = await _script(redis.url, fleet.ACQUIRE, lease, ["a", "60000"])
+    assert bytes(holder).decode() == f"a:{fence}"
+    blob = fleet.seal(b"k" * 32, keys.token, int(fence), _grant())
+    args: list[str | bytes] = [str(fence), blob, "60000", keys.channel]
+    assert await _script(redis.url, fleet.PUBLISH, [keys.fence, keys.token], args) == 1
+    redis.stop()  # its data gone with it (--save "")
+    redis.start()
+    new, _ = await _script(redis.url, fleet.ACQUIRE, lease, ["b", "60000"])
+    assert int(new) > int(fence)  # an INCR from zero would have handed out 1 again
+    # The holder from before the restart, resuming, is fenced out of the new Redis.
+    assert await _script(redis.url, fleet.PUBLISH, [keys.fence, keys.token], args) == 0
+    again, _ = await _script(redis.url, fleet.ACQUIRE, lease, ["b", "60000"])
+    assert again == new  # renewing our own lease keeps the fence

@@ -10,7 +10,8 @@ material, so that a node with another secret under the same name lands in anothe
 can neither read nor overwrite this one:
 
 - ``lease``: ``"<node>:<fence>"`` with a TTL, taken with ``SET … NX PX`` and renewed by a
-  compare-and-set script (:data:`ACQUIRE`). Taking it increments ``fence`` (``INCR``).
+  compare-and-set script (:data:`ACQUIRE`). Taking it increments ``fence`` (``INCR``, and
+  at least Redis's clock in ms: a Redis restarted empty must not hand out an old fence).
 - ``fence``: the fencing counter. Every write of the shared token is :data:`PUBLISH`, which
   refuses a writer whose fence is no longer the current one: a holder that stalled past its
   lease (GC pause, SIGSTOP) while another node took over can never overwrite a newer token.
@@ -221,8 +222,11 @@ def deferred(rec: Record, identity: str, until: float, now: float) -> Step:
 # -- scripts ----------------------------------------------------------------------------------
 
 #: KEYS: lease, fence. ARGV: node id, lease ms. Take the lease (a new fence) or renew our own.
-#: Returns {fence, holder}: fence 0 when another node (holder) has it.
+#: Returns {fence, holder}: fence 0 when another node (holder) has it. A new fence is at least
+#: Redis's clock in milliseconds: a Redis restarted empty (counter gone) still hands out fences
+#: above any from its previous life, so a holder stalled across the restart stays fenced out.
 ACQUIRE: Final = """
+if redis.replicate_commands then redis.replicate_commands() end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local node, fence = string.match(cur, '^(.*):(%d+)$')
@@ -233,8 +237,15 @@ if cur then
   return {0, cur}
 end
 local fence = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fence, 'NX', 'PX', ARGV[2])
-return {fence, ARGV[1] .. ':' .. fence}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if fence < now then
+  fence = now
+  redis.call('SET', KEYS[2], string.format('%d', fence))
+end
+local value = ARGV[1] .. ':' .. string.format('%d', fence)
+redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2])
+return {fence, value}
 """
 
 #: KEYS: lease. ARGV: "<node>:<fence>", lease ms. Compare-and-set renewal: 1 if still ours.
