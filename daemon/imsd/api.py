@@ -12,14 +12,14 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
 
 from imsd.httpserver import Request, Response
 from imsd.metrics import Metrics
-from imsd.model import CredentialState
+from imsd.model import Credential, CredentialState
 from imsd.plugin import Product
 from imsd.render import (
     RenderError,
@@ -33,13 +33,21 @@ from imsd.render import (
 from imsd.store import Entry, TokenStore
 from imsd.supervisor import Supervisor
 
-__all__ = ["Api", "HealthApi", "default_allowed_uids", "readiness"]
+__all__ = ["Api", "FleetRoles", "HealthApi", "default_allowed_uids", "readiness"]
 
 log = structlog.get_logger("imsd.api")
 
 _CRED = re.compile(r"^/v1/credentials/([A-Za-z0-9._-]{1,64})/(token|headers|refresh)$")
 _SERVING: Final = (CredentialState.VALID, CredentialState.STALE)
 _REFUSAL_LOG_EVERY: Final = 60.0  # seconds between two refusal log lines for one uid
+
+
+@runtime_checkable
+class FleetRoles(Protocol):
+    """What the API asks of fleet mode (:class:`imsd.fleetredis.Fleet`, which is imported
+    only with ``coordination``)."""
+
+    async def roles(self, creds: Iterable[Credential]) -> dict[str, tuple[str, str | None]]: ...
 
 
 def default_allowed_uids() -> frozenset[int]:
@@ -179,7 +187,7 @@ class Api:
         if req.path == "/v1/credentials":
             if req.method != "GET":
                 return _error(405, "method_not_allowed", "use GET", Allow="GET"), "credentials"
-            return self._list(), "credentials"
+            return await self._list(), "credentials"
         m = _CRED.match(req.path)
         if m is None:
             return _error(404, "not_found", f"no such endpoint: {req.path}"), "unknown"
@@ -196,23 +204,32 @@ class Api:
             return self._headers(entry, req.query.get("product", [None])[0]), action
         return await self._refresh(entry), action
 
-    def _list(self) -> Response:
+    async def _roles(self, entries: list[Entry]) -> dict[str, tuple[str, str | None]] | None:
+        """Fleet mode only: each credential's role on this node and the lease holder."""
+        fleet = self.supervisor.fleet
+        if not isinstance(fleet, FleetRoles):
+            return None
+        return await fleet.roles(e.credential for e in entries if e.credential is not None)
+
+    async def _list(self) -> Response:
+        entries = self.store.snapshot()
+        roles = await self._roles(entries)
         now = self._clock()
         items: list[dict[str, Any]] = []
-        for e in self.store.snapshot():
-            items.append(
-                {
-                    "name": e.name,
-                    "state": e.state(now).value,
-                    "products": [n for n, _ in e.credential.product_instances]
-                    if e.credential
-                    else [],
-                    "expires_at": rfc3339(e.grant.expires_at) if e.grant else None,
-                    "last_refresh": rfc3339(e.last_refresh) if e.last_refresh else None,
-                    "last_error": e.error(),
-                    "debug_id": e.error_debug_id(),
-                }
-            )
+        for e in entries:
+            row: dict[str, Any] = {
+                "name": e.name,
+                "state": e.state(now).value,
+                "products": [n for n, _ in e.credential.product_instances] if e.credential else [],
+                "expires_at": rfc3339(e.grant.expires_at) if e.grant else None,
+                "last_refresh": rfc3339(e.last_refresh) if e.last_refresh else None,
+                "last_error": e.error(),
+                "debug_id": e.error_debug_id(),
+            }
+            if roles is not None:  # fleet mode: who mints this credential's token
+                got = roles.get(e.name)
+                row["fleet"] = {"role": got[0], "holder": got[1]} if got else None
+            items.append(row)
         return Response.json({"credentials": items})
 
     def _unavailable(self, entry: Entry) -> Response | None:

@@ -517,17 +517,31 @@ def _shown_state(row: dict[str, Any]) -> str:
     return str(row.get("state"))
 
 
+def _fleet_role(info: object) -> tuple[str, str]:
+    """(role, holder) as ``imsd status`` prints them, from a row's ``fleet`` field."""
+    if not isinstance(info, dict):
+        return "-", "-"
+    return printable(str(info.get("role") or "-")), printable(str(info.get("holder") or "-"))
+
+
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     from imsd.client import ImsdUnavailable, request
 
     try:
         if args.command == "status":
             rows = request("GET", "/v1/credentials", socket=settings.socket)["credentials"]
-            print(f"{'NAME':<24} {'STATE':<8} {'EXPIRES':<21} LAST ERROR")
+            # Fleet mode: the rows say this node's role and which node holds the lease.
+            fleet = any("fleet" in row for row in rows)
+            roles = {row["name"]: _fleet_role(row.get("fleet")) for row in rows}
+            width = max((len(r[1]) for r in roles.values()), default=0)
+            extra = f"{'ROLE':<8} {'HOLDER':<{width}} " if fleet else ""
+            print(f"{'NAME':<24} {'STATE':<8} {'EXPIRES':<21} {extra}LAST ERROR")
             for row in rows:
+                role, holder = roles[row["name"]]
+                extra = f"{role:<8} {holder:<{width}} " if fleet else ""
                 print(
                     f"{printable(row['name']):<24} {printable(_shown_state(row)):<8} "
-                    f"{printable(row['expires_at'] or '-'):<21} "
+                    f"{printable(row['expires_at'] or '-'):<21} {extra}"
                     f"{printable(row['last_error'] or '')}"
                     + (f" (x-debug-id {printable(row['debug_id'])})" if row.get("debug_id") else "")
                 )

@@ -18,7 +18,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -123,6 +124,29 @@ class Fleet:
 
     def role(self, name: str) -> str:
         return "holder" if name in self._held else "follower"
+
+    async def roles(self, creds: Iterable[Credential]) -> dict[str, tuple[str, str | None]]:
+        """For ``imsd status``: per credential, this node's role (``holder``, ``follower``,
+        or ``local`` while Redis is unreachable) and the node id holding the lease, as Redis
+        says (None when nobody holds it). One short read per credential, none while Redis is
+        known to be down: a status query never waits on an unreachable Redis."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for cred in creds:
+            name = cred.name
+            holder: str | None = None
+            if self._up is not False:
+                lease = self._keys(cred)[1].lease
+                with contextlib.suppress(Unavailable):
+                    value = await self._call(partial(self._client.get, lease))
+                    if value is not None:
+                        holder = bytes(value).decode(errors="replace").rsplit(":", 1)[0]
+            if self._up is False:  # on its own until Redis answers again
+                out[name] = ("local", None)
+            elif name in self._held:
+                out[name] = ("holder", self.node)
+            else:
+                out[name] = ("holder" if holder == self.node else "follower", holder)
+        return out
 
     async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
         await self._pool_ready.wait()

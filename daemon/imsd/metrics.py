@@ -24,11 +24,24 @@ from imsd import __version__
 from imsd.model import CredentialState
 from imsd.store import TokenStore
 
-__all__ = ["RESULTS", "Metrics"]
+__all__ = ["ADOPTED", "FLEET_EVENTS", "RESULTS", "Metrics"]
 
-#: ``result`` label values of ``imsd_token_refresh_total``.
+#: ``result`` label values of ``imsd_token_refresh_total``; in fleet mode also
+#: :data:`ADOPTED` (a token another node minted, taken from Redis: no IMS request).
 RESULTS = ("success", "permanent", "transient", "throttled")
-_RESULT_INDEX: Final = {result: i for i, result in enumerate(RESULTS)}
+ADOPTED: Final = "adopted"
+#: ``event`` label values of ``imsd_fleet_events_total`` (README "Metrics and health").
+FLEET_EVENTS: Final = (
+    "lease_acquired",
+    "lease_lost",
+    "published",
+    "adopted",
+    "fenced_out",
+    "rejected",
+    "fallback_local",
+    "waiting",
+)
+_RESULT_INDEX: Final = {result: i for i, result in enumerate((*RESULTS, ADOPTED))}
 
 # IMS answers in tens to hundreds of milliseconds; a hung request ends at the 30 s timeout.
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,7 +53,12 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # 
 SCRAPE_CACHE: Final = 1.0
 
 _Row = tuple[str, float | None, float | None, int | None]
-_Frozen = tuple[list[_Row], dict[CredentialState, int], list[tuple[str, tuple[int, ...]]]]
+_Frozen = tuple[
+    list[_Row],
+    dict[CredentialState, int],
+    list[tuple[str, tuple[int, ...]]],
+    frozenset[str] | None,
+]
 
 
 class _StoreCollector(Collector):
@@ -54,6 +72,10 @@ class _StoreCollector(Collector):
         # imsd_token_refresh_total per credential, one int per result: a Counter child per
         # (credential, result) cost 2.5 KB a credential, created up front so rates start at 0.
         self.refresh_counts: dict[str, list[int]] = {}
+        # Fleet mode (None without it): the credentials whose lease this node holds. Every
+        # credential then has an imsd_fleet_holder series (0: a follower) and an "adopted"
+        # refresh result, read here so that both go with their credential.
+        self.holding: set[str] | None = None
 
     def freeze(self) -> None:
         rows: list[_Row] = [
@@ -66,7 +88,8 @@ class _StoreCollector(Collector):
             for e in self._store
         ]
         refreshes = [(name, tuple(counts)) for name, counts in self.refresh_counts.items()]
-        self._frozen = (rows, self._store.counts(self._clock()), refreshes)
+        holding = frozenset(self.holding) if self.holding is not None else None
+        self._frozen = (rows, self._store.counts(self._clock()), refreshes, holding)
 
     def thaw(self) -> None:
         self._frozen = None
@@ -96,12 +119,13 @@ class _StoreCollector(Collector):
         if self._frozen is None:  # called on the loop itself (render)
             self.freeze()
             assert self._frozen is not None
-            rows, counts, refreshes = self._frozen
+            rows, counts, refreshes, holding = self._frozen
             self.thaw()
         else:
-            rows, counts, refreshes = self._frozen
-        for name, results in refreshes:
-            for result, value in zip(RESULTS, results, strict=True):
+            rows, counts, refreshes, holding = self._frozen
+        results = RESULTS if holding is None else (*RESULTS, ADOPTED)
+        for name, values in refreshes:
+            for result, value in zip(results, values, strict=False):
                 refresh.add_metric([name, result], value)
         for name, expires_at, last_refresh, failing in rows:
             if expires_at is not None:
@@ -113,6 +137,16 @@ class _StoreCollector(Collector):
         for state, count in counts.items():
             states.add_metric([state.value], count)
         yield from (refresh, expiry, success, failures, states)
+        if holding is not None:
+            holder = GaugeMetricFamily(
+                "imsd_fleet_holder",
+                "Fleet mode: 1 while this node holds the credential's lease, 0 on a follower.",
+                labels=["credential"],
+            )
+            for name, _, _, failing in rows:
+                if failing is not None:  # a credential with a usable file
+                    holder.add_metric([name], 1 if name in holding else 0)
+            yield holder
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # dynamic: nothing to check for duplicates at registration
@@ -150,28 +184,50 @@ class Metrics:
             namespace="imsd",
             registry=r,
         )
+        # The authenticating proxies (README "Proxy"): answers by instance and status (or
+        # upstream_error, upstream_timeout, client_gone), and the upstream's time to answer.
+        self.proxy_requests = Counter(
+            "proxy_requests",
+            "Requests through the authenticating proxies by instance and status.",
+            ["instance", "status"],
+            namespace="imsd",
+            registry=r,
+        )
+        self.proxy_upstream = Histogram(
+            "proxy_upstream_seconds",
+            "Time from sending a proxied request upstream to its response headers.",
+            ["instance"],
+            namespace="imsd",
+            buckets=_BUCKETS,
+            registry=r,
+        )
         build = Gauge("build_info", "imsd version.", ["version"], namespace="imsd", registry=r)
         build.labels(__version__).set(1)
         self._collector = _StoreCollector(store, clock)
         r.register(self._collector)
         self._scrapes: dict[str, tuple[float, bytes]] = {}  # content type -> (when, body)
-        self._fleet: tuple[Counter, Gauge, Gauge] | None = None  # fleet mode only
+        self._fleet: tuple[Counter, Gauge] | None = None  # fleet mode only
         self._render_lock = anyio.Lock()
         self.renderings = 0  # how many times the exposition was encoded (tests, bench)
 
     def added(self, credential: str) -> None:
         self._scrapes.clear()  # a new credential's series show at the next scrape
         # Every result from zero, so that rates exist before the first failure.
-        self._collector.refresh_counts.setdefault(credential, [0] * len(RESULTS))
+        self._collector.refresh_counts.setdefault(credential, [0] * len(_RESULT_INDEX))
 
     def refreshed(self, credential: str, result: str, duration: float) -> None:
-        counts = self._collector.refresh_counts.setdefault(credential, [0] * len(RESULTS))
+        counts = self._collector.refresh_counts.setdefault(credential, [0] * len(_RESULT_INDEX))
         counts[_RESULT_INDEX[result]] += 1
-        self.refresh_duration.observe(duration)
+        if result == ADOPTED:  # no IMS request: not in the request-duration histogram
+            self._fleet_metrics()
+        else:
+            self.refresh_duration.observe(duration)
 
     def forget(self, credential: str) -> None:
         self._scrapes.clear()  # a removed credential's series never outlive it
         self._collector.refresh_counts.pop(credential, None)
+        if self._collector.holding is not None:
+            self._collector.holding.discard(credential)
 
     def connection_event(self, listener: str, event: str) -> None:
         self.connections.labels(listener, event).inc()
@@ -179,9 +235,11 @@ class Metrics:
     # -- fleet mode (imsd.fleetredis): registered at the first event, so a daemon without
     # coordination exposes none of these series.
 
-    def _fleet_metrics(self) -> tuple[Counter, Gauge, Gauge]:
+    def _fleet_metrics(self) -> tuple[Counter, Gauge]:
         if self._fleet is None:
             r = self.registry
+            self._scrapes.clear()
+            self._collector.holding = set()  # imsd_fleet_holder and result="adopted" show
             self._fleet = (
                 Counter(
                     "fleet_events",
@@ -197,14 +255,10 @@ class Metrics:
                     namespace="imsd",
                     registry=r,
                 ),
-                Gauge(
-                    "fleet_holder",
-                    "1 while this node holds the credential's lease (0: a follower).",
-                    ["credential"],
-                    namespace="imsd",
-                    registry=r,
-                ),
             )
+            # Every event from zero, so that rates and alerts exist before the first one.
+            for event in FLEET_EVENTS:
+                self._fleet[0].labels(event)
         return self._fleet
 
     def fleet_event(self, event: str) -> None:
@@ -214,8 +268,14 @@ class Metrics:
         self._fleet_metrics()[1].set(1 if up else 0)
 
     def fleet_holder(self, credential: str, holder: bool) -> None:
+        self._fleet_metrics()
+        holding = self._collector.holding
+        assert holding is not None
         self._scrapes.clear()
-        self._fleet_metrics()[2].labels(credential).set(1 if holder else 0)
+        if holder:
+            holding.add(credential)
+        else:
+            holding.discard(credential)
 
     def ims_response(self, code: int | str) -> None:
         self.ims_requests.labels(str(code)).inc()

@@ -585,10 +585,17 @@ class Supervisor:
             except CredentialError as e:  # the method's plugin is gone (a reload)
                 raise ImsError(ImsErrorKind.PERMANENT, "unsupported_auth", e.reason) from None
             self._flows[rec.name] = flow
+            fetched = self.fleet is None  # in fleet mode: False if another node's was taken
             if self.fleet is None:
                 grant = await self.client.run(flow)
             else:
-                grant = await self.fleet.exchange(rec, lambda: self.client.run(flow))
+
+                async def fetch() -> Grant:
+                    nonlocal fetched
+                    fetched = True
+                    return await self.client.run(flow)
+
+                grant = await self.fleet.exchange(rec, fetch)
         except Deferred as d:  # another node holds the lease: its token will come
             current = self.store.get(rec.name)
             if current is not None:
@@ -620,14 +627,14 @@ class Supervisor:
             return
         now = self._clock()
         if self._observer is not None:
-            self._observer.refreshed(rec.name, "success", now - started)
+            self._observer.refreshed(rec.name, "success" if fetched else "adopted", now - started)
         current = self.store.get(rec.name)
         if current is None:
             return
         step = scheduler.fetch_succeeded(current, identity, grant, now, self.policy, self._rand())
         if step[0].grant is grant:
             log.info(
-                "token.refreshed",
+                "token.refreshed" if fetched else "token.adopted",
                 credential=rec.name,
                 expires_at=rfc3339(grant.expires_at),
                 next_refresh_in=round(max(0.0, step[0].due - now), 1),
@@ -646,9 +653,16 @@ class Supervisor:
         if rec.credential.identity != identity:
             return False
         now = self._clock()
-        await self._apply(
-            scheduler.fetch_succeeded(rec, identity, grant, now, self.policy, self._rand())
+        step = scheduler.fetch_succeeded(rec, identity, grant, now, self.policy, self._rand())
+        if self._observer is not None:
+            self._observer.refreshed(name, "adopted", 0.0)
+        log.info(
+            "token.adopted",
+            credential=name,
+            expires_at=rfc3339(grant.expires_at),
+            next_refresh_in=round(max(0.0, step[0].due - now), 1),
         )
+        await self._apply(step)
         return True
 
     # -- writing -----------------------------------------------------------------------------
