@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # imsd — multi-stage build: a wheel is built with the build tools, the final image gets only
-# the installed package, runs as a non-root user and keeps no pip cache.
+# the installed package (with the fleet extra: coredis, imported only in fleet mode), runs as
+# a non-root user and keeps no pip cache.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -8,7 +9,7 @@ COPY daemon ./daemon
 COPY plugins ./plugins
 RUN python -m venv /opt/imsd \
  && /opt/imsd/bin/pip install --no-cache-dir --upgrade "pip>=24" \
- && /opt/imsd/bin/pip install --no-cache-dir .
+ && /opt/imsd/bin/pip install --no-cache-dir ".[fleet]"
 
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="imsd" \
