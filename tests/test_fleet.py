@@ -24,7 +24,7 @@ from imsd.registry import load_registry
 from imsd.scheduler import Record
 from imsd.store import TokenStore
 
-from tests.requirements import need_tool
+from tests.redis_support import RedisServer, redis_server
 from tests.support import SECRET, SECRET2, add_standard_clients, make_settings, read, write_cred
 
 pytestmark = pytest.mark.anyio
@@ -131,39 +131,10 @@ def test_no_redis_client_is_imported_without_coordination() -> None:
 # -- a real redis-server ----------------------------------------------------------------------
 
 
-class RedisServer:
-    def __init__(self, tmp: Path) -> None:
-        self.binary = need_tool("redis-server", "apt-get install redis-server")
-        self.socket = tmp / "redis.sock"
-        self.url = f"unix://{self.socket}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.socket.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
+    with redis_server(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
