@@ -6,13 +6,20 @@ receives a token that is already dead (or about to be, within *min_validity* sec
 
     from imsd.client import headers
     httpx.get(url, headers=headers("aep", product="aep"))
+
+Or as an ``auth=`` that follows rotation and recovers from a 401 (see :class:`HttpxAuth`;
+``RequestsAuth`` when ``requests`` is installed, which this module never imports itself):
+
+    httpx.Client(auth=HttpxAuth("aep", product="aep")).get(url)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import AsyncGenerator, Generator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +29,7 @@ import httpx
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
     "DEFAULT_SOCKET",
+    "HttpxAuth",
     "ImsdUnavailable",
     "headers",
     "request",
@@ -68,12 +76,40 @@ def request(
     try:
         with httpx.Client(transport=transport, base_url="http://imsd", timeout=timeout) as c:
             resp = c.request(method, path)
-    except (httpx.ConnectError, FileNotFoundError) as e:
-        raise ImsdUnavailable(f"imsd is not running (no socket at {sock})") from e
-    except PermissionError as e:
-        raise ImsdUnavailable(f"no permission to use the imsd socket {sock}") from e
-    except httpx.HTTPError as e:
-        raise ImsdUnavailable(f"imsd socket {sock}: {type(e).__name__}") from e
+    except (httpx.HTTPError, OSError) as e:
+        raise _unreachable(sock, e) from e
+    return _body(resp)
+
+
+async def _arequest(
+    method: str,
+    path: str,
+    *,
+    socket: Path | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 (the HTTP client's)
+) -> dict[str, Any]:
+    """:func:`request` for async code (any event loop httpx supports)."""
+    sock = socket or DEFAULT_SOCKET
+    transport = httpx.AsyncHTTPTransport(uds=str(sock))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://imsd", timeout=timeout
+        ) as c:
+            resp = await c.request(method, path)
+    except (httpx.HTTPError, OSError) as e:
+        raise _unreachable(sock, e) from e
+    return _body(resp)
+
+
+def _unreachable(sock: Path, e: Exception) -> ImsdUnavailable:
+    if isinstance(e, httpx.ConnectError | FileNotFoundError):
+        return ImsdUnavailable(f"imsd is not running (no socket at {sock})")
+    if isinstance(e, PermissionError):
+        return ImsdUnavailable(f"no permission to use the imsd socket {sock}")
+    return ImsdUnavailable(f"imsd socket {sock}: {type(e).__name__}")
+
+
+def _body(resp: httpx.Response) -> dict[str, Any]:
     try:
         body: dict[str, Any] = resp.json()
     except ValueError as e:
@@ -115,14 +151,7 @@ def token_document(
     return _check(doc, name, min_validity)
 
 
-def token(name: str, **kwargs: Any) -> str:
-    """The access token of credential *name* (see :func:`token_document` for options)."""
-    return str(token_document(name, **kwargs)["access_token"])
-
-
-def headers(name: str, product: str | None = None, **kwargs: Any) -> dict[str, str]:
-    """The request headers of *name* for *product* (default: the credential's first)."""
-    doc = token_document(name, **kwargs)
+def _pick(doc: dict[str, Any], name: str, product: str | None) -> dict[str, str]:
     per_product: dict[str, dict[str, str]] = doc.get("headers") or {}
     if not per_product:
         raise ImsdUnavailable(f"{name}: token document has no headers")
@@ -130,3 +159,241 @@ def headers(name: str, product: str | None = None, **kwargs: Any) -> dict[str, s
     if key not in per_product:
         raise ImsdUnavailable(f"{name} has no product {key!r} (it has: {', '.join(per_product)})")
     return dict(per_product[key])
+
+
+def token(name: str, **kwargs: Any) -> str:
+    """The access token of credential *name* (see :func:`token_document` for options)."""
+    return str(token_document(name, **kwargs)["access_token"])
+
+
+def headers(name: str, product: str | None = None, **kwargs: Any) -> dict[str, str]:
+    """The request headers of *name* for *product* (default: the credential's first)."""
+    return _pick(token_document(name, **kwargs), name, product)
+
+
+# -- drop-in auth for HTTP clients ------------------------------------------------------------
+
+_log = logging.getLogger("imsd.client")
+#: Seconds a document read from the socket is used before asking again (a rotated token is
+#: picked up within this; the old one stays valid meanwhile, and a 401 asks at once).
+_SOCKET_RECHECK: Final = 60.0
+
+
+class _Headers:
+    """One credential's headers for one product, cached: from the files, re-read when
+    ``token.json`` changes (one ``stat`` per request); from the socket, asked again after
+    ``_SOCKET_RECHECK`` seconds or when the token is about to expire. A 401 forces one refresh
+    through the socket."""
+
+    def __init__(
+        self,
+        name: str,
+        product: str | None,
+        output_dir: Path | None,
+        socket: Path | None,
+        min_validity: float,
+    ) -> None:
+        self.name, self.product, self.min_validity = name, product, min_validity
+        # The files unless only the socket is named; the socket for a forced refresh.
+        self.from_socket = socket is not None and output_dir is None
+        self.socket = socket or DEFAULT_SOCKET
+        self.path = (output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
+        self._doc: dict[str, Any] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # (inode, mtime ns, size) read
+        self._read_at = 0.0  # monotonic time of the last read
+
+    def _fresh(self) -> dict[str, Any] | None:
+        """The cached document if it is still the current one and usable, else None."""
+        doc = self._doc
+        if doc is None or _expires_at(doc) - time.time() <= self.min_validity:
+            return None
+        if self.from_socket and time.monotonic() - self._read_at > _SOCKET_RECHECK:
+            return None  # a socket has no cheap "changed?": ask again now and then
+        if not self.from_socket:
+            try:
+                st = self.path.stat()
+            except OSError:
+                return None  # token_document says why
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
+                return None  # the daemon replaced it (atomically: a new inode)
+        return doc
+
+    def _keep(self, doc: dict[str, Any]) -> dict[str, str]:
+        picked = _pick(doc, self.name, self.product)  # refuse a document without them
+        if not self.from_socket:
+            try:
+                st = self.path.stat()
+                self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except OSError:
+                self._stamp = None
+        self._doc, self._read_at = doc, time.monotonic()
+        return picked
+
+    def get(self) -> dict[str, str]:
+        doc = self._fresh()
+        if doc is not None:
+            return _pick(doc, self.name, self.product)
+        # The stamp is taken after the read: a replacement in between is read next time.
+        return self._keep(
+            token_document(
+                self.name,
+                output_dir=self.path.parent.parent,
+                socket=self.socket if self.from_socket else None,
+                min_validity=self.min_validity,
+            )
+        )
+
+    async def aget(self) -> dict[str, str]:
+        doc = self._fresh()
+        if doc is not None:
+            return _pick(doc, self.name, self.product)
+        if not self.from_socket:
+            return self.get()  # one small read of a tmpfs file: not worth a thread
+        path = f"/v1/credentials/{self.name}/token"
+        return self._keep(
+            _check(await _arequest("GET", path, socket=self.socket), self.name, self.min_validity)
+        )
+
+    def _refreshed(self, doc: dict[str, Any]) -> dict[str, str]:
+        _check(doc, self.name, 0)
+        return self._keep(doc)
+
+    def refresh(self) -> dict[str, str]:
+        """The headers after one forced refresh (the daemon may answer with the current
+        token instead, within ``min_refresh_interval``)."""
+        path = f"/v1/credentials/{self.name}/refresh"
+        return self._refreshed(request("POST", path, socket=self.socket, timeout=60))
+
+    async def arefresh(self) -> dict[str, str]:
+        path = f"/v1/credentials/{self.name}/refresh"
+        return self._refreshed(await _arequest("POST", path, socket=self.socket, timeout=60))
+
+
+def _failed_refresh(name: str, e: ImsdUnavailable) -> None:
+    # The caller gets the 401 as it came; this says why there was no second try.
+    _log.warning("imsd: %s answered 401 and the forced refresh failed: %s", name, e)
+
+
+class HttpxAuth(httpx.Auth):
+    """``auth=`` for httpx (``Client`` and ``AsyncClient``): adds the headers of credential
+    *name* for *product* (default: its first) from the files in *output_dir*, or from the
+    daemon's socket when only *socket* is given, and re-reads them when the daemon writes a
+    new token. On a 401 it asks the daemon at *socket* (default ``DEFAULT_SOCKET``) for one
+    forced refresh and sends the request once more, unless the daemon had no newer token to
+    give (then the 401 is returned). Raises :class:`ImsdUnavailable` when there is no
+    usable token."""
+
+    def __init__(
+        self,
+        name: str,
+        product: str | None = None,
+        *,
+        output_dir: Path | None = None,
+        socket: Path | None = None,
+        min_validity: float = 60.0,
+    ) -> None:
+        self._h = _Headers(name, product, output_dir, socket, min_validity)
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        sent = self._h.get()
+        request.headers.update(sent)
+        response = yield request
+        if response.status_code != 401:
+            return
+        try:
+            again = self._h.get()  # the daemon may have rotated it meanwhile
+            if again == sent:
+                again = self._h.refresh()
+        except ImsdUnavailable as e:
+            _failed_refresh(self._h.name, e)
+            return
+        if again != sent:
+            request.headers.update(again)
+            yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        sent = await self._h.aget()
+        request.headers.update(sent)
+        response = yield request
+        if response.status_code != 401:
+            return
+        try:
+            again = await self._h.aget()
+            if again == sent:
+                again = await self._h.arefresh()
+        except ImsdUnavailable as e:
+            _failed_refresh(self._h.name, e)
+            return
+        if again != sent:
+            request.headers.update(again)
+            yield request
+
+
+def _requests_auth() -> type:
+    """``RequestsAuth``, built on first use so that importing this module never imports
+    ``requests`` (which is not a dependency of imsd)."""
+    import requests
+    import requests.auth
+
+    class RequestsAuth(requests.auth.AuthBase):
+        """``auth=`` for requests: as :class:`HttpxAuth` (same arguments), retrying once
+        after a 401 through the same connection adapter."""
+
+        def __init__(
+            self,
+            name: str,
+            product: str | None = None,
+            *,
+            output_dir: Path | None = None,
+            socket: Path | None = None,
+            min_validity: float = 60.0,
+        ) -> None:
+            self._h = _Headers(name, product, output_dir, socket, min_validity)
+
+        def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+            sent = self._h.get()
+            r.headers.update(sent)
+            r.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
+            return r
+
+        def _on_response(self, resp: requests.Response, **kwargs: Any) -> requests.Response:
+            if resp.status_code != 401:
+                return resp
+            failed = resp.request.headers.get("Authorization")
+            try:
+                again = self._h.get()
+                if again.get("Authorization") == failed:
+                    again = self._h.refresh()
+            except ImsdUnavailable as e:
+                _failed_refresh(self._h.name, e)
+                return resp
+            if again.get("Authorization") == failed:
+                return resp
+            # As requests' own HTTPDigestAuth: drain, resend through the adapter (which runs
+            # no hooks, so this happens once), and keep the 401 in the history.
+            resp.content  # noqa: B018
+            resp.close()
+            retry = resp.request.copy()
+            retry.headers.update(again)
+            new: requests.Response = resp.connection.send(retry, **kwargs)
+            new.history.append(resp)
+            new.request = retry
+            return new
+
+    return RequestsAuth
+
+
+_lazy: dict[str, type] = {}
+
+
+def __getattr__(attr: str) -> Any:
+    if attr != "RequestsAuth":
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    if attr not in _lazy:
+        try:
+            _lazy[attr] = _requests_auth()
+        except ImportError as e:
+            raise AttributeError("imsd.client.RequestsAuth needs requests installed") from e
+    return _lazy[attr]
