@@ -24,7 +24,8 @@ from imsd.registry import load_registry
 from imsd.scheduler import Record
 from imsd.store import TokenStore
 
-from tests.redis_support import RedisServer, redis_server
+from tests.redis_support import RedisServer as RedisServer  # re-exported: test_fleet_status
+from tests.redis_support import redis_server
 from tests.support import SECRET, SECRET2, add_standard_clients, make_settings, read, write_cred
 
 pytestmark = pytest.mark.anyio
