@@ -19,7 +19,7 @@ from imsd import fleet
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
 from imsd.fleetredis import Fleet
-from imsd.model import Credential, Grant, ImsError, Secret
+from imsd.model import Credential, Grant, ImsError, ImsErrorKind, Secret
 from imsd.registry import load_registry
 from imsd.scheduler import Record
 from imsd.store import TokenStore
@@ -330,3 +330,44 @@ async def test_a_redis_restarted_empty_never_repeats_a_fence(redis: RedisServer)
     assert await _script(redis.url, fleet.PUBLISH, [keys.fence, keys.token], args) == 0
     again, _ = await _script(redis.url, fleet.ACQUIRE, lease, ["b", "60000"])
     assert again == new  # renewing our own lease keeps the fence
+
+
+async def test_a_chain_link_whose_publish_failed_is_published_before_a_takeover(
+    redis: RedisServer,
+) -> None:
+    """A refresh_token holder rotates the chain, then cannot publish (Redis gone): the
+    followers' link is spent. When Redis is back (empty) the holder publishes its link before
+    anyone can take over with the spent one; a follower then adopts it and never calls IMS."""
+    cred = _cred(auth="refresh_token")
+    old = _grant(time.time() - 100, 3600.0, rt="rt-1")
+    rec = Record("alpha", cred.path, credential=cred, grant=old, grant_identity=cred.identity)
+    holder, follower = Fleet(redis.url, lease=1.0), Fleet(redis.url, lease=1.0)
+    newer = _grant(time.time(), 3600.0, rt="rt-2")
+    follower_calls: list[int] = []
+
+    async def rotate() -> Grant:
+        redis.stop()  # gone between the IMS answer and the publish
+        return newer
+
+    async def spent() -> Grant:
+        follower_calls.append(1)
+        raise ImsError(ImsErrorKind.PERMANENT, "invalid_grant", "spent link")
+
+    store = SimpleNamespace(store=TokenStore())
+    async with anyio.create_task_group() as tg:
+        await tg.start(holder.run, store)
+        await tg.start(follower.run, store)
+        assert await holder.exchange(rec, rotate) == newer
+        redis.start()  # empty: no lease, no token
+        await _until(lambda: not holder._unpublished)  # its renewer published the link
+        got = await follower.exchange(rec, spent)  # due too: adopts, never spends rt-1
+        assert got.refresh_token == Secret("rt-2")
+        assert follower_calls == []
+        # A holder whose fetch fails gives its lease up: it must not block the chain.
+        ahead = replace(rec, grant=_grant(time.time() + 1, 3600.0, rt="rt-2"))
+        assert holder.role("alpha") == "holder"
+        with pytest.raises(ImsError):
+            await holder.exchange(ahead, spent)
+        assert holder.role("alpha") == "follower"
+        assert [k for k in await _redis_dump(redis.url) if k.endswith(b":lease")] == []
+        tg.cancel_scope.cancel()

@@ -48,6 +48,7 @@ __all__ = [
     "ACQUIRE",
     "FALLBACK_AUTHS",
     "PUBLISH",
+    "RELEASE",
     "RENEW",
     "Deferred",
     "Exchange",
@@ -252,6 +253,15 @@ return {fence, value}
 RENEW: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+#: KEYS: lease. ARGV: "<node>:<fence>". Give the lease up if it is still ours (a failed fetch:
+#: another node, perhaps with a newer link of a rotating chain, may then take over).
+RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """

@@ -84,6 +84,9 @@ class Fleet:
         self._derived: dict[tuple[str, str], tuple[bytes, FleetKeys]] = {}
         self._names: dict[str, str] = {}  # token key -> credential name
         self._held: dict[str, tuple[FleetKeys, str]] = {}  # name -> (keys, "<node>:<fence>")
+        # A rotating chain's link minted here but not in Redis (its publish failed): the
+        # followers' link is spent, so it is published as soon as Redis answers again.
+        self._unpublished: dict[str, tuple[bytes, FleetKeys, Grant]] = {}
         self._supervisor: Supervisor | None = None
         self._up: bool | None = None
         self._pool_ready = anyio.Event()
@@ -239,17 +242,53 @@ class Fleet:
             self._event("fallback_local")
             log.error("fleet.fallback_local", credential=name, error=str(e))
             return await fetch()
-        grant = await fetch()
+        try:
+            grant = await fetch()
+        except ImsError:
+            await self._release(name)  # not held by a node that cannot refresh
+            raise
         try:
             if await self.publish(key, keys, fence, grant):
                 self._event("published")
+                self._unpublished.pop(name, None)
             else:
                 self._holding(name, None)
                 self._event("fenced_out")
                 log.error("fleet.fenced_out", credential=name, fence=fence, node=self.node)
         except Unavailable as e:
             log.error("fleet.publish_failed", credential=name, error=str(e))
+            if not fleet.may_fall_back(cred):
+                self._unpublished[name] = (key, keys, grant)
         return grant
+
+    async def _release(self, name: str) -> None:
+        held = self._held.get(name)
+        if held is None:
+            return
+        self._holding(name, None)
+        keys, value = held
+        with contextlib.suppress(Unavailable):
+            await self._call(lambda: self._client.eval(fleet.RELEASE, [keys.lease], [value]))
+
+    async def _republish(self) -> None:
+        """Publish the chain links minted here whose publish failed, under the lease (taken
+        again if it lapsed), unless Redis meanwhile holds a newer token."""
+        for name, (key, keys, grant) in list(self._unpublished.items()):
+            try:
+                shared = await self._read(name, key, keys)
+                if shared is not None and shared.grant.issued_at >= grant.issued_at:
+                    self._unpublished.pop(name, None)
+                    continue
+                fence, _holder = await self._acquire(keys)
+                if fence == 0:
+                    continue  # another node's lease: try again when it lapses
+                self._holding(name, (keys, f"{self.node}:{fence}"))
+                if await self.publish(key, keys, fence, grant):
+                    self._event("published")
+                    log.warning("fleet.republished", credential=name, fence=fence)
+                self._unpublished.pop(name, None)
+            except Unavailable:
+                continue
 
     # -- background tasks ---------------------------------------------------------------------
 
@@ -326,6 +365,7 @@ class Fleet:
         ms = str(math.ceil(self.lease * 1000))
         while True:
             await anyio.sleep(self.lease / 3)
+            await self._republish()
             for name, (keys, value) in list(self._held.items()):
                 try:
                     ok = await self._renew(keys, value, ms)
