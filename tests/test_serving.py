@@ -19,7 +19,7 @@ import anyio.abc
 import httpx
 import pytest
 from imsd import logs
-from imsd.config import RELOAD, Reload, Settings, load_settings
+from imsd.config import RELOAD, ProxySpec, Reload, Settings, load_settings
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
 
@@ -299,6 +299,7 @@ def _changed_value(field: str, tmp_path: Path) -> Any:
         "coordination_password_file": tmp_path / "redis-password",
         "coordination_password_env": "REDIS_PASSWORD",
         "coordination_lease": 20.0,
+        "proxy": [ProxySpec(listen="127.0.0.1:0", credential="alpha", product="aep")],
     }
     assert field in values, f"give the new setting {field!r} a changed value here"
     return values[field]

@@ -10,13 +10,22 @@ from __future__ import annotations
 import difflib
 import enum
 import grp
+import ipaddress
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imsd import logs
 from imsd.model import DEFAULT_IMS_URL, check_ims_url
@@ -28,6 +37,7 @@ __all__ = [
     "LOG_LEVELS",
     "RELOAD",
     "ConfigError",
+    "ProxySpec",
     "Reload",
     "Settings",
     "load_settings",
@@ -56,6 +66,61 @@ def _octal(v: Any) -> Any:
 Mode = Annotated[int, BeforeValidator(_octal), Field(ge=0, le=0o777)]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+
+class ProxySpec(BaseModel):
+    """One ``[[proxy]]`` table: an authenticating forward proxy to one product instance of
+    one credential (README "Proxy")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    listen: str  # HOST:PORT, or an absolute Unix socket path
+    credential: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    product: str = Field(min_length=1, max_length=64)  # a product or instance name
+    # A TCP listener binds loopback only unless this says otherwise (logged loudly).
+    allow_remote: bool = False
+    # Upstream: connect and between-bytes timeout (a hung upstream answers 504).
+    timeout: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:8080) or a Unix socket path")
+        return v
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> ProxySpec:
+        if self.tcp and not self.allow_remote and not _loopback_host(self.host):
+            raise ValueError(
+                "a proxy listens on a loopback address unless allow_remote = true "
+                "(anyone who can reach it uses the credential)"
+            )
+        return self
+
+    @property
+    def tcp(self) -> bool:
+        return not self.listen.startswith("/")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseModel):
@@ -103,6 +168,8 @@ class Settings(BaseModel):
     coordination_password_file: Path | None = None
     coordination_password_env: str | None = None
     coordination_lease: float = Field(10.0, ge=0.5, le=300)
+    # Authenticating forward proxies (README "Proxy"): none unless configured.
+    proxy: list[ProxySpec] = Field(default_factory=list)
 
     @field_validator("coordination")
     @classmethod
@@ -236,6 +303,8 @@ RELOAD: Final[Mapping[str, Reload]] = {
     "coordination_password_file": _R,
     "coordination_password_env": _R,
     "coordination_lease": _R,
+    # Proxy listeners are bound once, at start (their peer rules follow the socket's: applied).
+    "proxy": _R,
 }
 
 

@@ -21,7 +21,7 @@ import structlog
 from imsd import logs, sdnotify
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
-from imsd.config import RELOAD, ConfigError, Reload, Settings
+from imsd.config import RELOAD, ConfigError, ProxySpec, Reload, Settings
 from imsd.credentials import parse_credentials
 from imsd.exchange import ImsClient
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
@@ -29,6 +29,7 @@ from imsd.metrics import Metrics
 from imsd.model import Credential, ImsErrorKind
 from imsd.persist import StateFile
 from imsd.plugin import AuthMethod
+from imsd.proxy import Access, Proxy
 from imsd.registry import Registry
 from imsd.sinks import FileSink, make_dirs
 from imsd.store import TokenStore
@@ -156,6 +157,7 @@ class Daemon:
         self._stopping = False
         self.socket_address: Path | None = None
         self.metrics_port: int | None = None
+        self.proxies: list[tuple[ProxySpec, str]] = []  # with the bound address
 
     async def run(
         self,
@@ -216,6 +218,7 @@ class Daemon:
                 await tg.start(watcher.run, scan)
                 await self._bind_api(tg, s, activation=True)
                 await self._bind_health(tg, s)
+                await self._bind_proxies(tg, s)
                 await sup.wait_first_attempts()
                 log.info(
                     "daemon.ready",
@@ -234,8 +237,50 @@ class Daemon:
             self._tg = None
             sdnotify.notify("STOPPING=1", env=self._env)
             self._unlink_socket()
+            _unlink_proxies(s)
 
     # -- listeners ---------------------------------------------------------------------------
+
+    async def _bind_proxies(self, tg: anyio.abc.TaskGroup, s: Settings) -> None:
+        """The ``[[proxy]]`` listeners (README "Proxy"), bound once at start."""
+        assert self.supervisor is not None
+        for spec in s.proxy:
+            listener: anyio.abc.Listener[Any]
+            if spec.tcp:
+                listener = await tcp_listener(spec.host, spec.port)
+                address = f"{spec.host}:{bound_port(listener)}"
+                if spec.allow_remote:
+                    log.warning(
+                        "proxy.listening_remote",
+                        address=address,
+                        credential=spec.credential,
+                        product=spec.product,
+                        hint="anyone who can reach this address uses the credential",
+                    )
+            else:
+                listener = await unix_listener(
+                    Path(spec.listen), mode=s.socket_mode, gid=s.socket_gid()
+                )
+                address = spec.listen
+            proxy = Proxy(
+                spec,
+                self.supervisor,
+                self.registry.products,
+                access=self._proxy_access,
+                metrics=self.metrics,
+                max_connections=connection_cap(s.max_connections, self._nofile),
+                clock=self._clock,
+            )
+            await tg.start(proxy.serve, listener)
+            self.proxies.append((spec, address))
+            log.info(
+                "proxy.listening", address=address, credential=spec.credential, product=spec.product
+            )
+
+    def _proxy_access(self) -> Access:
+        api = self._api
+        assert api is not None
+        return Access(api.allowed_uids, api.allowed_gids, api.min_refresh_interval)
 
     async def _bind_api(self, tg: anyio.abc.TaskGroup, s: Settings, *, activation: bool) -> None:
         if self._api_scope is not None:
@@ -444,6 +489,13 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"metrics_address: expected HOST:PORT, got {address!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _unlink_proxies(s: Settings) -> None:
+    for spec in s.proxy:
+        if not spec.tcp:
+            with contextlib.suppress(OSError):
+                os.unlink(spec.listen)
 
 
 def _current_names(scan: Mapping[Path, ScanResult]) -> set[str]:

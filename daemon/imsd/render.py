@@ -20,6 +20,7 @@ from imsd.model import Credential, Grant, ValidatedOptions, https_or_loopback
 from imsd.plugin import Product, TokenView
 
 __all__ = [
+    "BASE_URL_OPTION",
     "RenderError",
     "Unrendered",
     "Unresolved",
@@ -36,6 +37,9 @@ __all__ = [
     "token_view",
     "validated_options",
 ]
+
+#: The instance option that overrides its product's base URL (README "Proxy").
+BASE_URL_OPTION: Final = "base_url"
 
 # RFC 7230 token characters. Always used with fullmatch: "$" would accept a trailing newline.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -112,13 +116,25 @@ def _label(name: str, view: TokenView) -> str:
 
 def validated_options(product: Product, options: Mapping[str, Any]) -> Mapping[str, Any]:
     """*product*'s normalized *options*, or ValueError/TypeError naming the option. A plugin
-    bug becomes a ValueError that names only the exception's type."""
+    bug becomes a ValueError that names only the exception's type. ``base_url`` is the core's
+    own option, valid for every product: checked here (https, or http to loopback), never shown
+    to the product's validation, and kept in the result for :func:`product_urls`."""
+    override = options.get(BASE_URL_OPTION)
+    if BASE_URL_OPTION in options:
+        if not isinstance(override, str) or not _URL.fullmatch(override):
+            raise ValueError(f"{BASE_URL_OPTION}: expected a URL without spaces")
+        if not https_or_loopback(override):
+            raise ValueError(f"{BASE_URL_OPTION}: must be https (http only to a loopback host)")
+        options = {k: v for k, v in options.items() if k != BASE_URL_OPTION}
     try:
-        return product.validate_options(options)
+        checked = product.validate_options(options)
     except (ValueError, TypeError):
         raise
     except Exception as e:  # a plugin bug must not take the daemon down
         raise ValueError(f"validate_options failed ({type(e).__name__})") from None
+    if override is None:
+        return checked
+    return {**checked, BASE_URL_OPTION: override.rstrip("/")}
 
 
 def instance_options(cred: Credential, product: Product, instance: str) -> Mapping[str, Any]:
@@ -154,7 +170,8 @@ def product_urls(
     options = instance_options(cred, product, instance)
     more = getattr(product, "base_urls", None)
     try:
-        base = product.base_url(options)
+        override = options.get(BASE_URL_OPTION)
+        base = override if isinstance(override, str) else product.base_url(options)
         named = more(options) if callable(more) else {}
     except Exception as e:  # a plugin bug; its message may quote anything
         raise RenderError(f"{where}: failed to compute its base URL ({type(e).__name__})") from None

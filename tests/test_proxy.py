@@ -1,0 +1,372 @@
+"""The authenticating proxy (``[[proxy]]``, README "Proxy"): its pure parts table-tested,
+then end to end through a running daemon to the fake gateway's streaming stand-in
+(:mod:`imsd.fakeims.bulk`, which applies the gateway's header checks) over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from imsd.config import ProxySpec, Settings
+from imsd.daemon import Daemon
+from imsd.fakeims.bulk import BulkApi, pattern
+from imsd.fakeims.server import FakeIms
+from imsd.httpserver import PeerCred
+from imsd.proxy import BadTarget, allowed_peer, request_headers, response_headers, upstream_url
+from imsd.registry import load_registry
+from imsd.render import validated_options
+from pydantic import ValidationError
+
+from tests.support import ORG, live, wait_for, write_cred
+
+pytestmark = pytest.mark.anyio
+
+# -- pure parts --------------------------------------------------------------------------------
+
+BASE = "https://platform.adobe.io/base"
+
+
+@pytest.mark.parametrize(
+    ("target", "url"),
+    [
+        ("/data/foundation/catalog/datasets", f"{BASE}/data/foundation/catalog/datasets"),
+        ("/x?limit=5&start=a", f"{BASE}/x?limit=5&start=a"),
+        ("/", f"{BASE}/"),
+        ("//evil.example/x", f"{BASE}//evil.example/x"),  # a path, on the base's host
+        ("/@evil.example", f"{BASE}/@evil.example"),
+    ],
+)
+def test_upstream_url_appends_path_and_query(target: str, url: str) -> None:
+    assert upstream_url(BASE, target) == url
+    assert httpx.URL(url).host == "platform.adobe.io"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://evil.example/x",  # absolute form: the client would pick the host
+        "evil.example:443",  # authority form (CONNECT)
+        "*",
+        "/a/../b",
+        "/a/%2e%2e/b",
+        "/a/./b",
+        "/a b",
+        "/a\r\nHost: evil",
+        "/a#frag",
+        "/a\\b",
+    ],
+)
+def test_upstream_url_refuses_targets_that_could_leave_the_instance(target: str) -> None:
+    with pytest.raises(BadTarget):
+        upstream_url(BASE, target)
+
+
+def test_request_headers_replace_injected_and_drop_hop_by_hop() -> None:
+    client = [
+        ("Host", "evil.example"),
+        ("Authorization", "Bearer theirs"),
+        ("X-Api-Key", "theirs"),
+        ("x-gw-ims-org-id", "OTHER@AdobeOrg"),
+        ("Connection", "keep-alive, X-Private"),
+        ("X-Private", "hop"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authorization", "Basic x"),
+        ("TE", "trailers"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "h2c"),
+        ("Expect", "100-continue"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Accept", "application/json"),
+    ]
+    injected = {"Authorization": "Bearer ours", "x-api-key": "ours", "x-gw-ims-org-id": ORG}
+    out = request_headers(client, injected)
+    assert out == [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Accept", "application/json"),
+        ("Authorization", "Bearer ours"),
+        ("x-api-key", "ours"),
+        ("x-gw-ims-org-id", ORG),
+    ]
+
+
+def test_response_headers_drop_hop_by_hop() -> None:
+    upstream = [
+        ("content-type", "application/json"),
+        ("connection", "close, x-hop"),
+        ("x-hop", "1"),
+        ("transfer-encoding", "chunked"),
+        ("x-request-id", "abc"),
+        ("content-length", "3"),
+    ]
+    assert response_headers(upstream) == [
+        ("content-type", "application/json"),
+        ("x-request-id", "abc"),
+        ("content-length", "3"),
+    ]
+
+
+def test_peer_rule_is_the_socket_apis() -> None:
+    me = PeerCred(pid=1, uid=1000, gid=1000, groups=(27,))
+    assert allowed_peer(me, {1000}, set())
+    assert allowed_peer(me, set(), {27})
+    assert not allowed_peer(me, {0}, {5})
+    assert not allowed_peer(None, {1000}, {1000})
+
+
+def test_tcp_listeners_are_loopback_unless_allowed() -> None:
+    spec = {"credential": "aep", "product": "aep"}
+    assert ProxySpec(listen="127.0.0.1:8080", **spec).tcp
+    assert ProxySpec(listen="[::1]:8080", **spec).host == "::1"
+    assert not ProxySpec(listen="/run/imsd/aep.sock", **spec).tcp
+    with pytest.raises(ValidationError, match="loopback"):
+        ProxySpec(listen="0.0.0.0:8080", **spec)
+    assert ProxySpec(listen="0.0.0.0:8080", allow_remote=True, **spec).host == "0.0.0.0"
+    with pytest.raises(ValidationError):
+        ProxySpec(listen="8080", **spec)
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def bulk(fake: FakeIms) -> AsyncIterator[BulkApi]:
+    api = BulkApi(fake.state)
+    async with anyio.create_task_group() as tg:
+        await tg.start(api.serve)
+        yield api
+        tg.cancel_scope.cancel()
+
+
+async def proxied(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, **spec: Any
+) -> tuple[Daemon, str]:
+    """A daemon with the credential ``aep`` (instance ``aep-dev`` in sandbox ``dev``, its base
+    URL the fake's aep gateway) and one proxy to it; the proxy's address."""
+    write_cred(
+        tmp_path / "creds",
+        "aep",
+        fake,
+        extra=(
+            'products = ["aep-dev"]\n[product.aep-dev]\ntype = "aep"\nsandbox = "dev"\n'
+            f'base_url = "{bulk.url}/gateway/aep/"\n'
+        ),
+    )
+    listen = spec.pop("listen", "127.0.0.1:0")
+    options = {"listen": listen, "credential": "aep", "product": "aep-dev", **spec}
+    d = await running(proxy=[ProxySpec(**options)], min_refresh_interval=0.0)
+    await wait_for(lambda: live(d, "aep").grant is not None)
+    return d, d.proxies[0][1]
+
+
+async def test_requests_reach_the_instance_with_its_headers(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        # The gateway's own checks pass: token, API key, org, sandbox.
+        r = await c.get("/data/foundation/catalog/datasets")
+        assert r.status_code == 200, r.text
+        assert r.json()["x-sandbox-name"] == "dev"
+        # The client's values for injected headers are replaced, never merged.
+        r = await c.get(
+            "/_fake/headers",
+            headers={
+                "Authorization": "Bearer stolen",
+                "x-sandbox-name": "prod",
+                "x-gw-ims-org-id": "OTHER@AdobeOrg",
+                "Connection": "x-private",
+                "X-Private": "hop",
+                "X-Mine": "kept",
+            },
+        )
+        assert r.status_code == 200, r.text
+        seen: dict[str, list[str]] = {}
+        for k, v in r.json():
+            seen.setdefault(k, []).append(v)
+        token = live(d, "aep").grant.access_token.reveal()
+        assert seen["authorization"] == [f"Bearer {token}"]
+        assert seen["x-api-key"] == ["client-a"]
+        assert seen["x-gw-ims-org-id"] == [ORG]
+        assert seen["x-sandbox-name"] == ["dev"]
+        assert seen["x-mine"] == ["kept"]
+        assert "x-private" not in seen
+        assert seen["host"] == [bulk.url.removeprefix("http://")]
+        # No open proxy: an absolute target is refused, whatever its host.
+        r = await c.get("/x", extensions={"target": b"http://evil.example/x"})
+        assert r.status_code == 400
+    scrape = (await d.metrics.scrape(None))[0].decode()
+    assert 'imsd_proxy_requests_total{instance="aep-dev",status="200"} 2.0' in scrape
+    assert 'imsd_proxy_requests_total{instance="aep-dev",status="400"} 1.0' in scrape
+    assert 'imsd_proxy_upstream_seconds_count{instance="aep-dev"} 2.0' in scrape
+
+
+async def test_a_401_forces_one_refresh_and_one_retry(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running)
+    old = live(d, "aep").grant
+    fake.state.revoke(old.access_token.reveal())  # IMS revoked it: the gateway answers 401
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        r = await c.get("/data/foundation/catalog/datasets")
+        assert r.status_code == 200, r.text
+        assert live(d, "aep").grant is not old
+        # A request with a body is never replayed: its 401 goes back as it came.
+        fake.state.revoke(live(d, "aep").grant.access_token.reveal())
+        r = await c.post("/_fake/upload", content=b"x" * 10)
+        assert r.status_code == 401
+        assert r.json()["error_code"] == "401013"
+    paths = [(m, s) for m, p, s in bulk.requests if p.endswith("/datasets")]
+    assert paths == [("GET", "401"), ("GET", "200")]
+
+
+async def test_a_hung_upstream_answers_504(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running, timeout=0.5)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        r = await c.get("/_fake/hang")
+        assert r.status_code == 504
+        assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
+
+
+async def test_unix_socket_proxy_checks_peers(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    path = tmp_path / "aep.sock"
+    d, address = await proxied(tmp_path, fake, bulk, running, listen=str(path))
+    transport = httpx.AsyncHTTPTransport(uds=address)
+    async with httpx.AsyncClient(transport=transport, base_url="http://aep", timeout=30) as c:
+        assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
+        api = d._api
+        assert api is not None
+        api.set_access(allowed_uids=[65534], allowed_gids=[], min_refresh_interval=0)
+        r = await c.get("/data/foundation/catalog/datasets")
+        assert r.status_code == 403
+        assert r.json()["error"] == "forbidden"
+
+
+async def test_a_client_gone_mid_body_leaves_nothing_behind(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running)
+    host, port = address.rsplit(":", 1)
+    stream = await anyio.connect_tcp(host, int(port))
+    head = b"POST /_fake/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    await stream.send(head + b"x" * 200_000)
+    await wait_for(lambda: ("POST", "/gateway/aep/_fake/upload", "started") in bulk.requests)
+    await stream.aclose()
+    # The upstream sees its request end short, not complete: nothing half-sent passes as whole.
+    await wait_for(lambda: ("POST", "/gateway/aep/_fake/upload", "aborted") in bulk.requests)
+    labels = {"instance": "aep-dev", "status": "client_gone"}
+    await wait_for(
+        lambda: d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 1
+    )
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
+
+
+# -- 100 MB each way --------------------------------------------------------------------------
+
+_SIZE = 100 * 1024 * 1024
+_RSS_BOUND = 48 * 1024 * 1024  # a third of what buffering the body once would cost
+
+
+def _rss() -> int:
+    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class _Peak:
+    """The highest VmRSS seen while the body moves (the daemon, the fake API and the client
+    share this process: none of them may hold the body)."""
+
+    def __init__(self) -> None:
+        self.base = _rss()
+        self.peak = self.base
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss())
+
+
+async def _chunks(peak: _Peak) -> AsyncIterator[bytes]:
+    block = pattern(1 << 20)
+    for _ in range(_SIZE >> 20):
+        peak.sample()
+        yield block
+
+
+@pytest.mark.long
+async def test_100_mb_streamed_up_and_down_with_bounded_rss(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=60) as c:
+        peak = _Peak()
+        up = await c.post(
+            "/_fake/upload",
+            content=_chunks(peak),
+            headers={"Content-Length": str(_SIZE)},
+        )
+        assert up.status_code == 200, up.text
+        expected = hashlib.sha256()
+        block = pattern(1 << 20)
+        for _ in range(_SIZE >> 20):
+            expected.update(block)
+        assert up.json() == {"bytes": _SIZE, "sha256": expected.hexdigest()}
+        assert peak.peak - peak.base < _RSS_BOUND, (peak.peak - peak.base) >> 20
+
+        peak = _Peak()
+        got, digest = 0, hashlib.sha256()
+        async with c.stream("GET", f"/_fake/download?size={_SIZE}") as r:
+            assert r.status_code == 200
+            assert r.headers["content-length"] == str(_SIZE)
+            async for chunk in r.aiter_raw():
+                got += len(chunk)
+                digest.update(chunk)
+                peak.sample()
+        assert got == _SIZE
+        assert digest.hexdigest() == expected.hexdigest()
+        assert peak.peak - peak.base < _RSS_BOUND, (peak.peak - peak.base) >> 20
+
+
+def test_settings_accept_proxy_tables(tmp_path: Path) -> None:
+    s = Settings.model_validate(
+        {"proxy": [{"listen": "127.0.0.1:8080", "credential": "aep", "product": "aep-dev"}]}
+    )
+    assert s.proxy[0].product == "aep-dev"
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://platform-eu.adobe.io", True),
+        ("http://127.0.0.1:8080/gateway/aep", True),
+        ("http://localhost/x", True),
+        ("http://platform.adobe.io", False),  # clear text off the machine
+        ("ftp://platform.adobe.io", False),
+        ("https://a b", False),
+        (42, False),
+    ],
+)
+def test_every_product_takes_a_base_url_override(url: object, ok: bool) -> None:
+    """``base_url`` is the core's option: checked here, never shown to the product's own
+    validation (which refuses unknown options), and it wins over the product's URL."""
+    products = load_registry().products
+    for name, own in (("aep", {}), ("cja", {}), ("campaign", {"tenant": "acme"})):
+        product = products[name]
+        if not ok:
+            with pytest.raises(ValueError, match="base_url"):
+                validated_options(product, {**own, "base_url": url})
+            continue
+        checked = validated_options(product, {**own, "base_url": f"{url}/"})
+        assert checked["base_url"] == url
