@@ -237,6 +237,18 @@ async def test_a_hung_upstream_answers_504(
         assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
 
 
+async def test_no_usable_token_answers_503(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running, credential="ghost")
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        r = await c.get("/data/foundation/catalog/datasets")
+    assert r.status_code == 503
+    assert r.json()["error"] == "unknown_credential"
+    assert r.headers["retry-after"] == "5"
+    assert bulk.requests == []  # nothing went upstream
+
+
 async def test_unix_socket_proxy_checks_peers(
     tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
 ) -> None:
@@ -269,6 +281,14 @@ async def test_a_client_gone_mid_body_leaves_nothing_behind(
     await wait_for(
         lambda: d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 1
     )
+    proxy = d.proxies[0][0]
+    await wait_for(lambda: proxy.connections == 0)
+    # Gone mid-download: the upstream connection is dropped with it.
+    stream = await anyio.connect_tcp(host, int(port))
+    await stream.send(b"GET /_fake/download?size=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+    await stream.aclose()
+    await wait_for(lambda: proxy.connections == 0)
     async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
         assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
 

@@ -21,7 +21,7 @@ import structlog
 from imsd import logs, sdnotify
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
-from imsd.config import RELOAD, ConfigError, ProxySpec, Reload, Settings
+from imsd.config import RELOAD, ConfigError, Reload, Settings
 from imsd.credentials import parse_credentials
 from imsd.exchange import ImsClient
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
@@ -157,7 +157,7 @@ class Daemon:
         self._stopping = False
         self.socket_address: Path | None = None
         self.metrics_port: int | None = None
-        self.proxies: list[tuple[ProxySpec, str]] = []  # with the bound address
+        self.proxies: list[tuple[Proxy, str]] = []  # with the bound address
 
     async def run(
         self,
@@ -272,7 +272,7 @@ class Daemon:
                 clock=self._clock,
             )
             await tg.start(proxy.serve, listener)
-            self.proxies.append((spec, address))
+            self.proxies.append((proxy, address))
             log.info(
                 "proxy.listening", address=address, credential=spec.credential, product=spec.product
             )
