@@ -69,7 +69,7 @@ HOP_BY_HOP: Final = frozenset(
 #: a 100-continue is answered here.
 _OWN: Final = frozenset({"host", "expect", "authorization", "x-api-key"})
 #: Methods that may be sent twice (RFC 9110 section 9.2.2) when the first got a 401.
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HEAD_TIMEOUT: Final = 30.0  # for a request's head to arrive (idle keep-alive, slow loris)
 _MAX_HEAD: Final = 64 * 1024
 _CHUNK: Final = 65536
