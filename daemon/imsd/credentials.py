@@ -35,6 +35,14 @@ from imsd.model import (
     check_ims_url,
 )
 from imsd.plugin import AuthMethod
+from imsd.templates import (
+    MAX_TEMPLATE_SIZE,
+    OutputTemplate,
+    TemplateError,
+    check_destination,
+    parse_mode,
+    parse_template,
+)
 
 __all__ = [
     "EXTENSIONS",
@@ -141,6 +149,7 @@ class _Native(BaseModel):
     product: dict[str, dict[str, Any]] = Field(default_factory=dict)
     extra_headers: dict[str, str] = Field(default_factory=dict)
     on_refresh: dict[str, Any] | None = None
+    template: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
 
     @field_validator("scopes", mode="before")
     @classmethod
@@ -403,6 +412,73 @@ def _instances(path: Path, m: _Native) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+_TEMPLATE_KEYS: Final = frozenset({"source", "content", "destination", "mode"})
+
+
+def _template(
+    path: Path, i: int, table: Mapping[str, Any], r: _Resolver, taken: set[str], names: list[str]
+) -> tuple[OutputTemplate, str]:
+    """``template[i]`` checked, and its text (for the digest). Its source is read now, so
+    that every template error is an error of the credential file."""
+    field = f"template[{i}]"
+    stray = sorted(set(table) - _TEMPLATE_KEYS)
+    if stray:
+        from imsd.config import unknown_key  # the config's wording
+
+        why = ": ".join(unknown_key(stray[0], _TEMPLATE_KEYS, "the README's Templates section"))
+        raise CredentialError(path, why, field=f"{field}.{stray[0]}")
+    if ("source" in table) == ("content" in table):
+        raise CredentialError(path, "give one of source (a file) and content", field=field)
+    try:
+        destination = check_destination(table.get("destination"), taken)
+        mode = parse_mode(table.get("mode"))
+    except TemplateError as e:
+        raise CredentialError(path, str(e), field=field) from None
+    if "content" in table:
+        text, origin = table["content"], f"{path}: {field}.content"
+        if not isinstance(text, str) or len(text.encode()) > MAX_TEMPLATE_SIZE:
+            raise CredentialError(path, "content must be text of at most 64 KiB", field=field)
+    else:
+        source = table["source"]
+        if not isinstance(source, str) or not source:
+            raise CredentialError(path, "source must be a file name", field=f"{field}.source")
+        where = r._locate(source, f"{field}.source")
+        try:
+            text = read_user_file(where, limit=MAX_TEMPLATE_SIZE).decode("utf-8")
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if isinstance(e, UnicodeDecodeError):
+                reason = "not UTF-8 text"
+            raise CredentialError(
+                path, f"cannot read {where}: {reason}", field=f"{field}.source"
+            ) from None
+        # A re-scan notices an edited template as it notices an edited secret file.
+        r.files.append((where, secret_digest(text.rstrip("\r\n"))))
+        origin = str(where)
+    try:
+        tpl = parse_template(
+            text, destination=destination, origin=origin, instances=names, mode=mode
+        )
+    except TemplateError as e:
+        raise CredentialError(path, str(e), field=field) from None
+    taken.add(destination)
+    return tpl, text
+
+
+def _templates(
+    path: Path, m: _Native, r: _Resolver, instances: tuple[tuple[str, str], ...]
+) -> tuple[tuple[OutputTemplate, ...], list[str]]:
+    names = [name for name, _ in instances]
+    taken: set[str] = set()
+    out: list[OutputTemplate] = []
+    texts: list[str] = []
+    for i, table in enumerate(m.template):
+        tpl, text = _template(path, i, table, r, taken, names)
+        out.append(tpl)
+        texts.append(text)
+    return tuple(out), texts
+
+
 def _build(
     path: Path,
     name: str,
@@ -443,8 +519,9 @@ def _build(
     secret = _client_secret(m, resolver)
     options = _auth_options(m, resolver, auth_methods)
     ims_url = _ims_url(m.ims_url or default_ims_url, path)
+    templates, texts = _templates(path, m, resolver, instances)
     h = hashlib.sha256(raw)
-    for part in (name, ims_url, *resolver.seen):
+    for part in (name, ims_url, *resolver.seen, *texts):
         h.update(b"\0" + part.encode())
     return Credential(
         name=name,
@@ -463,6 +540,7 @@ def _build(
         options=options,
         extra_headers=dict(m.extra_headers),
         on_refresh=action,
+        templates=templates,
         digest=h.hexdigest(),
         sources=tuple(resolver.files),
         instances=instances if any(i != p for i, p in instances) else (),

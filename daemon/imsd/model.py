@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from imsd.actions import Action
+    from imsd.templates import OutputTemplate
 
 __all__ = [
     "AUTH_S2S",
@@ -181,6 +182,7 @@ class Credential:
     options: Mapping[str, Any] = field(default_factory=dict)
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     on_refresh: Action | None = None  # what to tell consumers after a refresh
+    templates: tuple[OutputTemplate, ...] = ()  # README "Templates": files of its own
     digest: str = ""
     #: the files its secrets were read from, each with the SHA-256 of the value read: a re-scan
     #: re-parses the credential when one changes

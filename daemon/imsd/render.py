@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from imsd.model import Credential, Grant, ValidatedOptions, https_or_loopback
 from imsd.plugin import Product, TokenView
+from imsd.templates import ModedBytes, TemplateError, render, variables
 
 __all__ = [
     "BASE_URL_OPTION",
@@ -390,9 +391,9 @@ def render_safe(
             left_out.append(Unrendered(tuple(files), why))
     headers: dict[str, dict[str, str]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    if kinds & {"json", "headers"}:
+    if kinds & {"json", "headers"} or cred.templates:
         headers, entries, failed = _instance_parts(cred, grant, selected)
-        for name, why in failed:
+        for name, why in failed if kinds & {"json", "headers"} else ():
             files = [f"{name}.headers"] if "headers" in kinds else []
             files += [f"headers.{name} in token.json"] if "json" in kinds else []
             left_out.append(Unrendered(tuple(files), why))
@@ -413,7 +414,43 @@ def render_safe(
                 left_out.append(Unrendered((f"{name}.env",), str(e)))
                 continue
             out[f"{name}.env"] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
+    _render_templates(cred, grant, headers, entries, out, left_out)
     return out, left_out
+
+
+def _render_templates(
+    cred: Credential,
+    grant: Grant,
+    headers: Mapping[str, Mapping[str, str]],
+    entries: Mapping[str, Mapping[str, Any]],
+    out: dict[str, bytes],
+    left_out: list[Unrendered],
+) -> None:
+    """The credential's templates (README "Templates"), filled in from what the other
+    outputs carry: one whose placeholder has no value is left out, naming its line."""
+    if not cred.templates:
+        return
+    values = variables(
+        {
+            "token": grant.access_token.reveal(),
+            "token_type": grant.token_type,
+            "expires_at": rfc3339(grant.expires_at),
+            "expires_at_epoch": str(int(grant.expires_at)),
+            "issued_at": rfc3339(grant.issued_at),
+            "client_id": cred.client_id,
+            "org_id": cred.org_id,
+            "credential": cred.name,
+        },
+        {name: entry["base_url"] for name, entry in entries.items()},
+        headers,
+    )
+    for tpl in cred.templates:
+        try:
+            data = render(tpl, values).encode()
+        except TemplateError as e:
+            left_out.append(Unrendered((tpl.destination,), f"{cred.name}: template {e}"))
+            continue
+        out[tpl.destination] = data if tpl.mode is None else ModedBytes(data, tpl.mode)
 
 
 def render_outputs(

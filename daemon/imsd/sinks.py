@@ -54,11 +54,34 @@ log = structlog.get_logger("imsd.sinks")
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP: Final = re.compile(r"\..+\.tmp-[0-9a-f]{16}")
-_OURS: Final = re.compile(r"token|token\.json|[A-Za-z0-9._-]+\.(headers|env)")
+_OURS: Final = re.compile(r"token|token\.json|\.imsd-templates|[A-Za-z0-9._-]+\.(headers|env)")
+# Template outputs (README "Templates") have names of the user's choosing, which no pattern
+# can tell from a foreign file: the credential directory's manifest lists them, one a line,
+# so that removal and start-up clean-up know them as ours.
+_MANIFEST: Final = ".imsd-templates"
+_LISTABLE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _MEMORY_FS: Final = frozenset({"tmpfs", "ramfs"})
 
 #: The write seam: tests inject ENOSPC here.
 write_fn: Callable[[int, bytes | memoryview], int] = os.write
+
+
+def _listed(dir_fd: int) -> frozenset[str]:
+    """The template outputs the manifest in *dir_fd* lists (nothing if it is missing or not
+    a regular file)."""
+    try:
+        fd = os.open(
+            _MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return frozenset()
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, 65536) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+    names = data.decode("utf-8", "replace").splitlines()
+    return frozenset(n for n in names if _LISTABLE.fullmatch(n) and not _OURS.fullmatch(n))
 
 
 class SinkError(OSError):
@@ -367,8 +390,9 @@ class FileSink:
         """Write every file of credential *name*; remove our files it no longer produces
         and stale temporaries."""
         self._check(name)
-        for filename in files:
-            if not _OURS.fullmatch(filename):
+        extras = sorted(f for f in files if not _OURS.fullmatch(f))
+        for filename in [*extras, *(f for f in files if f == _MANIFEST)]:
+            if not _LISTABLE.fullmatch(filename):
                 raise SinkError(errno.EINVAL, f"{filename!r}: not an output file name")
         where = str(self.output_dir / name)
         root = self._open_root(create=True)
@@ -391,31 +415,47 @@ class FileSink:
                     os.fchown(fd, -1, self.file_group)
             except OSError as e:
                 raise _fail(where, e) from None
+            names = frozenset(files)
+            changed = self._swept.get(name) != names  # first write, or other outputs
+            listed = _listed(fd) if changed or extras else frozenset()
+            manifest = "".join(f"{f}\n" for f in extras).encode()
+            if not listed.issuperset(extras):  # listed before they exist, old ones until gone
+                union = "".join(f"{f}\n" for f in sorted(listed | set(extras))).encode()
+                self._put(fd, _MANIFEST, union, self.file_mode, where)
             written = False
             for filename, data in files.items():
-                written |= atomic_write(
-                    fd,
-                    filename,
-                    data,
-                    mode=self.file_mode,
-                    gid=self.file_group,
-                    where=where,
-                    sync_dir=False,
-                    skip_unchanged=True,
-                )
+                # A template's own mode (imsd.templates.ModedBytes) narrows file_mode.
+                mode = self.file_mode & getattr(data, "mode", self.file_mode)
+                written |= self._put(fd, filename, data, mode, where)
+            if changed:
+                for entry in os.listdir(fd):
+                    stale = (_is_ours(entry) or entry in listed) and entry not in files
+                    if stale and entry != _MANIFEST and _unlink_regular(fd, entry):
+                        log.info("sink.stale_removed", credential=name, file=entry)
+                self._swept[name] = names
+            if extras:
+                written |= self._put(fd, _MANIFEST, manifest, self.file_mode, where)
+            elif listed or changed:
+                _unlink_regular(fd, _MANIFEST)
             if written:  # one directory fsync makes every rename above durable
                 try:
                     os.fsync(fd)
                 except OSError as e:
                     raise _fail(where, e) from None
-            names = frozenset(files)
-            if self._swept.get(name) != names:  # first write, or the set of outputs changed
-                for entry in os.listdir(fd):
-                    if _is_ours(entry) and entry not in files and _unlink_regular(fd, entry):
-                        log.info("sink.stale_removed", credential=name, file=entry)
-                self._swept[name] = names
         finally:
             os.close(fd)
+
+    def _put(self, fd: int, filename: str, data: bytes, mode: int, where: str) -> bool:
+        return atomic_write(
+            fd,
+            filename,
+            data,
+            mode=mode,
+            gid=self.file_group,
+            where=where,
+            sync_dir=False,
+            skip_unchanged=True,
+        )
 
     def remove(self, name: str) -> None:
         """Remove credential *name*'s directory: our files, then the directory if that left it
@@ -434,8 +474,9 @@ class FileSink:
                     return
                 raise
             try:
+                listed = _listed(fd)
                 for entry in os.listdir(fd):
-                    if _is_ours(entry):
+                    if _is_ours(entry) or entry in listed:
                         _unlink_regular(fd, entry)
             except OSError as e:
                 raise _fail(path, e) from None
@@ -469,6 +510,7 @@ class FileSink:
                     continue  # a file, a symlink, or gone: not a credential directory of ours
                 try:
                     entries = os.listdir(fd)
+                    listed = _listed(fd)
                     # Stale temporaries go from every credential directory, also from one
                     # kept below for its foreign files.
                     for entry in entries:
@@ -479,7 +521,7 @@ class FileSink:
                 finally:
                     os.close(fd)
                 entries = [e for e in entries if not _TMP.fullmatch(e)]
-                if not all(_is_ours(e) for e in entries):
+                if not all(_is_ours(e) or e in listed for e in entries):
                     log.warning("sink.orphan_kept", credential=name, reason="foreign files")
                     continue
                 self.remove(name)
