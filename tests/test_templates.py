@@ -21,6 +21,7 @@ from imsd.registry import load_registry, validate_products
 from imsd.render import render_safe
 from imsd.sinks import FileSink
 from imsd.templates import (
+    GLOBALS,
     ModedBytes,
     TemplateError,
     check_destination,
@@ -128,31 +129,59 @@ def test_modes() -> None:
     assert ModedBytes(b"x", 0o600) == b"x"
 
 
-@given(st.text(max_size=200))
+#: Text that hits the syntax often: dollars, braces, colons and the variables' names.
+TEXTS = st.lists(
+    st.sampled_from(
+        [
+            "$",
+            "$$",
+            "{",
+            "}",
+            ":",
+            "token",
+            "org_id",
+            "aep",
+            "header",
+            "x",
+            " ",
+            "\n",
+            "(",
+            ")",
+            ".",
+            "_",
+            "/etc/passwd",
+            "__import__",
+            "é",
+        ]
+    )
+    | st.text(max_size=5),
+    max_size=30,
+).map("".join)
+
+
+@given(TEXTS)
 def test_no_text_runs_code_or_reads_a_file(text: str) -> None:
-    """Whatever the text: it is refused with TemplateError, or it renders to itself with
-    only known placeholders replaced by their values (nothing else can happen)."""
-    values = {"token": "<T>", "org_id": "<O>"}
+    """Whatever the text: it is refused with TemplateError, or it renders exactly as the
+    standard library's string.Template substitutes it (literal text, placeholders replaced
+    by values, nothing else)."""
+    import string
+
+    values = {name: f"<{name}>" for name in GLOBALS}
+    values.update({"aep:base_url": "<url>", "aep:header:x": "<x>"})
     try:
-        t = tpl(text, instances=())
+        t = tpl(text)
     except TemplateError:
         return
-    assert t.names() <= set(values) | {
-        "token_type",
-        "expires_at",
-        "expires_at_epoch",
-        "issued_at",
-        "client_id",
-        "credential",
-    }
     try:
         out = render(t, values)
     except TemplateError:
-        assert not t.names() <= set(values)
+        assert not {n.lower() for n in t.names()} <= set(values)  # a header nobody gave
         return
-    # Replacing the placeholders back gives the text (with $$ for each dollar).
-    assert out.count("<T>") >= text.count("$token") - text.count("$$token")
-    assert "/etc/passwd" not in out or "/etc/passwd" in text
+
+    class Std(string.Template):
+        braceidpattern = r"(?a:[A-Za-z0-9_][A-Za-z0-9_.:-]*)"
+
+    assert out == Std(text).substitute({n: values[n.lower()] for n in t.names()})
 
 
 # -- the credential file ---------------------------------------------------------------------
@@ -344,6 +373,10 @@ async def test_a_daemon_renders_templates_on_every_token(
     async with uds(d) as c:
         assert (await c.post("/v1/credentials/alpha/refresh")).status_code == 200
     assert check() != first
+    # An edited template is re-read (as an edited secret file is) and its file rewritten.
+    (creds / "netrc.tmpl").write_text("default password $token\n")
+    await wait_for(lambda: (out / "netrc").read_text().startswith("default"))
+    assert (out / "netrc").read_text() == f"default password {(out / 'token').read_text()}\n"
     # The credential goes: so do its template files (and the whole directory).
     (creds / "alpha.toml").unlink()
     await wait_for(lambda: not out.exists())
