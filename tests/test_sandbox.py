@@ -123,6 +123,8 @@ def test_once_under_the_units_restrictions(base: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        # The system's tools, not a PATH entry under /tmp that PrivateTmp hides.
+        env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         result = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
             capture_output=True,
