@@ -178,7 +178,9 @@ def write_doc(output_dir: Path, token: str) -> None:
         "expires_at": "2999-01-01T00:00:00Z",
         "headers": {"generic": {"Authorization": f"Bearer {token}", "x-api-key": "client-a"}},
     }
-    path.write_text(json.dumps(doc))
+    tmp = path.with_name(".token.json.tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
 
 
 def test_without_a_daemon(tmp_path: Path, fake: FakeIms, caplog: Any) -> None:
@@ -226,3 +228,24 @@ def test_requests_is_imported_only_for_requests_auth() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "module 'imsd.client' has no attribute 'Nothing'\n"
+
+
+def test_the_file_is_read_again_only_when_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real = client.token_document
+
+    def counting(name: str, **kwargs: Any) -> dict[str, Any]:
+        reads.append(name)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(client, "token_document", counting)
+    echo = httpx.MockTransport(lambda req: httpx.Response(200, text=req.headers["Authorization"]))
+    write_doc(tmp_path, "tok-1")
+    with httpx.Client(auth=HttpxAuth("alpha", output_dir=tmp_path), transport=echo) as c:
+        assert [c.get("http://api/").text for _ in range(3)] == ["Bearer tok-1"] * 3
+        assert len(reads) == 1  # a stat per request, one read
+        write_doc(tmp_path, "tok-2")  # as the daemon does: a new file renamed over it
+        assert [c.get("http://api/").text for _ in range(2)] == ["Bearer tok-2"] * 2
+        assert len(reads) == 2

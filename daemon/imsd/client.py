@@ -198,50 +198,49 @@ class _Headers:
         self.from_socket = socket is not None and output_dir is None
         self.socket = socket or DEFAULT_SOCKET
         self.path = (output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
-        self._doc: dict[str, Any] | None = None
-        self._stamp: tuple[int, int, int] | None = None  # (inode, mtime ns, size) read
-        self._read_at = 0.0  # monotonic time of the last read
+        # The document, the (inode, mtime ns, size) of the file it was read from, and when.
+        self._cached: tuple[dict[str, Any] | None, tuple[int, int, int] | None, float] = (
+            None,
+            None,
+            0.0,
+        )
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None  # token_document says why
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _fresh(self) -> dict[str, Any] | None:
         """The cached document if it is still the current one and usable, else None."""
-        doc = self._doc
+        doc, stamp, read_at = self._cached  # one tuple: threads may share this object
         if doc is None or _expires_at(doc) - time.time() <= self.min_validity:
             return None
-        if self.from_socket and time.monotonic() - self._read_at > _SOCKET_RECHECK:
-            return None  # a socket has no cheap "changed?": ask again now and then
-        if not self.from_socket:
-            try:
-                st = self.path.stat()
-            except OSError:
-                return None  # token_document says why
-            if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
-                return None  # the daemon replaced it (atomically: a new inode)
-        return doc
+        if self.from_socket:
+            # A socket has no cheap "changed?": ask again now and then.
+            return doc if time.monotonic() - read_at <= _SOCKET_RECHECK else None
+        # The daemon replaces the file (atomically: a new inode) with every token.
+        return doc if stamp is not None and self._stat() == stamp else None
 
-    def _keep(self, doc: dict[str, Any]) -> dict[str, str]:
+    def _keep(self, doc: dict[str, Any], stamp: tuple[int, int, int] | None) -> dict[str, str]:
         picked = _pick(doc, self.name, self.product)  # refuse a document without them
-        if not self.from_socket:
-            try:
-                st = self.path.stat()
-                self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            except OSError:
-                self._stamp = None
-        self._doc, self._read_at = doc, time.monotonic()
+        self._cached = (doc, stamp, time.monotonic())
         return picked
 
     def get(self) -> dict[str, str]:
         doc = self._fresh()
         if doc is not None:
             return _pick(doc, self.name, self.product)
-        # The stamp is taken after the read: a replacement in between is read next time.
-        return self._keep(
-            token_document(
-                self.name,
-                output_dir=self.path.parent.parent,
-                socket=self.socket if self.from_socket else None,
-                min_validity=self.min_validity,
-            )
+        if self.from_socket:
+            doc = token_document(self.name, socket=self.socket, min_validity=self.min_validity)
+            return self._keep(doc, None)
+        # Stat before reading: a replacement in between only makes the next request re-read.
+        stamp = self._stat()
+        doc = token_document(
+            self.name, output_dir=self.path.parent.parent, min_validity=self.min_validity
         )
+        return self._keep(doc, stamp)
 
     async def aget(self) -> dict[str, str]:
         doc = self._fresh()
@@ -250,13 +249,12 @@ class _Headers:
         if not self.from_socket:
             return self.get()  # one small read of a tmpfs file: not worth a thread
         path = f"/v1/credentials/{self.name}/token"
-        return self._keep(
-            _check(await _arequest("GET", path, socket=self.socket), self.name, self.min_validity)
-        )
+        doc = await _arequest("GET", path, socket=self.socket)
+        return self._keep(_check(doc, self.name, self.min_validity), None)
 
     def _refreshed(self, doc: dict[str, Any]) -> dict[str, str]:
-        _check(doc, self.name, 0)
-        return self._keep(doc)
+        # No stamp: the files may be newer still; the next request reads them again.
+        return self._keep(_check(doc, self.name, 0), None)
 
     def refresh(self) -> dict[str, str]:
         """The headers after one forced refresh (the daemon may answer with the current
