@@ -188,7 +188,12 @@ def new_root() -> Path:
 
 
 @contextmanager
-def daemon(root: Path, env: dict[str, str] | None = None, timeout: float = 600) -> Iterator[Daemon]:
+def daemon(
+    root: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    args: Sequence[str] = (),
+) -> Iterator[Daemon]:
     """``imsd run`` on *root*/creds; returns once it sent READY=1."""
     notify = root / "notify.sock"
     notify.unlink(missing_ok=True)
@@ -203,7 +208,7 @@ def daemon(root: Path, env: dict[str, str] | None = None, timeout: float = 600) 
         IMSD_LOG_LEVEL="warning",
     )
     environ.update(env or {})
-    args = [
+    argv = [
         sys.executable,
         "-m",
         "imsd",
@@ -218,9 +223,10 @@ def daemon(root: Path, env: dict[str, str] | None = None, timeout: float = 600) 
         str(root / "imsd.sock"),
         "--metrics-address",
         "",
+        *args,
     ]
     started = time.monotonic()
-    proc = subprocess.Popen(args, env=environ, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL)
     try:
         while True:
             message = listener.recv(4096)

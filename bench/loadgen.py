@@ -1,20 +1,24 @@
-"""The socket load generator: ``python -m bench.loadgen SOCKET PATH CLIENTS SECONDS``.
+"""The load generator: ``python -m bench.loadgen SOCKET PATH CLIENTS SECONDS [HEADERS]``.
 
 CLIENTS keep-alive HTTP/1.1 connections on one anyio loop (its own process, so it does not
 share a GIL with what it measures) send ``GET PATH`` back to back for SECONDS and report every
-request's latency as JSON on stdout."""
+request's latency as JSON on stdout. SOCKET is a Unix socket path or ``tcp:HOST:PORT``;
+HEADERS, a file of ``Name: value`` lines (a curl header file) sent with every request."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from pathlib import Path
 
 import anyio
+import anyio.abc
 
 
-async def main(path: str, target: str, clients: int, seconds: float) -> None:
-    request = f"GET {target} HTTP/1.1\r\nHost: imsd\r\n\r\n".encode()
+async def main(path: str, target: str, clients: int, seconds: float, headers: str = "") -> None:
+    extra = "".join(f"{line}\r\n" for line in headers.splitlines() if line.strip())
+    request = f"GET {target} HTTP/1.1\r\nHost: imsd\r\n{extra}\r\n".encode()
     latencies: list[float] = []
     errors: list[str] = []
     end = time.perf_counter() + seconds
@@ -28,7 +32,12 @@ async def main(path: str, target: str, clients: int, seconds: float) -> None:
 
     async def connection() -> None:
         """One keep-alive connection, until the server says ``Connection: close``."""
-        async with await anyio.connect_unix(path) as s:
+        if path.startswith("tcp:"):
+            host, port = path[4:].rsplit(":", 1)
+            stream: anyio.abc.ByteStream = await anyio.connect_tcp(host, int(port))
+        else:
+            stream = await anyio.connect_unix(path)
+        async with stream as s:
             buf = b""
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
@@ -54,4 +63,6 @@ async def main(path: str, target: str, clients: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    header_file = sys.argv[5] if len(sys.argv) > 5 else ""
+    extra = Path(header_file).read_text() if header_file else ""
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), extra)
