@@ -18,6 +18,7 @@ BENCHES = {
     "scale": "bench.scale",
     "sharing": "bench.sharing",
     "state": "bench.state",
+    "proxy": "bench.proxy",
 }
 
 
