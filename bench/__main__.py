@@ -19,6 +19,7 @@ BENCHES = {
     "sharing": "bench.sharing",
     "state": "bench.state",
     "proxy": "bench.proxy",
+    "fleet": "bench.fleet",
 }
 
 
