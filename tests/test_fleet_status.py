@@ -12,6 +12,10 @@ import pytest
 from imsd.cli import main
 from imsd.daemon import Daemon
 from imsd.fakeims.server import FakeIms
+from imsd.metrics import Metrics
+from imsd.model import Credential, Secret
+from imsd.scheduler import Record
+from imsd.store import TokenStore
 
 from tests.support import read, uds, wait_for, write_cred
 
@@ -99,3 +103,37 @@ async def test_without_coordination_nothing_changes(
         "LAST",
         "ERROR",
     ]
+
+
+def test_fleet_series_go_with_their_credential() -> None:
+    store = TokenStore()
+    metrics = Metrics(store)
+    metrics.added("alpha")
+    metrics.refreshed("alpha", "success", 0.2)
+    text = metrics.render(None)[0].decode()
+    assert "imsd_fleet" not in text
+    assert "adopted" not in text  # no fleet mode: the four results only
+    cred = Credential(
+        name="alpha",
+        path=Path("/x/alpha.toml"),
+        auth="oauth_server_to_server",
+        client_id="client-a",
+        client_secret=Secret("s"),
+        org_id="ORG@AdobeOrg",
+        scopes=("openid",),
+    )
+    store.put(Record("alpha", cred.path, credential=cred))
+    metrics.fleet_up(True)  # fleet mode starts: every event from 0, every credential a role
+    text = metrics.render(None)[0].decode()
+    assert 'imsd_fleet_events_total{event="fenced_out"} 0.0' in text
+    assert 'imsd_fleet_holder{credential="alpha"} 0.0' in text
+    assert 'imsd_token_refresh_total{credential="alpha",result="adopted"} 0.0' in text
+    metrics.fleet_holder("alpha", True)
+    metrics.refreshed("alpha", "adopted", 0.0)
+    text = metrics.render(None)[0].decode()
+    assert 'imsd_fleet_holder{credential="alpha"} 1.0' in text
+    assert 'imsd_token_refresh_total{credential="alpha",result="adopted"} 1.0' in text
+    assert "imsd_token_refresh_duration_seconds_count 1.0" in text  # an adoption is no request
+    store.remove("alpha")
+    metrics.forget("alpha")
+    assert 'credential="alpha"' not in metrics.render(None)[0].decode()
