@@ -5,8 +5,9 @@ The pure parts decide what goes where: :func:`upstream_url` (the request target 
 the instance's base URL; it can never pick the host: no open proxy), :func:`request_headers`
 (hop-by-hop headers dropped as RFC 9110 section 7.6.1 says, the client's own values of the
 injected headers replaced, never merged) and :func:`response_headers`. The I/O driver,
-:class:`Proxy`, speaks HTTP/1.1 with h11 on each connection and httpx upstream, and streams
-bodies both ways chunk by chunk: a request or answer of any size costs a few buffers.
+:class:`Proxy`, speaks HTTP/1.1 with h11 on each connection and through
+:class:`~imsd.upstream.Upstream` (h11 too, a keep-alive pool) upstream, and streams bodies
+both ways chunk by chunk: a request or answer of any size costs a few buffers.
 
 A 401 from upstream means the token was revoked or expired early: the credential is refreshed
 once (the supervisor's single-flight, the socket API's minimum interval between forced
@@ -27,7 +28,6 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import anyio.abc
 import h11
-import httpx
 import structlog
 
 from imsd.config import ProxySpec
@@ -37,6 +37,7 @@ from imsd.model import CredentialState
 from imsd.plugin import Product
 from imsd.render import RenderError, instances, product_headers, product_urls
 from imsd.supervisor import Supervisor
+from imsd.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = [
     "HOP_BY_HOP",
@@ -184,12 +185,9 @@ class Proxy:
         self.connections = 0
         # No environment proxies, no redirects followed (a Location elsewhere goes back to
         # the client as it came), no default headers (the request is built here).
-        self._client = httpx.AsyncClient(
-            trust_env=False,
-            follow_redirects=False,
-            timeout=httpx.Timeout(spec.timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
-        )
+        self.upstream = Upstream(spec.timeout)
+        # The last rendering: (resolved credential, grant, base URL, headers).
+        self._rendered: tuple[object, object, str, dict[str, str]] | None = None
 
     async def serve(
         self,
@@ -205,7 +203,7 @@ class Proxy:
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
-                await self._client.aclose()
+                await self.upstream.aclose()
 
     async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
         while True:
@@ -277,19 +275,25 @@ class Proxy:
         if cred is None or grant is None or state not in _SERVING:
             reason = entry.error() or "the first token has not been fetched yet"
             raise _Refused(503, "not_ready", f"{name}: {state.value}: {reason}", 5)
+        # With what its products discovered: the same object until the credential or the
+        # discovery changes (the socket API caches on it too), so the rendering is kept.
+        resolved = self.supervisor.discovery.resolved(cred, grant, self.products)
+        rendered = self._rendered
+        if rendered is not None and rendered[0] is resolved and rendered[1] is grant:
+            return rendered[2], rendered[3], grant
         plugin = dict(instances(cred, self.products)).get(instance)
         if plugin is None:
             raise _Refused(503, "unknown_product", f"{name} has no product {instance!r}")
-        cred = self.supervisor.discovery.resolved(cred, grant, self.products)
         try:
-            headers = product_headers(cred, grant, plugin, instance)
-            base, _ = product_urls(cred, plugin, instance)
+            headers = product_headers(resolved, grant, plugin, instance)
+            base, _ = product_urls(resolved, plugin, instance)
         except RenderError as e:
             raise _Refused(503, "render_failed", str(e), 5) from None
         if base is None:
             raise _Refused(
                 503, "no_base_url", f"{name}: {instance!r} has no base URL: set base_url"
             )
+        self._rendered = (resolved, grant, base, headers)
         return base, headers, grant
 
     async def _refreshed(self, before: object) -> bool:
@@ -332,27 +336,21 @@ class Proxy:
         retry = method in IDEMPOTENT and not has_body
         while True:
             body = _body(conn, stream, self.spec.timeout) if has_body else None
-            upstream = httpx.Request(
-                method, url, headers=request_headers(client_headers, injected), content=body
-            )
+            headers = request_headers(client_headers, injected)
             started = anyio.current_time()
             try:
-                resp = await self._client.send(upstream, stream=True)
+                resp = await self.upstream.request(method, url, headers, body)
             except _ClientGone:
                 self._count("client_gone")
                 raise
-            except httpx.TimeoutException:
+            except UpstreamTimeout:
                 self._count("upstream_timeout")
                 await _send_error(conn, stream, 504, "upstream_timeout", "the upstream timed out")
                 return
-            except httpx.HTTPError as e:
-                if isinstance(e.__cause__, _ClientGone) or isinstance(e.__context__, _ClientGone):
-                    self._count("client_gone")
-                    raise _ClientGone from None
+            except UpstreamError as e:
                 self._count("upstream_error")
-                log.warning(
-                    "proxy.upstream_failed", instance=self.spec.product, error=type(e).__name__
-                )
+                cause = type(e.__cause__ or e).__name__
+                log.warning("proxy.upstream_failed", instance=self.spec.product, error=cause)
                 await _send_error(conn, stream, 502, "upstream_error", "the upstream failed")
                 return
             if self._metrics is not None:
@@ -360,7 +358,7 @@ class Proxy:
                     anyio.current_time() - started
                 )
             try:
-                if resp.status_code == 401 and retry:
+                if resp.status == 401 and retry:
                     retry = False
                     if await self._refreshed(grant):
                         try:
@@ -373,28 +371,22 @@ class Proxy:
                 await self._relay(conn, stream, resp)  # a 401 too, when no new token came
                 return
             finally:
-                with anyio.CancelScope(shield=True):
-                    await resp.aclose()
+                await resp.aclose()  # pooled if read to its end, else closed (shielded)
 
     async def _relay(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, resp: httpx.Response
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream, resp: UpstreamResponse
     ) -> None:
-        headers = response_headers(list(resp.headers.multi_items()))
-        self._count(str(resp.status_code))
-        await stream.send(
-            conn.send(
-                h11.Response(
-                    status_code=resp.status_code,
-                    headers=headers,
-                    reason=resp.reason_phrase.encode("latin-1", "replace"),
-                )
-            )
-            or b""
+        self._count(str(resp.status))
+        head = h11.Response(
+            status_code=resp.status,
+            headers=response_headers(resp.headers),
+            reason=resp.reason.encode("latin-1", "replace"),
         )
+        await stream.send(conn.send(head) or b"")
         try:
-            async for chunk in resp.aiter_raw(_CHUNK):
+            async for chunk in resp.chunks():
                 await stream.send(conn.send(h11.Data(data=chunk)) or b"")
-        except httpx.HTTPError:
+        except UpstreamError:
             # The head is sent: the client can only learn by the connection closing early.
             log.warning("proxy.upstream_broke_body", instance=self.spec.product)
             raise _ClientGone from None
