@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
+import h11
 import httpx
 import pytest
 from imsd.config import ProxySpec, Settings
 from imsd.daemon import Daemon
 from imsd.fakeims.bulk import BulkApi, pattern
 from imsd.fakeims.server import FakeIms
-from imsd.httpserver import PeerCred
+from imsd.httpserver import PeerCred, bound_port, tcp_listener
 from imsd.proxy import BadTarget, allowed_peer, request_headers, response_headers, upstream_url
 from imsd.registry import load_registry
 from imsd.render import validated_options
@@ -146,17 +148,23 @@ async def bulk(fake: FakeIms) -> AsyncIterator[BulkApi]:
 
 
 async def proxied(
-    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, **spec: Any
+    tmp_path: Path,
+    fake: FakeIms,
+    bulk: BulkApi,
+    running: Any,
+    base_url: str | None = None,
+    **spec: Any,
 ) -> tuple[Daemon, str]:
     """A daemon with the credential ``aep`` (instance ``aep-dev`` in sandbox ``dev``, its base
-    URL the fake's aep gateway) and one proxy to it; the proxy's address."""
+    URL the fake's aep gateway unless *base_url*) and one proxy to it; the proxy's address."""
+    base_url = base_url or f"{bulk.url}/gateway/aep/"
     write_cred(
         tmp_path / "creds",
         "aep",
         fake,
         extra=(
             'products = ["aep-dev"]\n[product.aep-dev]\ntype = "aep"\nsandbox = "dev"\n'
-            f'base_url = "{bulk.url}/gateway/aep/"\n'
+            f'base_url = "{base_url}"\n'
         ),
     )
     listen = spec.pop("listen", "127.0.0.1:0")
@@ -291,6 +299,142 @@ async def test_a_client_gone_mid_body_leaves_nothing_behind(
     await wait_for(lambda: proxy.connections == 0)
     async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
         assert (await c.get("/data/foundation/catalog/datasets")).status_code == 200
+
+
+# -- the upstream pool ----------------------------------------------------------------------
+
+_BIG = 8 * 1024 * 1024
+
+
+class _Origin:
+    """A bare upstream that counts its connections: ``/big`` answers 8 MB, anything else two
+    bytes, all with keep-alive. *mode* ``drop`` closes a connection at its second request
+    without answering (a server timing out an idle connection just as a request comes: the
+    proxy's pool still held it for open); ``close_idle`` closes it after each answer."""
+
+    def __init__(self, mode: str = "") -> None:
+        self.mode = mode
+        self.url = ""
+        self.accepted = 0
+        self.open = 0
+        self.requests: list[str] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await tcp_listener("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{bound_port(listener)}"
+        async with listener:
+            task_status.started()
+            await listener.serve(self._connection)
+
+    async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+        self.accepted += 1
+        self.open += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            async with stream:
+                for served in range(1_000_000):
+                    req = await self._event(conn, stream)
+                    if not isinstance(req, h11.Request):
+                        return
+                    self.requests.append(f"{req.method.decode()} {req.target.decode()}")
+                    while not isinstance(await self._event(conn, stream), h11.EndOfMessage):
+                        pass
+                    if self.mode == "drop" and served:
+                        return
+                    size = _BIG if req.target == b"/big" else 2
+                    head = [("Content-Length", str(size))]
+                    await stream.send(conn.send(h11.Response(status_code=200, headers=head)))
+                    for at in range(0, size, 65536):
+                        data = pattern(min(65536, size - at))
+                        await stream.send(conn.send(h11.Data(data=data)))
+                    await stream.send(conn.send(h11.EndOfMessage()))
+                    if self.mode == "close_idle":
+                        return
+                    conn.start_next_cycle()
+        except (anyio.BrokenResourceError, h11.ProtocolError, OSError):
+            pass
+        finally:
+            self.open -= 1
+
+    @staticmethod
+    async def _event(conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any:
+        while (event := conn.next_event()) is h11.NEED_DATA:
+            try:
+                conn.receive_data(await stream.receive())
+            except anyio.EndOfStream:
+                conn.receive_data(b"")
+        return event
+
+
+@pytest.fixture
+async def origin(request: pytest.FixtureRequest) -> AsyncIterator[_Origin]:
+    server = _Origin(getattr(request, "param", ""))
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        yield server
+        tg.cancel_scope.cancel()
+
+
+async def test_upstream_connections_are_reused(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, origin: _Origin
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running, base_url=origin.url)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        for _ in range(5):
+            assert (await c.get("/small")).content == pattern(2)
+        assert (await c.post("/up", content=b"x" * 100_000)).status_code == 200
+        assert (await c.get("/small")).status_code == 200
+    assert origin.accepted == 1
+    assert len(origin.requests) == 7
+
+
+@pytest.mark.parametrize("origin", ["drop", "close_idle"], indirect=True)
+async def test_a_pooled_connection_the_upstream_closed_is_retried_for_a_get(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, origin: _Origin
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running, base_url=origin.url)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        assert (await c.get("/one")).status_code == 200
+        await wait_for(lambda: origin.mode == "drop" or origin.open == 0)
+        # The pooled connection is dead (closed while idle, or at the request itself):
+        # the client never learns, the request goes once more on a new connection.
+        assert (await c.get("/two")).content == pattern(2)
+        assert origin.accepted == 2
+        if origin.mode == "drop":
+            assert origin.requests == ["GET /one", "GET /two", "GET /two"]
+            # A request with a body is never sent twice: its bytes were streamed, not kept.
+            r = await c.post("/up", content=b"x" * 10)
+            assert r.status_code == 502
+            assert r.json()["error"] == "upstream_error"
+            assert origin.requests.count("POST /up") == 1
+
+
+async def test_a_response_not_read_to_its_end_is_never_pooled(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, origin: _Origin
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running, base_url=origin.url)
+    host, port = address.rsplit(":", 1)
+    stream = await anyio.connect_tcp(host, int(port))
+    await stream.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+    await stream.aclose()
+    # The client left mid-body: the upstream connection is closed, not kept half read.
+    await wait_for(lambda: origin.open == 0)
+    await wait_for(lambda: d.proxies[0][0].connections == 0)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        assert (await c.get("/small")).content == pattern(2)
+    assert origin.accepted == 2
+
+
+async def test_pooled_connections_close_when_the_proxy_stops(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, origin: _Origin
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running, base_url=origin.url)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        assert (await c.get("/small")).status_code == 200
+    assert origin.open == 1  # kept for the next request
+    await d.stop(grace=1)
+    await wait_for(lambda: origin.open == 0)
 
 
 # -- 100 MB each way --------------------------------------------------------------------------
