@@ -1,9 +1,15 @@
-"""A real ``redis-server`` on a Unix socket for the fleet-mode tests (``test_fleet``,
+"""A real ``redis-server`` on a loopback port for the fleet-mode tests (``test_fleet``,
 ``test_fleet_processes``): started and stopped by the test (a restart loses its data:
-``--save ""``), always killed at teardown."""
+``--save ""``, and keeps its port), always killed at teardown.
+
+Not a Unix socket: anyio's ``connect_unix`` (4.x, asyncio backend) can leave a writer
+callback that sets a cancelled future's result when a pending connect is cancelled, which
+the test runner reports as an ``InvalidStateError`` (a daemon cancelled while its Redis
+client reconnects). TCP connects go through asyncio's own ``sock_connect``."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,20 +26,26 @@ __all__ = ["RedisServer", "redis_client", "redis_server"]
 class RedisServer:
     def __init__(self, tmp: Path) -> None:
         self.binary = need_tool("redis-server", "apt-get install redis-server")
-        self.socket = tmp / "redis.sock"
-        self.url = f"unix://{self.socket}"
+        with socket.socket() as probe:  # a free port, kept across restarts
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--save", ""],
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+        while True:  # polling a child process's port: no event to wait on
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
 
     def stop(self) -> None:
         if self.proc is not None:
