@@ -76,10 +76,13 @@ async def test_with_redis_down_the_role_is_local(
 ) -> None:
     a = await nodes(0)
     await wait_for(lambda: a.token, 15)
+    await wait_for(lambda: _metric(a.d, 'imsd_fleet_holder{credential="alpha"} 1.0'), 15)
     redis.stop()
     await wait_for(lambda: _metric(a.d, "imsd_fleet_redis_up 0.0"), 15)
-    # On its own until Redis answers again, whatever it was: no holder to name.
+    # On its own until Redis answers again, whatever it was: no holder to name, and the
+    # lease it may still have is no holder's in the metrics either.
     assert (await _rows(a.d))[0]["fleet"] == {"role": "local", "holder": None}
+    assert _metric(a.d, 'imsd_fleet_holder{credential="alpha"} 0.0')
 
 
 async def test_without_coordination_nothing_changes(
