@@ -186,6 +186,9 @@ class Proxy:
         # No environment proxies, no redirects followed (a Location elsewhere goes back to
         # the client as it came), no default headers (the request is built here).
         self.upstream = Upstream(spec.timeout)
+        # The metrics' children, made at their first use (labels() takes a lock each call).
+        self._counters: dict[str, Any] = {}
+        self._seconds: Any = None
         # The last rendering: (resolved credential, grant, base URL, headers).
         self._rendered: tuple[object, object, str, dict[str, str]] | None = None
 
@@ -261,7 +264,11 @@ class Proxy:
 
     def _count(self, status: str) -> None:
         if self._metrics is not None:
-            self._metrics.proxy_requests.labels(self.spec.product, status).inc()
+            counter = self._counters.get(status)
+            if counter is None:
+                counter = self._metrics.proxy_requests.labels(self.spec.product, status)
+                self._counters[status] = counter
+            counter.inc()
 
     def _render(self) -> tuple[str, dict[str, str], object]:
         """The instance's base URL and headers with the current token, and that token's
@@ -354,9 +361,9 @@ class Proxy:
                 await _send_error(conn, stream, 502, "upstream_error", "the upstream failed")
                 return
             if self._metrics is not None:
-                self._metrics.proxy_upstream.labels(self.spec.product).observe(
-                    anyio.current_time() - started
-                )
+                if self._seconds is None:
+                    self._seconds = self._metrics.proxy_upstream.labels(self.spec.product)
+                self._seconds.observe(anyio.current_time() - started)
             try:
                 if resp.status == 401 and retry:
                     retry = False
