@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -321,6 +322,31 @@ def test_demo_prints_a_working_curl_line() -> None:
         r = subprocess.run(status.split(), capture_output=True, text=True, timeout=30, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         assert re.search(r"^demo\s+valid", r.stdout, re.MULTILINE), r.stdout
+        # The proxy, the template and the Python client lines run as printed too (README:
+        # "Proxy", "Templates", "Using the tokens").
+        while not any("python:" in line for line in seen):
+            seen.append(lines.get(timeout=60))
+        printed = {
+            key: next(line for line in seen if f"{key}:" in line).split(f"{key}:", 1)[1].strip()
+            for key in ("proxy", "netrc", "python")
+        }
+        r = subprocess.run(
+            [*printed["proxy"].split(), "--fail-with-body"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout) | {"x-sandbox-name": "dev"} == json.loads(r.stdout)
+        token = (demo_dir / "tokens" / "demo" / "token").read_text().strip()
+        netrc = Path(printed["netrc"].split()[1]).read_text()
+        assert netrc.endswith(f" login demo-client password {token}\n"), "netrc as templated"
+        r = subprocess.run(
+            shlex.split(printed["python"]), capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ok"] is True
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

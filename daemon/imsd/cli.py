@@ -748,6 +748,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace, root: Path) -> int:
+    import shlex
+
+    from imsd.config import ProxySpec
     from imsd.daemon import Daemon
     from imsd.fakeims.server import FakeIms
 
@@ -761,6 +764,8 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
         state_dir=args.state_dir or state,
         socket=args.socket or root / "imsd.sock",
         metrics_address=args.metrics_address or "127.0.0.1:0",
+        # The authenticating proxy (README "Proxy") to the demo's aep instance.
+        proxy=[ProxySpec(listen="127.0.0.1:0", credential="demo", product="aep")],
     )
     if problem := _listen_problem(settings, socket=True):
         return _fail(problem)
@@ -772,11 +777,17 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
         fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES, org_id=DEMO_ORG)
         _write_private(creds / "demo.secret", secret + "\n")
         scopes = ", ".join(f'"{s}"' for s in DEMO_SCOPES)
+        gateway = f"{fake.url}/gateway/aep"  # the fake gateway stands in for platform.adobe.io
+        host = fake.url.removeprefix("http://").rsplit(":", 1)[0]
         (creds / "demo.toml").write_text(
             'auth = "oauth_server_to_server"\nclient_id = "demo-client"\n'
             'client_secret_file = "demo.secret"\n'
             f'org_id = "{DEMO_ORG}"\nscopes = [{scopes}]\nims_url = "{fake.url}"\n'
-            'products = ["generic", "aep"]\n[product.aep]\nsandbox = "dev"\n'
+            'products = ["generic", "aep"]\n'
+            f'[product.aep]\nsandbox = "dev"\nbase_url = "{gateway}"\n'
+            # A template (README "Templates"): a .netrc for tools that read one.
+            '[[template]]\ndestination = "netrc"\n'
+            f'content = "machine {host} login $client_id password $token\\n"\n'
         )
         token_dir = settings.output_dir / "demo"
 
@@ -786,17 +797,31 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
                 if daemon.metrics_port
                 else ""
             )
+            proxy = daemon.proxies[0][1] if daemon.proxies else None
+            python = shlex.quote(sys.executable)
+            client = (
+                "import httpx; from imsd.client import HttpxAuth; "
+                f'a = HttpxAuth("demo", product="aep", output_dir="{settings.output_dir}"); '
+                f'print(httpx.get("{gateway}/data/foundation/catalog/datasets", auth=a).text)'
+            )
             print(
                 f"\nimsd demo is running against the fake IMS at {fake.url}\n"
                 f"  credentials: {creds}  (edit, add or remove files: the daemon reacts)\n"
                 f"  token files: {token_dir}/  (token, token.json, generic.headers, "
-                "generic.env, aep.headers, aep.env)\n"
+                "generic.env, aep.headers, aep.env, netrc)\n"
                 f"  socket:      {_self_command()} status --socket {settings.socket}\n"
                 f"{metrics}"
                 f"  aep:  curl -sS -H @{token_dir}/aep.headers "
-                f"{fake.url}/gateway/aep/data/foundation/catalog/datasets\n"
+                f"{gateway}/data/foundation/catalog/datasets\n"
                 f"  try:  curl -sS -H @{token_dir}/generic.headers "
                 f"{fake.url}/gateway/generic/v1/ping\n"
+                + (
+                    f"  proxy:  curl -sS http://{proxy}/data/foundation/catalog/datasets\n"
+                    if proxy
+                    else ""
+                )
+                + f"  netrc:  cat {token_dir}/netrc  (a template, written again with every token)\n"
+                f"  python: {python} -c {shlex.quote(client)}\n"
                 "Press Ctrl-C to stop.\n",
                 flush=True,
             )

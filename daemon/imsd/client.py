@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator, Generator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import httpx
 
@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_DIR: Final = Path(os.environ.get("IMSD_OUTPUT_DIR", "/run/imsd/tokens"))
+#: A path as str or Path (a str is what config files and environments give).
+StrPath: TypeAlias = "str | os.PathLike[str]"
+
 DEFAULT_SOCKET: Final = Path(os.environ.get("IMSD_SOCKET", "/run/imsd/imsd.sock"))
 
 
@@ -68,10 +71,10 @@ def _check(doc: dict[str, Any], name: str, min_validity: float) -> dict[str, Any
 
 
 def request(
-    method: str, path: str, *, socket: Path | None = None, timeout: float = 10.0
+    method: str, path: str, *, socket: StrPath | None = None, timeout: float = 10.0
 ) -> dict[str, Any]:
     """One request to the daemon's socket API; the JSON body, or ImsdUnavailable."""
-    sock = socket or DEFAULT_SOCKET
+    sock = Path(socket) if socket else DEFAULT_SOCKET
     transport = httpx.HTTPTransport(uds=str(sock))
     try:
         with httpx.Client(transport=transport, base_url="http://imsd", timeout=timeout) as c:
@@ -85,11 +88,11 @@ async def _arequest(
     method: str,
     path: str,
     *,
-    socket: Path | None = None,
+    socket: StrPath | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109 (the HTTP client's)
 ) -> dict[str, Any]:
     """:func:`request` for async code (any event loop httpx supports)."""
-    sock = socket or DEFAULT_SOCKET
+    sock = Path(socket) if socket else DEFAULT_SOCKET
     transport = httpx.AsyncHTTPTransport(uds=str(sock))
     try:
         async with httpx.AsyncClient(
@@ -128,8 +131,8 @@ def _body(resp: httpx.Response) -> dict[str, Any]:
 def token_document(
     name: str,
     *,
-    output_dir: Path | None = None,
-    socket: Path | None = None,
+    output_dir: StrPath | None = None,
+    socket: StrPath | None = None,
     min_validity: float = 60.0,
 ) -> dict[str, Any]:
     """The ``token.json`` document of *name*: from *socket* if given, else from the files."""
@@ -137,7 +140,7 @@ def token_document(
         return _check(
             request("GET", f"/v1/credentials/{name}/token", socket=socket), name, min_validity
         )
-    path = (output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
+    path = Path(output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
     try:
         doc: dict[str, Any] = json.loads(path.read_bytes())
     except FileNotFoundError as e:
@@ -189,15 +192,15 @@ class _Headers:
         self,
         name: str,
         product: str | None,
-        output_dir: Path | None,
-        socket: Path | None,
+        output_dir: StrPath | None,
+        socket: StrPath | None,
         min_validity: float,
     ) -> None:
         self.name, self.product, self.min_validity = name, product, min_validity
         # The files unless only the socket is named; the socket for a forced refresh.
         self.from_socket = socket is not None and output_dir is None
-        self.socket = socket or DEFAULT_SOCKET
-        self.path = (output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
+        self.socket = Path(socket) if socket else DEFAULT_SOCKET
+        self.path = Path(output_dir or DEFAULT_OUTPUT_DIR) / name / "token.json"
         # The document, the (inode, mtime ns, size) of the file it was read from, and when.
         self._cached: tuple[dict[str, Any] | None, tuple[int, int, int] | None, float] = (
             None,
@@ -286,8 +289,8 @@ class HttpxAuth(httpx.Auth):
         name: str,
         product: str | None = None,
         *,
-        output_dir: Path | None = None,
-        socket: Path | None = None,
+        output_dir: StrPath | None = None,
+        socket: StrPath | None = None,
         min_validity: float = 60.0,
     ) -> None:
         self._h = _Headers(name, product, output_dir, socket, min_validity)
@@ -344,8 +347,8 @@ def _requests_auth() -> type:
             name: str,
             product: str | None = None,
             *,
-            output_dir: Path | None = None,
-            socket: Path | None = None,
+            output_dir: StrPath | None = None,
+            socket: StrPath | None = None,
             min_validity: float = 60.0,
         ) -> None:
             self._h = _Headers(name, product, output_dir, socket, min_validity)
