@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import enum
 import grp
-import ipaddress
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -28,7 +27,7 @@ from pydantic import (
 )
 
 from imsd import logs
-from imsd.model import DEFAULT_IMS_URL, check_ims_url
+from imsd.model import DEFAULT_IMS_URL, check_ims_url, loopback_host
 from imsd.schedule import RefreshPolicy
 
 __all__ = [
@@ -94,7 +93,7 @@ class ProxySpec(BaseModel):
 
     @model_validator(mode="after")
     def _loopback_only(self) -> ProxySpec:
-        if self.tcp and not self.allow_remote and not _loopback_host(self.host):
+        if self.tcp and not self.allow_remote and not loopback_host(self.host):
             raise ValueError(
                 "a proxy listens on a loopback address unless allow_remote = true "
                 "(anyone who can reach it uses the credential)"
@@ -112,15 +111,6 @@ class ProxySpec(BaseModel):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
-
-
-def _loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseModel):

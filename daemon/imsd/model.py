@@ -39,6 +39,7 @@ __all__ = [
     "ValidatedOptions",
     "check_ims_url",
     "https_or_loopback",
+    "loopback_host",
     "usable_time",
 ]
 
@@ -62,7 +63,8 @@ def usable_time(value: object) -> bool:
     return 0 <= value <= MAX_TIMESTAMP  # False for NaN; exact for ints of any size
 
 
-def _loopback(host: str) -> bool:
+def loopback_host(host: str) -> bool:
+    """Whether *host* (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
@@ -79,7 +81,7 @@ def https_or_loopback(url: str) -> bool:
     host = parts.hostname
     if not host:
         return False
-    return parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))
+    return parts.scheme == "https" or (parts.scheme == "http" and loopback_host(host))
 
 
 def check_ims_url(url: str) -> str:
