@@ -126,7 +126,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         time.sleep(0.1)  # a synchronous hook polling /proc: other processes, no event to await
     none: set[Path] = set()
     before = session.config.stash.get(_DEMO_KEY, none)
-    new_dirs = sorted(_demo_dirs() - before)
+    # Under pytest-xdist a worker would see another worker's demo still running: the
+    # controller, which finishes last, checks the directories (and its base temp, which
+    # holds every worker's, the processes).
+    worker = hasattr(session.config, "workerinput")
+    new_dirs = [] if worker else sorted(_demo_dirs() - before)
     if left or new_dirs:
         report = ["tests left things behind:", *left, *map(str, new_dirs)]
         print("\n" + "\n".join(report), file=sys.stderr)
