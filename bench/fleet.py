@@ -58,7 +58,7 @@ def _redis(binary: str, root: Path) -> Iterator[Path]:
         while not sock.exists():
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
+            time.sleep(0.02)  # redis-server starting: polled, under a deadline
         yield sock
     finally:
         proc.kill()
@@ -83,7 +83,7 @@ def _wait_all(nodes: list[Daemon], names: list[str], limit: float = 300) -> None
     while not all(_token(d, n).exists() for d in nodes for n in names):
         if time.monotonic() > deadline:
             raise RuntimeError("the fleet did not write every token")
-        time.sleep(0.1)
+        time.sleep(0.1)  # the daemons are other processes: polled, under a deadline
 
 
 def _nodes(
@@ -181,7 +181,7 @@ def _per_period(
         sampled: dict[tuple[int, str], set[int]] = {}
         sampler = threading.Thread(target=lambda: sampled.update(_mtimes(nodes, names, stop)))
         sampler.start()
-        time.sleep(2 * period)
+        time.sleep(2 * period)  # the window the sampler thread watches
         requests = (fake.state.request_count() - before) / 2
         stop.set()
         sampler.join()
@@ -238,7 +238,7 @@ def _failover(fake: Any, sock: Path, count: int, lifetime: float, trials: int) -
                 if new is not None and new is not holder and _token(new, name).read_text() != old:
                     out.append(time.monotonic() - killed)
                     break
-                time.sleep(0.01)
+                time.sleep(0.01)  # other processes' files: polled, the bench's resolution
             else:
                 out.append(float("inf"))
     return out

@@ -72,7 +72,7 @@ def _empty_hwm_kib() -> int:
     root = new_root()
     try:
         with daemon(root) as d:
-            time.sleep(1.0)
+            time.sleep(1.0)  # an idle moment after READY before reading its peak
             return d.rss_kib(peak=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -98,7 +98,7 @@ def run(quick: bool) -> list[Figure]:
                 if n >= sizes[1]:
                     # The idle minute right after READY: the follow-up scan of files written
                     # just before start, the first state save and the status lines run here.
-                    time.sleep(2.0)
+                    time.sleep(2.0)  # let start-up work settle
                     c0, t0 = d.cpu_seconds(), time.monotonic()
                     time.sleep(idle_window)
                     idle = (d.cpu_seconds() - c0) / (time.monotonic() - t0) * 100

@@ -238,7 +238,7 @@ class Reader(threading.Thread):
                     self.reads += 1
                     if self.fake.state.validate_token(token) is None:
                         self.bad.append(f"{node.pid}/{name}: {token[:12]}…")
-            time.sleep(0.01)
+            time.sleep(0.01)  # a reader thread's pace over other processes' files
 
 
 # -- 1. one mint per period across 10 daemons × 20 credentials -----------------------------
