@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from imsd.catalog import Added
@@ -27,6 +30,42 @@ from tests.support import ORG, live, uds, wait_for, write_cred
 
 pytestmark = pytest.mark.anyio
 GZIP = {"content-encoding": "gzip"}
+
+#: A canned answer: the raw bytes an HTTP server writes, chunk by chunk.
+Answer = Callable[[str, Mapping[str, str]], AsyncIterator[bytes]]
+
+
+def head(status: int, **fields: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} X"] + [f"{k.replace('_', '-')}: {v}" for k, v in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def whole(status: int, body: bytes, **fields: str) -> AsyncIterator[bytes]:
+    yield head(status, content_length=str(len(body)), **fields) + body
+
+
+@asynccontextmanager
+async def canned(answer: Answer) -> AsyncIterator[str]:
+    """A raw HTTP/1.1 server on loopback: each request's head is read, then *answer*
+    (given the path and lower-cased headers) writes the response bytes, then it closes."""
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            first, *lines = data.split(b"\r\n\r\n")[0].decode().split("\r\n")
+            fields = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                async for chunk in answer(first.split()[1], fields):
+                    await stream.send(chunk)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield f"http://127.0.0.1:{port}"
+        tg.cancel_scope.cancel()
 
 
 def client_credentials_flow(cred: Credential, now: float) -> Flow:
@@ -183,10 +222,10 @@ async def test_concurrency_cap(fake: FakeIms) -> None:
 
 
 async def test_body_cap_and_insecure_urls() -> None:
-    big = httpx.MockTransport(lambda r: httpx.Response(200, content=b"x" * 5000))
-    async with ImsClient(transport=big, max_body=1000) as client:
+    big = canned(lambda path, fields: whole(200, b"x" * 5000))
+    async with big as url, ImsClient(max_body=1000) as client:
         with pytest.raises(ImsError) as err:
-            await client.run(client_credentials_flow(cred("https://ims.example"), 0.0))
+            await client.run(client_credentials_flow(cred(url), 0.0))
     assert err.value.code == "response_too_large"
     for url in ("http://ims.example.com", "ftp://127.0.0.1", "http://10.0.0.1:80"):
         with pytest.raises(ImsError, match="insecure_url"):
@@ -219,34 +258,36 @@ async def test_identity_asked_and_raw_bytes_capped() -> None:
     """Accept-Encoding is identity even when a flow asks otherwise; an endless body without
     Content-Length is read no further than the cap; a compressed one is not read at all."""
     seen: list[str] = []
-    pulled = 0
 
-    async def endless() -> AsyncIterator[bytes]:
-        nonlocal pulled
-        while True:
-            pulled += 1
-            yield b"x" * 1000
+    async def answer(path: str, fields: Mapping[str, str]) -> AsyncIterator[bytes]:
+        seen.append(fields["accept-encoding"])
+        if path == "/gzip":
+            async for chunk in whole(200, gzip.compress(b"{}"), **GZIP):
+                yield chunk
+            return
+        yield head(200, transfer_encoding="chunked")
+        while True:  # until the client hangs up
+            yield b"3e8\r\n" + b"x" * 1000 + b"\r\n"
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers["accept-encoding"])
-        if request.url.path == "/gzip":
-            return httpx.Response(200, content=gzip.compress(b"{}"), headers=GZIP)
-        return httpx.Response(200, content=endless())
-
-    def flow(path: str) -> Flow:
+    def flow(url: str) -> Flow:
         headers = {"accept-encoding": "gzip, br"}
-        yield HttpRequest("POST", f"https://ims.example{path}", headers=headers)
+        yield HttpRequest("POST", url, headers=headers)
         raise AssertionError("unreachable")
 
-    async with ImsClient(transport=httpx.MockTransport(answer), max_body=10_000) as client:
-        with pytest.raises(ImsError) as err:
-            await client.run(flow("/endless"))
-        assert err.value.code == "response_too_large"
-        assert pulled <= 11
-        with pytest.raises(ImsError) as err:
-            await client.run(flow("/gzip"))
-        assert err.value.code == "response_compressed"
+    tracemalloc.start()
+    try:
+        async with canned(answer) as url, ImsClient(max_body=10_000) as client:
+            with pytest.raises(ImsError) as err:
+                await client.run(flow(f"{url}/endless"))
+            assert err.value.code == "response_too_large"
+            with pytest.raises(ImsError) as err:
+                await client.run(flow(f"{url}/gzip"))
+            assert err.value.code == "response_compressed"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert seen == ["identity", "identity"]
+    assert peak < 1 << 20, f"peak {peak >> 10} KiB"  # the endless body was not kept
 
 
 async def test_a_failure_carries_the_answers_x_debug_id(fake: FakeIms) -> None:
@@ -259,24 +300,25 @@ async def test_a_failure_carries_the_answers_x_debug_id(fake: FakeIms) -> None:
     assert err.value.code == "invalid_client"
     assert len(err.value.debug_id or "") == 16
 
-    async def body() -> AsyncIterator[bytes]:  # streamed, as a real answer is
-        yield b'{"token_type": "bearer"}'
+    async def answer(path: str, fields: Mapping[str, str]) -> AsyncIterator[bytes]:
+        if path == "/big":
+            async for chunk in whole(200, b"x" * 5000, x_debug_id="dbg-big"):
+                yield chunk
+            return
+        yield head(200, transfer_encoding="chunked", X_Debug_Id="dbg-1")  # streamed
+        body = b'{"token_type": "bearer"}'
+        yield b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/big":
-            return httpx.Response(200, content=b"x" * 5000, headers={"x-debug-id": "dbg-big"})
-        return httpx.Response(200, content=body(), headers={"X-Debug-Id": "dbg-1"})
-
-    def flow(path: str) -> Flow:
-        response = yield HttpRequest("POST", f"https://ims.example{path}")
+    def flow(url: str) -> Flow:
+        response = yield HttpRequest("POST", url)
         return parse_token_response(response, now=0.0)
 
-    async with ImsClient(transport=httpx.MockTransport(answer), max_body=1000) as client:
+    async with canned(answer) as url, ImsClient(max_body=1000) as client:
         with pytest.raises(ImsError) as err:
-            await client.run(flow("/ims/token/v3"))
+            await client.run(flow(f"{url}/ims/token/v3"))
         assert (err.value.code, err.value.debug_id) == ("invalid_response", "dbg-1")
         with pytest.raises(ImsError) as err:
-            await client.run(flow("/big"))
+            await client.run(flow(f"{url}/big"))
         assert (err.value.code, err.value.debug_id) == ("response_too_large", "dbg-big")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -330,3 +372,39 @@ def test_the_fake_sends_an_x_debug_id_with_every_ims_answer(fake: FakeIms) -> No
     for r in answers:
         assert len(r.headers["x-debug-id"]) == 16, r.status_code
     assert len({r.headers["x-debug-id"] for r in answers}) == len(answers)
+
+
+async def test_a_token_request_is_sent_again_when_its_pooled_connection_was_dropped() -> None:
+    """An IMS that drops a kept-alive connection as the next request arrives (its idle
+    timeout raced our reuse) costs no refresh: a token request may be sent twice, so it
+    goes again on a new connection. The first connection had answered one request."""
+    body = b'{"access_token": "at", "token_type": "bearer", "expires_in": 86400}'
+    connections: list[int] = []
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        connections.append(0)
+        async with stream:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    data += await stream.receive()
+                data = b""  # the small form came with its head (one write)
+                if len(connections) == 1 and connections[0] == 1:
+                    return  # the second request on the first connection: dropped unanswered
+                connections[-1] += 1
+                await stream.send(head(200, content_length=str(len(body))) + body)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+
+    def flow() -> Flow:
+        response = yield HttpRequest("POST", f"{url}/ims/token/v3", form={"a": "b"})
+        return parse_token_response(response, now=0.0)
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        async with ImsClient(rate=None) as client:
+            assert (await client.run(flow())).access_token.reveal() == "at"
+            assert (await client.run(flow())).access_token.reveal() == "at"
+        tg.cancel_scope.cancel()
+    assert connections == [1, 1]

@@ -1,6 +1,8 @@
-"""The thin I/O driver for auth flows: httpx, a global concurrency cap and a rate limit.
+"""The thin I/O driver for auth flows: HTTP/1.1 with keep-alive (:mod:`imsd.upstream`, the
+proxy's lean h11 client), a global concurrency cap and a rate limit.
 
-TLS verification is always on. Plain ``http://`` is refused except to loopback (the fake
+TLS verification is always on; no environment proxy, netrc or extra CA bundle applies to
+these secret-bearing requests. Plain ``http://`` is refused except to loopback (the fake
 IMS). Response bodies are asked for and read uncompressed, with a size cap on the raw bytes
 (a compressed answer is refused), and every transport failure becomes a
 TRANSIENT :class:`~imsd.model.ImsError` whose message holds no request content.
@@ -10,13 +12,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import anyio
-import httpx
 
 from imsd import __version__
 from imsd.flows import Flow, check_grant, debug_id
@@ -29,6 +30,7 @@ from imsd.model import (
     https_or_loopback,
 )
 from imsd.schedule import RateLimiter
+from imsd.upstream import Upstream, UpstreamError, UpstreamTimeout
 
 __all__ = ["ImsClient", "check_url"]
 
@@ -45,11 +47,25 @@ def check_url(url: str) -> None:
     )
 
 
-def _headers(request: HttpRequest) -> dict[str, str]:
+def _headers(request: HttpRequest, body: bytes | None) -> list[tuple[str, str]]:
     """The flow's headers, with ``Accept-Encoding: identity`` whatever the flow asked: the
     body cap counts raw bytes, so nothing may arrive compressed."""
-    out = {k: v for k, v in request.headers.items() if k.lower() != "accept-encoding"}
-    out["Accept-Encoding"] = "identity"
+    out = [("User-Agent", USER_AGENT), ("Accept", "*/*")]
+    names = {k.lower() for k in request.headers}
+    out = [(k, v) for k, v in out if k.lower() not in names]
+    out += [(k, v) for k, v in request.headers.items() if k.lower() != "accept-encoding"]
+    out.append(("Accept-Encoding", "identity"))
+    if body is not None and "content-type" not in names:
+        out.append(("Content-Type", "application/x-www-form-urlencoded"))
+    return out
+
+
+def _merged(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased names; a repeated field's values joined with commas (RFC 9110 5.3)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        k = k.lower()
+        out[k] = f"{out[k]}, {v}" if k in out else v
     return out
 
 
@@ -75,7 +91,6 @@ class ImsClient:
         burst: int = 8,
         timeout: float = 30.0,
         max_body: int = MAX_BODY,
-        transport: httpx.AsyncBaseTransport | None = None,
         on_response: Callable[[int | str], None] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -85,28 +100,16 @@ class ImsClient:
         self._rate = RateLimiter(rate, burst)
         self._timeout = timeout
         self._max_body = max_body
-        self._transport = transport
         self._on_response = on_response
         self._clock = clock
         self._monotonic = monotonic  # exchange ages (tests step it to play a stuck exchange)
         self._since: dict[object, float] = {}  # exchange owner → when its exchange began
-        self._http: httpx.AsyncClient | None = None
+        self._http: Upstream | None = None
 
     async def __aenter__(self) -> ImsClient:
-        self._http = httpx.AsyncClient(
-            transport=self._transport,
-            timeout=httpx.Timeout(self._timeout),
-            verify=True,
-            follow_redirects=False,
-            trust_env=False,  # no proxy or netrc surprises for secret-bearing requests
-            headers={"User-Agent": USER_AGENT},
-            # As many pooled connections as requests may be in flight: none is opened and
-            # closed per request, and the pool httpcore scans per request stays small.
-            limits=httpx.Limits(
-                max_connections=self._max_concurrent,
-                max_keepalive_connections=self._max_concurrent,
-            ),
-        )
+        # As many pooled connections as requests may be in flight: none is opened and
+        # closed per request. No SSL_CERT_FILE: the system's and certifi's trust only.
+        self._http = Upstream(self._timeout, max_idle=self._max_concurrent, trust_env=False)
         return self
 
     async def __aexit__(
@@ -147,32 +150,33 @@ class ImsClient:
         finally:
             flow.close()
 
-    async def _read_body(self, resp: httpx.Response) -> bytes:
+    async def _read_body(
+        self, status: int, headers: dict[str, str], chunks: AsyncIterator[bytes]
+    ) -> bytes:
         """The raw body, refused once it exceeds the cap. Raw bytes, never decoded ones: a
         compressed answer (sent although identity was asked) is refused before its body is
         read, so a small gzip bomb cannot expand into gigabytes, one chunk at a time."""
 
         def refuse(code: str, why: str) -> ImsError:
-            self._note(resp.status_code)
-            headers = {k.lower(): v for k, v in resp.headers.items()}
+            self._note(status)
             return ImsError(
                 ImsErrorKind.TRANSIENT,
                 code,
                 why,
-                status=resp.status_code,
-                debug_id=debug_id(HttpResponse(resp.status_code, headers, b"")),
+                status=status,
+                debug_id=debug_id(HttpResponse(status, headers, b"")),
             )
 
-        encoding = resp.headers.get("content-encoding", "").strip().lower() or "identity"
+        encoding = headers.get("content-encoding", "").strip().lower() or "identity"
         if encoding != "identity":
             shown = encoding if _TOKEN.fullmatch(encoding) else "?"
             raise refuse("response_compressed", f"IMS response is encoded ({shown[:20]})")
         too_large = f"IMS response exceeds {self._max_body} bytes"
-        length = resp.headers.get("content-length", "")
+        length = headers.get("content-length", "")
         if length.isascii() and length.isdigit() and int(length) > self._max_body:
             raise refuse("response_too_large", too_large)
         body = bytearray()
-        async for chunk in resp.aiter_raw():
+        async for chunk in chunks:
             body += chunk
             if len(body) > self._max_body:
                 raise refuse("response_too_large", too_large)
@@ -184,8 +188,8 @@ class ImsClient:
 
     async def send(self, request: HttpRequest, *, owner: object = None) -> HttpResponse:
         """One exchange: *request* sent, the whole answer read, within :attr:`deadline`
-        (httpx's timeouts are per read: an IMS dripping a byte a second would never trip
-        them). Waiting for a slot under the concurrency cap and the rate limit is not
+        (the connection's own timeouts are per read: an IMS dripping a byte a second would
+        never trip them). Waiting for a slot under the concurrency cap and the rate limit is not
         counted. *owner* (the flow, from :meth:`run`) names the exchange for
         :meth:`overran`."""
         if self._http is None:
@@ -199,7 +203,7 @@ class ImsClient:
             self._since[key] = self._monotonic()
             try:
                 with anyio.fail_after(self._timeout):
-                    resp, body = await self._exchange(request)
+                    status, headers, body = await self._exchange(request)
             except TimeoutError:
                 self._note("network_error")
                 raise ImsError(
@@ -209,28 +213,34 @@ class ImsClient:
                 ) from None
             finally:
                 del self._since[key]
-        self._note(resp.status_code)
-        headers = {k.lower(): v for k, v in resp.headers.items()}
-        return HttpResponse(resp.status_code, headers, body)
+        self._note(status)
+        return HttpResponse(status, headers, body)
 
-    async def _exchange(self, request: HttpRequest) -> tuple[httpx.Response, bytes]:
+    async def _exchange(self, request: HttpRequest) -> tuple[int, dict[str, str], bytes]:
         assert self._http is not None
+        body = urlencode(request.form).encode() if request.form else None
         try:
-            async with self._http.stream(
-                request.method,
-                request.url,
-                data=dict(request.form) or None,
-                headers=_headers(request),
-            ) as resp:
-                return resp, await self._read_body(resp)
-        except httpx.TimeoutException:
+            # A token request may go twice: if a pooled connection turns out closed before
+            # any answer, it is sent again on a new one rather than failing the refresh.
+            resp = await self._http.request(
+                request.method, request.url, _headers(request, body), body, idempotent=True
+            )
+            try:
+                headers = _merged(resp.headers)
+                return (
+                    resp.status,
+                    headers,
+                    await self._read_body(resp.status, headers, resp.chunks()),
+                )
+            finally:
+                await resp.aclose()
+        except UpstreamTimeout:
             raise TimeoutError from None  # one message for a per-read and the overall timeout
-        except httpx.HTTPError as e:
+        except UpstreamError as e:
             self._note("network_error")
             host = urlsplit(request.url).netloc
-            raise ImsError(
-                ImsErrorKind.TRANSIENT, "network_error", f"{type(e).__name__} ({host})"
-            ) from None
+            said = str(e).replace("the upstream", "IMS").replace("upstream", "to IMS")
+            raise ImsError(ImsErrorKind.TRANSIENT, "network_error", f"{said} ({host})") from None
 
     @property
     def deadline(self) -> float:

@@ -121,9 +121,10 @@ class Upstream:
     """Keep-alive pools (one per scheme, host and port), at most *max_idle* idle
     connections each."""
 
-    def __init__(self, timeout: float, *, max_idle: int = 128) -> None:
+    def __init__(self, timeout: float, *, max_idle: int = 128, trust_env: bool = True) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
+        self._trust_env = trust_env  # SSL_CERT_FILE / SSL_CERT_DIR extend the trust store
         self.connects = 0  # connections opened (tests count reuse)
         self._idle: dict[Origin, list[_Conn]] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -134,25 +135,33 @@ class Upstream:
         method: str,
         url: str,
         headers: Sequence[tuple[str, str]],
-        body: AsyncIterable[bytes] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        idempotent: bool = False,
     ) -> UpstreamResponse:
         """Send *method* *url* with *headers* (``Host`` is added from *url*; give a
-        ``Content-Length`` or this adds ``Transfer-Encoding: chunked`` for a *body*) and
-        return once the response head has arrived."""
+        ``Content-Length`` or this adds ``Transfer-Encoding: chunked`` for a streamed *body*)
+        and return once the response head has arrived. *idempotent* vouches that this
+        request may be sent twice whatever its method (an IMS token request: a second token
+        harms nobody); only a request whose body is bytes or absent is ever sent twice."""
         parts = urlsplit(url)
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
         origin = (scheme, parts.hostname or "", port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = [("Host", parts.netloc.rpartition("@")[2]), *headers]
-        if body is not None and not any(k.lower() == "content-length" for k, _ in head):
+        if isinstance(body, bytes):
+            head = [(k, v) for k, v in head if k.lower() != "content-length"]
+            head.append(("Content-Length", str(len(body))))
+        elif body is not None and not any(k.lower() == "content-length" for k, _ in head):
             head.append(("Transfer-Encoding", "chunked"))
         try:
             req = h11.Request(method=method, target=target, headers=head)
         except h11.LocalProtocolError as e:
             raise UpstreamError("the request cannot be sent upstream") from e
         # Sent again only if nothing of it can have been acted on (RFC 9110 section 9.2.2).
-        may_retry = body is None and method in _IDEMPOTENT
+        replayable = body is None or isinstance(body, bytes)
+        may_retry = replayable and (idempotent or method in _IDEMPOTENT)
         while True:
             conn, pooled = await self._acquire(origin)
             try:
@@ -171,19 +180,24 @@ class Upstream:
         origin: Origin,
         conn: _Conn,
         req: h11.Request,
-        body: AsyncIterable[bytes] | None,
+        body: bytes | AsyncIterable[bytes] | None,
     ) -> UpstreamResponse:
+        # A body in bytes goes in one write with the head and its end.
+        whole = self._encode(conn, req, body) if isinstance(body, bytes) else None
         try:
-            await self._send(conn, req)
-            if body is not None:
-                async for chunk in body:  # its own errors (the client left) pass as they are
-                    if chunk:
-                        await self._send(conn, h11.Data(data=chunk))
-            await self._send(conn, h11.EndOfMessage())
+            if whole is not None:
+                await self._write(conn, whole)
+            else:
+                await self._send(conn, req)
+                if body is not None and not isinstance(body, bytes):
+                    async for chunk in body:  # its own errors (the client left) pass as is
+                        if chunk:
+                            await self._send(conn, h11.Data(data=chunk))
+                await self._send(conn, h11.EndOfMessage())
         except UpstreamTimeout:
             raise
         except UpstreamError:
-            if body is None:
+            if body is None or isinstance(body, bytes):
                 raise _Stale from None
             # The server may have answered early and closed (a 401 before the body): read on.
         while True:
@@ -203,9 +217,23 @@ class Upstream:
     async def _send(self, conn: _Conn, event: h11.Event) -> None:
         try:
             data = conn.h11.send(event)
-            if data:
-                with anyio.fail_after(self.timeout):
-                    await conn.stream.send(data)
+        except h11.ProtocolError as e:
+            raise UpstreamError("the upstream broke the connection") from e
+        if data:
+            await self._write(conn, data)
+
+    @staticmethod
+    def _encode(conn: _Conn, req: h11.Request, body: bytes) -> bytes:
+        try:
+            events = (req, h11.Data(data=body), h11.EndOfMessage())
+            return b"".join(conn.h11.send(event) or b"" for event in events)
+        except h11.ProtocolError as e:
+            raise UpstreamError("the request cannot be sent upstream") from e
+
+    async def _write(self, conn: _Conn, data: bytes) -> None:
+        try:
+            with anyio.fail_after(self.timeout):
+                await conn.stream.send(data)
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not take the request") from None
         except _BROKEN as e:
@@ -242,7 +270,7 @@ class Upstream:
             with anyio.fail_after(self.timeout):
                 if scheme == "https":
                     if self._ssl is None:
-                        self._ssl = httpx.create_ssl_context()  # the trust store as before
+                        self._ssl = httpx.create_ssl_context(trust_env=self._trust_env)
                     stream: anyio.abc.ByteStream = await anyio.connect_tcp(
                         host, port, ssl_context=self._ssl, tls_standard_compatible=False
                     )
