@@ -166,6 +166,23 @@ def test_symlinked_target_is_refused(tmp_path: Path) -> None:
     assert victim.read_text() == "precious"
 
 
+def test_first_write_into_an_existing_directory_checks_and_cleans_it(tmp_path: Path) -> None:
+    # Only a directory the write itself creates is known to be empty: a restart's first
+    # write into one a previous run made removes its old outputs and refuses a symlink.
+    FileSink(tmp_path).write("a", {"token": b"1", "aep.env": b"y", "run.sh": b"x"})
+    d = tmp_path / "a"
+    assert (d / ".imsd-templates").read_text() == "run.sh\n"
+    FileSink(tmp_path).write("a", {"token": b"2"})
+    assert sorted(p.name for p in d.iterdir()) == ["token"]
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (d / "token").unlink()
+    (d / "token").symlink_to(victim)
+    with pytest.raises(SinkError, match="not a regular file"):
+        FileSink(tmp_path).write("a", {"token": b"3"})
+    assert victim.read_text() == "precious"
+
+
 def test_symlinked_credential_dir_is_refused(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
