@@ -321,6 +321,28 @@ def test_a_token_unsafe_in_env_files_still_writes_the_safe_files(token: str) -> 
     assert str(left_out[0]).startswith("generic.env not written (c: product 'generic': ")
 
 
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("a b", False),
+        ("a'b\"c", False),
+        ("", False),
+        (" a", True),
+        ("a\t", True),
+        ("\u3000a", True),  # Unicode whitespace at either end, as str.isspace says
+        ("a\xa0", True),
+        ('"a', True),
+        ("'a", True),
+        ("a\\b", True),
+    ],
+)
+def test_env_values_ambiguous_in_systemd_or_docker_are_refused(value: str, refused: bool) -> None:
+    c = cred(products=("hostile",))
+    files, left_out = render_safe(c, GRANT, {"hostile": Hostile(env={"KEY": value})})
+    assert ("hostile.env" not in files) == refused
+    assert [u.files for u in left_out] == ([("hostile.env",)] if refused else [])
+
+
 def test_one_unsafe_product_holds_back_only_its_own_files() -> None:
     c = cred(products=("hostile", "generic"))
     bad = Hostile({"x-a": "v\nb"}, env={"KEY": "a\\b"})
