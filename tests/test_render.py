@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from imsd import render
 from imsd.model import Credential, CredentialError, Grant, Secret, ValidatedOptions
 from imsd.plugin import Product, TokenView
 from imsd.registry import load_registry, validate_products
@@ -88,6 +89,18 @@ def test_generic_files_exactly() -> None:
         ).encode(),
     }
     assert json.loads(files["token.json"]) == document(cred(), GRANT, PRODUCTS)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(JSON)
+def test_token_json_is_what_json_dumps_with_indent_writes(doc: Any) -> None:
+    assert render._indented(doc) == json.dumps(doc, indent=2)
 
 
 def test_multi_product_outputs_and_extra_headers_last() -> None:

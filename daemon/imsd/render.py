@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 from imsd.model import Credential, Grant, ValidatedOptions, https_or_loopback
@@ -335,6 +336,29 @@ def document(cred: Credential, grant: Grant, products: Mapping[str, Product]) ->
     return _document(cred, grant, headers, entries)
 
 
+def _indented(obj: Any, indent: str = "\n") -> str:
+    """``json.dumps(obj, indent=2)``, byte for byte, for a document whose keys are strings:
+    with an indent, json encodes in Python, generator upon generator (26 µs for a
+    ``token.json``); here only the nesting is Python, every leaf the C encoder's."""
+    if isinstance(obj, str):
+        return encode_basestring_ascii(obj)
+    inner = indent + "  "
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [
+            f"{inner}{encode_basestring_ascii(k)}: {_indented(v, inner)}" for k, v in obj.items()
+        ]
+        return "{" + ",".join(items) + indent + "}"
+    if isinstance(obj, list | tuple):
+        return (
+            "[" + ",".join([inner + _indented(v, inner) for v in obj]) + indent + "]"
+            if obj
+            else "[]"
+        )
+    return json.dumps(obj)  # a number, a boolean, null
+
+
 @dataclass(frozen=True, slots=True)
 class Unrendered:
     """Output files left out of a render, and why (the why names no value: safe to show)."""
@@ -410,7 +434,7 @@ def render_safe(
         out["token"] = grant.access_token.reveal().encode()
     if "json" in kinds:
         doc = _document(cred, grant, headers, entries)
-        out["token.json"] = (json.dumps(doc, indent=2) + "\n").encode()
+        out["token.json"] = (_indented(doc) + "\n").encode()
     for name, product in selected:
         if "headers" in kinds and name in headers:
             lines = "".join(f"{k}: {v}\n" for k, v in headers[name].items())
