@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from imsd import render
-from imsd.model import Credential, CredentialError, Grant, Secret, ValidatedOptions
+from imsd.model import MAX_TIMESTAMP, Credential, CredentialError, Grant, Secret, ValidatedOptions
 from imsd.plugin import Product, TokenView
 from imsd.registry import load_registry, validate_products
 from imsd.render import (
@@ -170,10 +171,16 @@ def test_token_view_validates_options() -> None:
         (1.999, "1970-01-01T00:00:01Z"),  # truncated: never later than the real instant
         (1_800_000_000.0, "2027-01-15T08:00:00Z"),
         (951_782_400, "2000-02-29T00:00:00Z"),
+        (1.9999996, "1970-01-01T00:00:02Z"),  # as datetime: rounded to the microsecond first
     ],
 )
 def test_rfc3339(ts: float, text: str) -> None:
     assert rfc3339(ts) == text
+
+
+@given(st.floats(0, MAX_TIMESTAMP) | st.integers(0, MAX_TIMESTAMP))
+def test_rfc3339_is_what_datetime_shows(ts: float) -> None:
+    assert rfc3339(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Hostile:
