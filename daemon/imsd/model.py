@@ -193,6 +193,9 @@ class Credential:
     #: per product, named after it. ``products`` holds each product once, so code that wants
     #: plugins (notices) needs no idea of instances.
     instances: tuple[tuple[str, str], ...] = ()
+    #: the memo of :attr:`identity` (read several times per refresh; hashing the secret again
+    #: each time showed in profiles); not an argument, so ``replace`` starts it afresh
+    _identity: str = field(default="", init=False, compare=False, repr=False)
 
     @property
     def product_instances(self) -> tuple[tuple[str, str], ...]:
@@ -205,6 +208,8 @@ class Credential:
         """Hash of what determines which token IMS issues (auth method and its options
         included: a new private key or a new refresh token from a login): a stored token or
         refresh token minted under a different identity must not be reused."""
+        if self._identity:
+            return self._identity
         h = hashlib.sha256()
         for part in (
             self.auth,
@@ -217,7 +222,8 @@ class Credential:
         ):
             h.update(part.encode())
             h.update(b"\0")
-        return h.hexdigest()
+        object.__setattr__(self, "_identity", h.hexdigest())  # frozen: set once, here
+        return self._identity
 
 
 def _plain(value: Any) -> str:
