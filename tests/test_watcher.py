@@ -56,14 +56,23 @@ class Recorder:
                 await anyio.sleep(0.02)
 
 
-@pytest.fixture
-async def watch(tmp_path: Path) -> AsyncIterator[Callable[[Path], Any]]:
+@pytest.fixture(params=["inotify", "watchfiles"])
+async def watch(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[[Path], Any]]:
+    """A running watcher whose periodic re-scan is far off: what it sees came as events,
+    through each backend (watchfiles stands in where inotify is missing)."""
     async with anyio.create_task_group() as tg:
 
         async def start(root: Path) -> Recorder:
             rec = Recorder()
             w = DirectoryWatcher(
-                root, parse=parse, on_events=rec, debounce_ms=20, rescan_interval=30.0
+                root,
+                parse=parse,
+                on_events=rec,
+                debounce_ms=20,
+                rescan_interval=30.0,
+                use_inotify=request.param == "inotify",
             )
             await tg.start(w.run)
             return rec

@@ -201,6 +201,7 @@ class HttpServer:
         # them all: cheaper than a cancel scope with a deadline around every read. The
         # smallest finite deadline is also the connection idle the longest: the one to shed.
         self._deadlines: dict[anyio.CancelScope, float] = {}
+        self._arrived: anyio.Event | None = None  # wakes the idle sweeper
         self._accept_errors = 0  # since the last log line about them
         self._accept_logged = -math.inf
 
@@ -314,6 +315,9 @@ class HttpServer:
         slow-loris senders)."""
         step = min(1.0, self._idle / 4)
         while True:
+            if not self._deadlines:  # no connection: no wake-ups until one comes
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
             await anyio.sleep(step)
             now = time.monotonic()
             for scope, deadline in list(self._deadlines.items()):
@@ -323,6 +327,8 @@ class HttpServer:
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
         with anyio.CancelScope() as scope:
             self._deadlines[scope] = math.inf
+            if self._arrived is not None:
+                self._arrived.set()
             try:
                 await self._serve_connection(stream, scope)
             finally:

@@ -1,4 +1,5 @@
-"""Watching the credentials directory (watchfiles) and turning changes into catalog events.
+"""Watching the credentials directory (inotify on Linux, else watchfiles) and turning changes
+into catalog events.
 
 Theory of operation
 -------------------
@@ -28,7 +29,8 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -38,6 +40,7 @@ import anyio.abc
 import structlog
 from watchfiles import awatch
 
+from imsd import inotify
 from imsd.catalog import Catalog, Event, ScanResult
 from imsd.credentials import EXTENSIONS, read_secret_file, read_user_file, secret_digest
 from imsd.model import Credential, CredentialError
@@ -257,8 +260,10 @@ class DirectoryWatcher:
         debounce_ms: int = 200,
         rescan_interval: float = 60.0,
         catalog: Catalog | None = None,
+        use_inotify: bool = True,
     ) -> None:
         self.root = root
+        self.use_inotify = use_inotify  # else watchfiles (where inotify is missing)
         self.parse = parse
         self.on_events = on_events
         self.debounce_ms = debounce_ms
@@ -324,7 +329,31 @@ class DirectoryWatcher:
             await anyio.sleep(delay)
             await self.rescan()
 
+    def _changes(self) -> inotify.DirectoryChanges | AsyncGenerator[bool, None]:
+        """Batches of changes (True), and False once a second without any (the caller checks
+        the directory's identity then); ends if the directory itself goes away."""
+        step = min(STEP_MS, self.debounce_ms)
+        if self.use_inotify and inotify.available():
+            return inotify.DirectoryChanges(
+                self.root, debounce_ms=self.debounce_ms, step_ms=step, timeout_ms=1000
+            )
+        return self._watchfiles(step)
+
+    async def _watchfiles(self, step: int) -> AsyncGenerator[bool, None]:
+        async for changes in awatch(
+            self.root,
+            watch_filter=None,
+            debounce=self.debounce_ms,
+            step=step,
+            rust_timeout=1000,
+            yield_on_timeout=True,
+            recursive=False,
+            ignore_permission_denied=True,
+        ):
+            yield bool(changes)
+
     async def _watch(self) -> None:
+        first = True
         while True:
             ident = _identity(self.root)
             if ident is None:
@@ -334,22 +363,17 @@ class DirectoryWatcher:
                     await self.rescan()
                 continue
             try:
-                async for changes in awatch(
-                    self.root,
-                    watch_filter=None,
-                    debounce=self.debounce_ms,
-                    step=min(STEP_MS, self.debounce_ms),
-                    rust_timeout=1000,
-                    yield_on_timeout=True,
-                    recursive=False,
-                    ignore_permission_denied=True,
-                ):
-                    if changes:
+                async with aclosing(self._changes()) as batches:
+                    if not first:  # a new watch: what changed while there was none
                         await self.rescan()
-                    if _identity(self.root) != ident:
-                        log.info("watcher.root_replaced", root=str(self.root))
-                        await self.rescan()
-                        break
+                    first = False
+                    async for changes in batches:
+                        if changes:
+                            await self.rescan()
+                        if _identity(self.root) != ident:
+                            log.info("watcher.root_replaced", root=str(self.root))
+                            await self.rescan()
+                            break
             except (OSError, RuntimeError) as e:  # the watched directory vanished
                 log.warning("watcher.watch_lost", root=str(self.root), error=str(e))
                 await anyio.sleep(0.2)
