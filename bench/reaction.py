@@ -1,6 +1,7 @@
 """Reaction: a credential file rewritten (its secret switched, so a new token is needed) →
 the new token file on disk, p50/p99 over 200 changes; baseline: the raw watchfiles event
-latency for the same kind of write, with the daemon's watch settings. Goal: p99 ≤ 100 ms."""
+latency for the same kind of write with the daemon's batching settings (watchfiles is what
+the daemon watches with where inotify is missing). Goal: p99 ≤ 100 ms."""
 
 from __future__ import annotations
 
