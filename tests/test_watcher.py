@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from imsd import watcher
+from imsd import inotify, watcher
 from imsd.catalog import Added, Changed, Event, Failed, Removed
 from imsd.credentials import parse_credentials
 from imsd.model import CredentialError
@@ -411,3 +414,33 @@ async def test_a_stuck_scan_does_not_hold_up_cancellation(tmp_path: Path) -> Non
     finally:
         release.set()
         guard.cancel()
+
+
+async def test_no_watch_to_be_had_means_rescans_with_backoff_and_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify's per-user limits reached (EMFILE): changes are still found by re-scans,
+    spaced out rather than a busy loop, and the failure is logged once, not per retry."""
+    attempts: list[float] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(inotify, "DirectoryChanges", refuse)
+    monkeypatch.setattr(inotify, "available", lambda: True)
+    rec = Recorder()
+    w = DirectoryWatcher(tmp_path, parse=parse, on_events=rec, rescan_interval=3600.0)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(w.run)
+            (tmp_path / "late.toml").write_text(body())
+            await rec.wait(named(Added, "late"), limit=10)
+            await anyio.sleep(2.0)  # a few more retries
+            tg.cancel_scope.cancel()
+    lost = [e for e in logs if e["event"] == "watcher.watch_lost"]
+    assert len(lost) == 1
+    assert "Too many open files" in lost[0]["error"]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) >= 3
+    assert gaps[-1] > 2 * gaps[0]

@@ -354,6 +354,7 @@ class DirectoryWatcher:
 
     async def _watch(self) -> None:
         first = True
+        failures = 0  # watches that could not be set, in a row
         while True:
             ident = _identity(self.root)
             if ident is None:
@@ -364,9 +365,11 @@ class DirectoryWatcher:
                 continue
             try:
                 async with aclosing(self._changes()) as batches:
+                    if failures:
+                        log.info("watcher.watching", root=str(self.root), after=failures)
                     if not first:  # a new watch: what changed while there was none
                         await self.rescan()
-                    first = False
+                    first, failures = False, 0
                     async for changes in batches:
                         if changes:
                             await self.rescan()
@@ -374,7 +377,11 @@ class DirectoryWatcher:
                             log.info("watcher.root_replaced", root=str(self.root))
                             await self.rescan()
                             break
-            except (OSError, RuntimeError) as e:  # the watched directory vanished
-                log.warning("watcher.watch_lost", root=str(self.root), error=str(e))
-                await anyio.sleep(0.2)
+            except (OSError, RuntimeError) as e:  # vanished, or no watch to be had
+                failures += 1
+                if failures == 1:  # once per streak, not every retry
+                    log.warning("watcher.watch_lost", root=str(self.root), error=str(e))
+                # A watch that cannot be set (inotify's per-user limits) is retried with a
+                # re-scan each time, backing off so that it never becomes a busy loop.
+                await anyio.sleep(min(5.0, 0.2 * 2 ** min(failures - 1, 5)))
                 await self.rescan()
