@@ -74,11 +74,11 @@ def _open(root: Path) -> int:
     fd: int = _LIBC.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         e = ctypes.get_errno()
-        raise OSError(e, f"inotify_init1: {os.strerror(e)}")
+        raise OSError(e, f"no inotify instance: {os.strerror(e)}")
     if _LIBC.inotify_add_watch(fd, os.fsencode(root), _MASK) < 0:
         e = ctypes.get_errno()
         os.close(fd)
-        raise OSError(e, f"{root}: {os.strerror(e)}", str(root))
+        raise OSError(e, os.strerror(e), str(root))
     return fd
 
 
