@@ -408,3 +408,17 @@ async def test_a_token_request_is_sent_again_when_its_pooled_connection_was_drop
             assert (await client.run(flow())).access_token.reveal() == "at"
         tg.cancel_scope.cancel()
     assert connections == [1, 1]
+
+
+async def test_a_network_error_names_the_host_and_never_a_userinfo_part() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once bound: nothing listens there
+    url = f"http://user:UserinfoSecret42@127.0.0.1:{port}"
+    async with ImsClient() as client:
+        with pytest.raises(ImsError) as err:
+            await client.run(client_credentials_flow(cred(url), 0.0))
+    assert err.value.code == "network_error"
+    assert f"(127.0.0.1:{port})" in str(err.value)
+    assert "UserinfoSecret42" not in str(err.value)
+    assert "user" not in str(err.value).split("(")[-1]

@@ -238,7 +238,7 @@ class ImsClient:
             raise TimeoutError from None  # one message for a per-read and the overall timeout
         except UpstreamError as e:
             self._note("network_error")
-            host = urlsplit(request.url).netloc
+            host = urlsplit(request.url).netloc.rpartition("@")[2]  # never a userinfo part
             said = str(e).replace("the upstream", "IMS").replace("upstream", "to IMS")
             raise ImsError(ImsErrorKind.TRANSIENT, "network_error", f"{said} ({host})") from None
 
