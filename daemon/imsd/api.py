@@ -146,7 +146,7 @@ class Api:
     async def handle(self, req: Request) -> Response:
         resp, endpoint = await self._route(req)
         if self.metrics is not None:
-            self.metrics.socket_requests.labels(endpoint, str(resp.status)).inc()
+            self.metrics.socket_request(endpoint, resp.status)
         return resp
 
     def _allowed(self, req: Request) -> bool:

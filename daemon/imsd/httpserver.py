@@ -352,7 +352,7 @@ class HttpServer:
                 if served > 1 and not conn.trailing_data[0]:
                     self._keepalive.add(scope)
                 try:
-                    event, body = await self._read(conn, stream, scope)
+                    event, headers, body = await self._read(conn, stream, scope)
                 except _Reject as e:
                     await self._reject(conn, stream, e)
                     return
@@ -363,7 +363,7 @@ class HttpServer:
                 if event is None:
                     return
                 self._deadlines[scope] = math.inf  # handling and answering are not idling
-                req = self._request(event, body, peer)
+                req = self._request(event, headers, body, peer)
                 try:
                     resp = await self._handler(req)
                 except AbortConnection:
@@ -388,7 +388,9 @@ class HttpServer:
                     return
 
     @staticmethod
-    def _request(event: h11.Request, body: bytes, peer: PeerCred | None) -> Request:
+    def _request(
+        event: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes, peer: PeerCred | None
+    ) -> Request:
         target = event.target.decode("latin-1")
         parts = urlsplit(target)
         return Request(
@@ -396,15 +398,16 @@ class HttpServer:
             target=target,
             path=parts.path,
             query=parse_qs(parts.query),
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
             body=body,
             peer=peer,
         )
 
     async def _read(
         self, conn: h11.Connection, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
-    ) -> tuple[h11.Request | None, bytes]:
+    ) -> tuple[h11.Request | None, list[tuple[bytes, bytes]], bytes]:
         request: h11.Request | None = None
+        headers: list[tuple[bytes, bytes]] = []  # (lower-cased name, value)
         body = bytearray()
         while True:
             try:
@@ -417,22 +420,25 @@ class HttpServer:
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
-                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                # Listed once: h11's Headers is a Sequence whose every walk builds each pair.
+                headers = list(event.headers)
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
                 if size > self._max_hdr:
                     raise _Reject(431, f"request headers larger than {self._max_hdr} bytes")
-                length = dict(event.headers).get(b"content-length")
+                fields = dict(headers)
+                length = fields.get(b"content-length")
                 if length is not None and length.isdigit() and int(length) > self._max_body:
                     raise _Reject(413, f"body larger than {self._max_body} bytes")
-                if any(k == b"expect" for k, _ in event.headers):
+                if b"expect" in fields:
                     raise _Reject(400, "Expect is not supported")
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._max_body:
                     raise _Reject(413, f"body larger than {self._max_body} bytes")
             elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
+                return request, headers, bytes(body)
             else:  # ConnectionClosed, or PAUSED after a protocol switch
-                return None, b""
+                return None, [], b""
 
     async def _send(
         self,

@@ -176,6 +176,7 @@ class Metrics:
             namespace="imsd",
             registry=r,
         )
+        self._socket_children: dict[tuple[str, int], Counter] = {}
         self.connections = Counter(
             "http_connection_events",
             "Connections shed (idle, for a newcomer), refused (all busy) and failed accept()s"
@@ -228,6 +229,16 @@ class Metrics:
         self._collector.refresh_counts.pop(credential, None)
         if self._collector.holding is not None:
             self._collector.holding.discard(credential)
+
+    def socket_request(self, endpoint: str, status: int) -> None:
+        """Count one socket API answer. The children are kept (endpoints and statuses are a
+        small set): ``labels()`` validates its arguments on every call, per request."""
+        child = self._socket_children.get((endpoint, status))
+        if child is None:
+            child = self._socket_children[endpoint, status] = self.socket_requests.labels(
+                endpoint, str(status)
+            )
+        child.inc()
 
     def connection_event(self, listener: str, event: str) -> None:
         self.connections.labels(listener, event).inc()
