@@ -45,7 +45,7 @@ class RedisServer:
             except OSError:
                 assert self.proc.poll() is None, "redis-server exited"
                 assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
+                time.sleep(0.02)  # its port is polled, under the deadline above
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -419,6 +419,6 @@ async def test_a_network_error_names_the_host_and_never_a_userinfo_part() -> Non
         with pytest.raises(ImsError) as err:
             await client.run(client_credentials_flow(cred(url), 0.0))
     assert err.value.code == "network_error"
-    assert f"(127.0.0.1:{port})" in str(err.value)
+    assert f"IMS did not connect (127.0.0.1:{port})" in str(err.value)
     assert "UserinfoSecret42" not in str(err.value)
     assert "user" not in str(err.value).split("(")[-1]

@@ -50,9 +50,9 @@ def check_url(url: str) -> None:
 def _headers(request: HttpRequest, body: bytes | None) -> list[tuple[str, str]]:
     """The flow's headers, with ``Accept-Encoding: identity`` whatever the flow asked: the
     body cap counts raw bytes, so nothing may arrive compressed."""
-    out = [("User-Agent", USER_AGENT), ("Accept", "*/*")]
     names = {k.lower() for k in request.headers}
-    out = [(k, v) for k, v in out if k.lower() not in names]
+    defaults = (("User-Agent", USER_AGENT), ("Accept", "*/*"))
+    out = [(k, v) for k, v in defaults if k.lower() not in names]
     out += [(k, v) for k, v in request.headers.items() if k.lower() != "accept-encoding"]
     out.append(("Accept-Encoding", "identity"))
     if body is not None and "content-type" not in names:
@@ -109,7 +109,9 @@ class ImsClient:
     async def __aenter__(self) -> ImsClient:
         # As many pooled connections as requests may be in flight: none is opened and
         # closed per request. No SSL_CERT_FILE: the system's and certifi's trust only.
-        self._http = Upstream(self._timeout, max_idle=self._max_concurrent, trust_env=False)
+        self._http = Upstream(
+            self._timeout, max_idle=self._max_concurrent, trust_env=False, peer="IMS"
+        )
         return self
 
     async def __aexit__(
@@ -239,8 +241,7 @@ class ImsClient:
         except UpstreamError as e:
             self._note("network_error")
             host = urlsplit(request.url).netloc.rpartition("@")[2]  # never a userinfo part
-            said = str(e).replace("the upstream", "IMS").replace("upstream", "to IMS")
-            raise ImsError(ImsErrorKind.TRANSIENT, "network_error", f"{said} ({host})") from None
+            raise ImsError(ImsErrorKind.TRANSIENT, "network_error", f"{e} ({host})") from None
 
     @property
     def deadline(self) -> float:

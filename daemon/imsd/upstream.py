@@ -103,7 +103,7 @@ class UpstreamResponse:
             elif isinstance(event, h11.EndOfMessage):
                 return
             else:
-                raise UpstreamError("the upstream closed mid-body")
+                raise UpstreamError(f"{self._owner.peer} closed mid-body")
 
     async def aclose(self) -> None:
         if self._closed:
@@ -121,8 +121,16 @@ class Upstream:
     """Keep-alive pools (one per scheme, host and port), at most *max_idle* idle
     connections each."""
 
-    def __init__(self, timeout: float, *, max_idle: int = 128, trust_env: bool = True) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        max_idle: int = 128,
+        trust_env: bool = True,
+        peer: str = "the upstream",
+    ) -> None:
         self.timeout = timeout
+        self.peer = peer  # how errors name the server ("IMS" for the token client)
         self.max_idle = max_idle
         self._trust_env = trust_env  # SSL_CERT_FILE / SSL_CERT_DIR extend the trust store
         self.connects = 0  # connections opened (tests count reuse)
@@ -158,7 +166,7 @@ class Upstream:
         try:
             req = h11.Request(method=method, target=target, headers=head)
         except h11.LocalProtocolError as e:
-            raise UpstreamError("the request cannot be sent upstream") from e
+            raise UpstreamError(f"the request cannot be sent to {self.peer}") from e
         # Sent again only if nothing of it can have been acted on (RFC 9110 section 9.2.2).
         replayable = body is None or isinstance(body, bytes)
         may_retry = replayable and (idempotent or method in _IDEMPOTENT)
@@ -169,7 +177,7 @@ class Upstream:
             except _Stale:
                 await conn.aclose()
                 if not (pooled and may_retry):
-                    raise UpstreamError("the upstream closed the connection") from None
+                    raise UpstreamError(f"{self.peer} closed the connection") from None
                 may_retry = False  # the server closed it while it sat idle: once more, anew
             except BaseException:
                 await conn.aclose()
@@ -212,32 +220,31 @@ class Upstream:
             if isinstance(event, h11.Response):
                 return UpstreamResponse(self, origin, conn, event)
             if not isinstance(event, h11.InformationalResponse):  # 100 Continue: skipped
-                raise UpstreamError("the upstream closed before answering")
+                raise UpstreamError(f"{self.peer} closed before answering")
 
     async def _send(self, conn: _Conn, event: h11.Event) -> None:
         try:
             data = conn.h11.send(event)
         except h11.ProtocolError as e:
-            raise UpstreamError("the upstream broke the connection") from e
+            raise UpstreamError(f"{self.peer} broke the connection") from e
         if data:
             await self._write(conn, data)
 
-    @staticmethod
-    def _encode(conn: _Conn, req: h11.Request, body: bytes) -> bytes:
+    def _encode(self, conn: _Conn, req: h11.Request, body: bytes) -> bytes:
         try:
             events = (req, h11.Data(data=body), h11.EndOfMessage())
             return b"".join(conn.h11.send(event) or b"" for event in events)
         except h11.ProtocolError as e:
-            raise UpstreamError("the request cannot be sent upstream") from e
+            raise UpstreamError(f"the request cannot be sent to {self.peer}") from e
 
     async def _write(self, conn: _Conn, data: bytes) -> None:
         try:
             with anyio.fail_after(self.timeout):
                 await conn.stream.send(data)
         except TimeoutError:
-            raise UpstreamTimeout("the upstream did not take the request") from None
+            raise UpstreamTimeout(f"{self.peer} did not take the request") from None
         except _BROKEN as e:
-            raise UpstreamError("the upstream broke the connection") from e
+            raise UpstreamError(f"{self.peer} broke the connection") from e
 
     async def _event(self, conn: _Conn) -> object:
         try:
@@ -250,14 +257,14 @@ class Upstream:
                 conn.received = conn.received or bool(data)
                 conn.h11.receive_data(data)
         except TimeoutError:
-            raise UpstreamTimeout("the upstream went silent") from None
+            raise UpstreamTimeout(f"{self.peer} went silent") from None
         except _BROKEN as e:
-            raise UpstreamError("the upstream broke the connection") from e
+            raise UpstreamError(f"{self.peer} broke the connection") from e
         return event
 
     async def _acquire(self, origin: Origin) -> tuple[_Conn, bool]:
         if self._closed:
-            raise UpstreamError("the proxy is stopping")
+            raise UpstreamError(f"closing: no new connection to {self.peer}")
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be timed out
@@ -277,9 +284,9 @@ class Upstream:
                 else:
                     stream = await anyio.connect_tcp(host, port)
         except TimeoutError:
-            raise UpstreamTimeout("the upstream did not connect") from None
+            raise UpstreamTimeout(f"{self.peer} did not connect") from None
         except (OSError, ssl.SSLError, anyio.BrokenResourceError) as e:
-            raise UpstreamError("the upstream did not connect") from e
+            raise UpstreamError(f"{self.peer} did not connect") from e
         self.connects += 1
         return _Conn(stream), False
 
