@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
+import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,22 +25,26 @@ from imsd.daemon import Daemon
 from imsd.fakeims.authorize import Registration
 from imsd.fakeims.server import FakeIms
 from imsd.login import (
+    Identity,
     LoginError,
     LoginTarget,
     authorize_url,
     callback_code,
+    carries_state,
     code_request,
+    identity_of,
     loopback_address,
     pkce_pair,
     with_offline,
     with_port,
 )
-from imsd.model import Secret
+from imsd.model import HttpResponse, Secret
 from imsd.persist import StateFile
 
 from tests.support import ORG, SCOPES, SECRET, force_refresh, live, wait_for
+from tests.test_attacks import SYSTEM_PYTHON, make_user  # noqa: F401
 
-LOOPBACK = r"http://127\.0\.0\.1:\d+/callback"
+LOOPBACK = r"http://(127\.0\.0\.1|localhost|\[::1\]):\d+/callback"
 PASTE = "https://localhost/imsd/callback"
 
 
@@ -58,9 +66,10 @@ def test_pkce_s256() -> None:
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
-        ("http://127.0.0.1:8400/callback", ("127.0.0.1", 8400, "/callback")),
-        ("http://localhost:0/cb", ("127.0.0.1", 0, "/cb")),
-        ("http://127.0.0.1:9/", ("127.0.0.1", 9, "/")),
+        ("http://127.0.0.1:8400/callback", (("127.0.0.1",), 8400, "/callback")),
+        ("http://localhost:0/cb", (("127.0.0.1", "::1"), 0, "/cb")),  # browsers try ::1 first
+        ("http://[::1]:8400/cb", (("::1",), 8400, "/cb")),
+        ("http://127.0.0.1:9/", (("127.0.0.1",), 9, "/")),
         ("http://127.0.0.1/callback", None),  # port 80: not ours to bind
         ("https://localhost:8443/callback", None),  # TLS: we hold no certificate
         ("https://app.example.com/callback", None),
@@ -68,12 +77,13 @@ def test_pkce_s256() -> None:
         ("http://127.0.0.1:99999/callback", None),
     ],
 )
-def test_loopback_address(uri: str, expected: tuple[str, int, str] | None) -> None:
+def test_loopback_address(uri: str, expected: tuple[tuple[str, ...], int, str] | None) -> None:
     assert loopback_address(uri) == expected
 
 
 def test_with_port_and_offline() -> None:
     assert with_port("http://localhost:0/cb?x=1", 5123) == "http://localhost:5123/cb?x=1"
+    assert with_port("http://[::1]:0/cb", 5123) == "http://[::1]:5123/cb"
     assert with_offline(("openid",)) == ("openid", "offline_access")
     assert with_offline(("offline_access", "a")) == ("offline_access", "a")
 
@@ -102,6 +112,52 @@ def test_callback_code(answer: str, result: str) -> None:
     else:
         with pytest.raises(LoginError, match=result):
             callback_code(answer, "S")
+
+
+def test_carries_state() -> None:
+    assert carries_state("https://localhost/cb?code=C&state=S", "S")
+    assert carries_state("code=C&state=S", "S")
+    assert not carries_state("code=C&state=T", "S")
+    assert not carries_state("code=C", "S")
+    assert not carries_state("", "S")
+
+
+def _jwt(claims: dict[str, Any]) -> str:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"id_token": _jwt({"sub": "A@AdobeID", "email": "a@example.com"}), "sub": "B@AdobeID"},
+            Identity("A@AdobeID", "a@example.com"),
+        ),
+        (
+            {"sub": "B@AdobeID", "access_token": _jwt({"user_id": "C@AdobeID"})},
+            Identity("B@AdobeID", None),
+        ),
+        ({"access_token": _jwt({"user_id": "C@AdobeID"})}, Identity("C@AdobeID", None)),
+        ({"id_token": "not-a-jwt", "sub": ["B"], "access_token": "x"}, Identity(None, None)),
+        ({"sub": "B\x1b[2J@AdobeID"}, Identity(None, None)),  # not printable: not shown
+        ([], Identity(None, None)),
+    ],
+)
+def test_identity_of(body: object, expected: Identity) -> None:
+    assert identity_of(HttpResponse(200, {}, json.dumps(body).encode())) == expected
+
+
+def test_identity_matches() -> None:
+    who = Identity("A@AdobeID", "Ann@Example.com")
+    assert who.matches("A@AdobeID")
+    assert who.matches(" ann@example.com ")
+    assert not who.matches("a@adobeid")  # ids are compared exactly
+    assert not who.matches("B@AdobeID")
+    assert not Identity(None, None).matches("A@AdobeID")
+    assert str(who) == "A@AdobeID (Ann@Example.com)"
 
 
 def _target(**changes: Any) -> LoginTarget:
@@ -173,7 +229,7 @@ def _write_user(creds: Path, fake: FakeIms, redirect: str, *, secret: str = SECR
     return path
 
 
-def _login(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+def _login(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -194,6 +250,7 @@ def _login(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
@@ -205,15 +262,16 @@ def _authorize_url(proc: subprocess.Popen[str], fake: FakeIms) -> str:
     raise AssertionError(f"no URL printed; stderr: {proc.communicate()[1]}")
 
 
-def _consent(url: str, approve: str = "yes") -> str:
-    """What a browser does: open the authorize URL, submit the consent form; returns where
-    IMS redirects it."""
+def _consent(url: str, approve: str = "yes", user: str = "") -> str:
+    """What a browser does: open the authorize URL, submit the consent form (as *user*, the
+    account that logs in: default a new one); returns where IMS redirects it."""
     page = httpx.get(url)
     assert page.status_code == 200, page.text
     request = re.search(r'name="request" value="([^"]+)"', page.text)
     assert request is not None
     action = str(page.url.join("/ims/authorize/v2/consent"))
-    answer = httpx.post(action, data={"request": request.group(1), "approve": approve})
+    form = {"request": request.group(1), "approve": approve, "user": user}
+    answer = httpx.post(action, data=form)
     assert answer.status_code == 302
     return answer.headers["location"]
 
@@ -277,13 +335,231 @@ async def test_login_loopback_then_daemon_rotates(
 def test_login_paste_fallback(tmp_path: Path, user_fake: FakeIms) -> None:
     _write_user(tmp_path / "creds", user_fake, PASTE)
     proc = _login(tmp_path)
-    location = _consent(_authorize_url(proc, user_fake))
+    location = _consent(_authorize_url(proc, user_fake), user="ANN0123@AdobeID")
     assert location.startswith(PASTE + "?")
     code, out, err = _finish(proc, location + "\n")
     assert (code, err) == (0, "")
     token = _check_file(tmp_path / "creds" / "user.refresh_token")
     assert user_fake.state.live_refresh_tokens() == 1
     assert token not in out
+    # Whose account it is, said before it was stored.
+    said = out.index("the refresh token is for IMS user ANN0123@AdobeID\n")
+    assert said < out.index("wrote the refresh token to ")
+
+
+# -- item 6 of issue 23: the authorize URL off argv; the code bound to the expected user ----
+
+
+def test_expect_user_refuses_another_account(tmp_path: Path, user_fake: FakeIms) -> None:
+    """Someone who learned the authorize URL consents with their own account and delivers
+    that code: state and PKCE match (it is this login's URL), the account does not."""
+    _write_user(tmp_path / "creds", user_fake, PASTE)
+    proc = _login(tmp_path, "--expect-user", "ANN0123@AdobeID")
+    location = _consent(_authorize_url(proc, user_fake), user="MALLORY99@AdobeID")
+    code, out, err = _finish(proc, location + "\n")
+    assert code == 1
+    assert err == (
+        "imsd: login failed (user): the account that consented is MALLORY99@AdobeID, "
+        "not ANN0123@AdobeID (--expect-user): nothing was stored; log in as that user\n"
+    )
+    assert not (tmp_path / "creds" / "user.refresh_token").exists()
+
+    proc = _login(tmp_path, "--expect-user", "ANN0123@AdobeID")
+    location = _consent(_authorize_url(proc, user_fake), user="ANN0123@AdobeID")
+    code, out, err = _finish(proc, location + "\n")
+    assert (code, err) == (0, "")
+    assert "the refresh token is for IMS user ANN0123@AdobeID\n" in out
+    assert _check_file(tmp_path / "creds" / "user.refresh_token")
+
+
+LAUNCHER = """#!/bin/sh
+# A browser launcher, as Python's webbrowser runs one ($BROWSER): records its pid and argv,
+# stays alive (so its /proc/PID/cmdline can be read) until the test removes DIR/keep.
+exec </dev/null >/dev/null 2>&1  # let go of imsd login's pipes
+DIR=%s
+printf '%%s\\n' "$@" > "$DIR/argv.tmp" && mv "$DIR/argv.tmp" "$DIR/argv"
+echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid"
+while [ -e "$DIR/keep" ]; do sleep 0.05; done
+"""
+
+
+def _launcher(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    record = tmp_path / "launcher"
+    record.mkdir()
+    (record / "keep").touch()
+    script = record / "launch"
+    script.write_text(LAUNCHER % record)
+    script.chmod(0o700)
+    return record, {**os.environ, "BROWSER": str(script), "DISPLAY": ""}
+
+
+def test_no_browser_is_launched_by_default(tmp_path: Path, user_fake: FakeIms) -> None:
+    record, env = _launcher(tmp_path)
+    _write_user(tmp_path / "creds", user_fake, PASTE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imsd",
+            "login",
+            "user",
+            "--credentials-dir",
+            str(tmp_path / "creds"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        location = _consent(_authorize_url(proc, user_fake))
+        code, _, err = _finish(proc, location + "\n")
+        assert (code, err) == (0, "")
+        assert not (record / "argv").exists()  # nothing was launched, with the URL or without
+    finally:
+        (record / "keep").unlink()
+
+
+def test_browser_gets_a_private_page_never_the_url_on_argv(
+    tmp_path: Path, user_fake: FakeIms
+) -> None:
+    """``--browser``: the launcher's command line (``/proc/PID/cmdline``, readable by every
+    local user) names a 0600 page in a 0700 directory, which sends the browser on."""
+    record, env = _launcher(tmp_path)
+    _write_user(tmp_path / "creds", user_fake, "http://127.0.0.1:0/callback")
+    proc = _login(tmp_path, "--browser", env=env)
+    try:
+        url = _authorize_url(proc, user_fake)
+        wait_for_file = time.monotonic() + 30
+        while not (record / "pid").exists():
+            assert time.monotonic() < wait_for_file, "the launcher did not run"
+            time.sleep(0.05)  # another process's file: polled, under a deadline
+        pid = int((record / "pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        secret_parts = [httpx.URL(url).params[k] for k in ("state", "code_challenge")]
+        assert all(part not in cmdline for part in secret_parts), cmdline
+        assert "authorize" not in cmdline
+        page = Path(httpx.URL((record / "argv").read_text().strip()).path)
+        assert page.as_uri() in cmdline
+        assert stat.S_IMODE(page.stat().st_mode) == 0o600
+        assert stat.S_IMODE(page.parent.stat().st_mode) == 0o700
+        # The browser follows the page to the authorize URL.
+        target = re.search(r'http-equiv="refresh" content="0;url=([^"]+)"', page.read_text())
+        assert target is not None
+        assert html.unescape(target.group(1)) == url
+        location = _consent(url)
+        assert httpx.get(location).status_code == 200
+        code, _, err = _finish(proc)
+        assert (code, err) == (0, "")
+        assert not page.parent.exists()  # removed when the login ended
+    finally:
+        (record / "keep").unlink()
+
+
+# -- item 17 of issue 23: the loopback listener under a local attacker ----------------------
+
+
+def _port_of(location: str) -> int:
+    port = httpx.URL(location).port
+    assert port is not None
+    return port
+
+
+def test_a_wrong_state_is_ignored_and_the_login_keeps_waiting(
+    tmp_path: Path, user_fake: FakeIms
+) -> None:
+    _write_user(tmp_path / "creds", user_fake, "http://127.0.0.1:0/callback")
+    proc = _login(tmp_path)
+    location = _consent(_authorize_url(proc, user_fake))
+    forged = re.sub(r"state=[^&]+", "state=forged", location)
+    r = httpx.get(forged)
+    assert r.status_code == 400
+    assert "not for the login that is waiting" in r.text
+    assert httpx.get(re.sub(r"state=[^&]+&?", "", location)).status_code == 400  # no state
+    assert proc.poll() is None  # still waiting
+    assert httpx.get(location).status_code == 200
+    code, out, err = _finish(proc)
+    assert (code, err) == (0, "")
+    assert "ignored " in out
+    assert _check_file(tmp_path / "creds" / "user.refresh_token")
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_localhost_is_served_on_both_loopback_addresses(tmp_path: Path, user_fake: FakeIms) -> None:
+    if not _has_ipv6():
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    _write_user(tmp_path / "creds", user_fake, "http://localhost:0/callback")
+    proc = _login(tmp_path)
+    location = _consent(_authorize_url(proc, user_fake))
+    port = _port_of(location)
+    assert location.startswith(f"http://localhost:{port}/callback?")
+    assert httpx.get(f"http://127.0.0.1:{port}/favicon.ico").status_code == 404
+    # The browser's answer over ::1, the address it tries first.
+    assert httpx.get(location.replace("localhost", "[::1]", 1)).status_code == 200
+    code, _, err = _finish(proc)
+    assert (code, err) == (0, "")
+
+
+HOLD_IPV6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.bind(("::1", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_another_user_holding_ipv6_localhost_refuses_the_login(
+    tmp_path: Path,
+    user_fake: FakeIms,
+    make_user: Any,  # noqa: F811
+) -> None:
+    """Another local user listening on [::1]:PORT would get the browser's answer for
+    ``localhost:PORT`` (browsers try ::1 first): the login refuses to start, in one line."""
+    if not _has_ipv6():
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    assert SYSTEM_PYTHON is not None
+    mallory = make_user()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    holder = subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", HOLD_IPV6, str(port)],
+        user=mallory.uid,
+        group=mallory.gid,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "ready\n", holder.stderr
+        redirect = f"http://localhost:{port}/callback"
+        _write_user(tmp_path / "creds", user_fake, redirect)
+        code, out, err = _finish(_login(tmp_path, "--timeout", "5"))
+        assert code == 1
+        assert err == (
+            f"imsd: login failed (user): cannot listen on [::1]:{port} (another process "
+            f"holds it): Address already in use ({redirect})\n"
+        )
+        assert user_fake.url not in out  # no authorize URL was handed out
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize(

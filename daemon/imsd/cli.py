@@ -193,13 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "login",
         help="obtain a refresh_token credential's first refresh token (a user logs in)",
-        description="Prints the IMS authorize URL (and opens a browser), then takes the "
-        "answer on a loopback listener (redirect_uri http://127.0.0.1:PORT/...) or as the "
-        "pasted address, and writes the refresh token 0600 to refresh_token_file.",
+        description="Prints the IMS authorize URL for you to open, then takes the "
+        "answer on a loopback listener (redirect_uri http://127.0.0.1:PORT/... or "
+        "http://localhost:PORT/...) or as the pasted address, prints whose account it is, "
+        "and writes the refresh token 0600 to refresh_token_file.",
     )
     _common(p, "login")
     p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+    p.add_argument(
+        "--browser",
+        action="store_true",
+        help="also open a browser (handed a 0600 page, never the URL on its command line)",
+    )
+    p.add_argument(
+        "--no-browser",
+        dest="browser",
+        action="store_false",
+        help="only print the URL for you to open (the default)",
+    )
+    p.add_argument(
+        "--expect-user",
+        metavar="USER",
+        help="refuse the login unless IMS says it is this account (IMS user id, e.g. "
+        "ABC123@AdobeID, or its email when IMS gives one); imsd login prints it",
+    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -423,7 +440,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from imsd.login import main as login
 
         return login(
-            settings, registry, args.name, browser=not args.no_browser, timeout=args.timeout
+            settings,
+            registry,
+            args.name,
+            browser=args.browser,
+            timeout=args.timeout,
+            expect_user=args.expect_user,
         )
     if args.command == "check":
         return _check(settings, registry, strict=args.strict)

@@ -195,7 +195,9 @@ class FakeImsApp:
                     profile=Profile.of(body["profile"]) if "profile" in body else None,
                 )
             elif path == "/_fake/login":
-                token = state.login(body["client_id"], body.get("scopes", []))
+                token = state.login(
+                    body["client_id"], body.get("scopes", []), user_id=body.get("user_id", "")
+                )
                 return Response.json({"refresh_token": token})
             elif path == "/_fake/faults":
                 state.fail_next(int(body.get("fail", 0)), int(body.get("status", 503)))

@@ -14,8 +14,10 @@ AdobeDocs/adobe-dev-console):
 - a refresh token is issued only when ``offline_access`` was requested and consented to.
 
 A test drives the consent as a browser would: GET the authorize URL, POST the page's form
-(``/ims/authorize/v2/consent``, ``request`` and ``approve=yes|no``), follow the 302. Codes are
-single-use and live :data:`CODE_LIFETIME` seconds.
+(``/ims/authorize/v2/consent``, ``request``, ``approve=yes|no`` and optionally ``user``, the
+account that logs in, default a new ``…@AdobeID``), follow the 302. Codes are single-use and
+live :data:`CODE_LIFETIME` seconds; the tokens they give carry the user's id (``sub``,
+``id_token`` with ``openid``, the access token's ``user_id``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ CODE_LIFETIME: Final = 300.0
 OFFLINE: Final = "offline_access"
 AUTHORIZE_PATH: Final = "/ims/authorize/v2"
 CONSENT_PATH: Final = "/ims/authorize/v2/consent"
+_USER: Final = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,7 @@ def _authorize(state: FakeImsState, params: Mapping[str, str]) -> Response:
         f"<p>Allow {html.escape(client_id)} access to: {html.escape(names)}?</p>"
         f'<form method="post" action="{CONSENT_PATH}">'
         f'<input type="hidden" name="request" value="{request_id}">'
+        '<input name="user" placeholder="user id (optional)">'
         '<button name="approve" value="yes">Allow</button>'
         '<button name="approve" value="no">Cancel</button></form>\n'
     )
@@ -147,9 +151,11 @@ def _consent(state: FakeImsState, params: Mapping[str, str]) -> Response:
             pending.redirect_uri,
             {"error": "access_denied", "error_description": "the user cancelled", **back},
         )
+    user = params.get("user") or f"{secrets.token_hex(12).upper()}@AdobeID"
+    if not _USER.fullmatch(user):
+        return _error_page(400, "invalid_request", "user: letters, digits and ._@+- only")
     code = secrets.token_urlsafe(24)
     with state._lock:
-        user = f"{secrets.token_hex(12).upper()}@AdobeID"
         state.authorize.codes[code] = _Code(pending, user, state.clock() + CODE_LIFETIME)
     return _redirect(pending.redirect_uri, {"code": code, **back})
 
@@ -207,13 +213,17 @@ def authorization_code(
     if not _verifier_matches(code, params.get("code_verifier", "")):
         return _fail(400, "invalid_grant", "code_verifier does not match the code_challenge")
     scopes = code.pending.scopes
-    token, lifetime = state.mint(client, scopes - {OFFLINE})
+    token, lifetime = state.mint(client, scopes - {OFFLINE}, user_id=code.user_id)
     body: dict[str, object] = {
         "access_token": token,
         "token_type": "bearer",
         "expires_in": int(lifetime),
         "sub": code.user_id,
     }
+    if "openid" in scopes:
+        body["id_token"] = state._sign(
+            {"type": "id_token", "sub": code.user_id, "aud": client.client_id, "as": state.ims_as}
+        )
     if OFFLINE in scopes and not reg.public:
         body["refresh_token"] = state._new_refresh_token(client, scopes, code.user_id)
     return 200, body, {}

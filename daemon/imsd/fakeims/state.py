@@ -333,16 +333,22 @@ class FakeImsState:
         return claims if isinstance(claims, dict) else None
 
     def mint(
-        self, client: Client, scopes: Iterable[str], *, kind: str = "access_token"
+        self,
+        client: Client,
+        scopes: Iterable[str],
+        *,
+        kind: str = "access_token",
+        user_id: str | None = None,
     ) -> tuple[str, float]:
-        """A new token for *client*; returns it and its lifetime in seconds."""
+        """A new token for *client* (a user's, *user_id*, else its technical account's);
+        returns it and its lifetime in seconds."""
         now_ms = int(self.clock() * 1000)
         lifetime = client.lifetime if client.lifetime is not None else self.token_lifetime
         claims = {
             "id": f"{now_ms}_{secrets.token_hex(8)}_ue1",
             "type": kind,
             "client_id": client.client_id,
-            "user_id": client.technical_account_id,
+            "user_id": user_id or client.technical_account_id,
             "as": self.ims_as,
             "scope": ",".join(sorted(scopes)),
             "created_at": str(now_ms),
@@ -482,7 +488,7 @@ class FakeImsState:
         return 200, body, {}
 
     def _new_refresh_token(self, client: Client, scopes: frozenset[str], user: str) -> str:
-        token, _ = self.mint(client, scopes, kind="refresh_token")
+        token, _ = self.mint(client, scopes, kind="refresh_token", user_id=user)
         self._refresh[token] = _RefreshGrant(
             client.client_id, scopes, user, self.clock() + self.refresh_lifetime
         )
@@ -503,7 +509,7 @@ class FakeImsState:
         del self._refresh[presented]  # rotation: each refresh token works once
         if grant.expires <= self.clock():
             return _error(400, "invalid_grant", "the refresh token has expired")
-        token, lifetime = self.mint(client, grant.scopes)
+        token, lifetime = self.mint(client, grant.scopes, user_id=grant.user_id)
         body = {
             "access_token": token,
             "refresh_token": self._new_refresh_token(client, grant.scopes, grant.user_id),
