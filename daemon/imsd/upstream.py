@@ -32,7 +32,7 @@ import anyio.abc
 import h11
 import httpx
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "UpstreamTimeout"]
+__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "UpstreamTimeout", "framing_error"]
 
 _CHUNK: Final = 65536
 _MAX_HEAD: Final = 256 * 1024
@@ -57,6 +57,16 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not connect, or went silent for ``timeout`` seconds."""
+
+
+def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """What makes an answer's framing ambiguous, or None. Both ``Content-Length`` and
+    ``Transfer-Encoding`` is the mark of request smuggling or response splitting (RFC 9112
+    section 6.3): refused, and the connection dropped, rather than guessing which one holds."""
+    names = {k.lower() for k, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "answered with both Content-Length and Transfer-Encoding"
+    return None
 
 
 class _Conn:
@@ -164,8 +174,10 @@ class Upstream:
         elif body is not None and not any(k.lower() == "content-length" for k, _ in head):
             head.append(("Transfer-Encoding", "chunked"))
         try:
-            req = h11.Request(method=method, target=target, headers=head)
-        except h11.LocalProtocolError as e:
+            # As bytes: h11 encodes a str as ASCII, and a value may carry obs-text (8-bit).
+            fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head]
+            req = h11.Request(method=method, target=target, headers=fields)
+        except (h11.LocalProtocolError, UnicodeEncodeError) as e:
             raise UpstreamError(f"the request cannot be sent to {self.peer}") from e
         # Sent again only if nothing of it can have been acted on (RFC 9110 section 9.2.2).
         replayable = body is None or isinstance(body, bytes)
@@ -218,6 +230,8 @@ class Upstream:
                     raise _Stale from None
                 raise
             if isinstance(event, h11.Response):
+                if (error := framing_error(event.headers)) is not None:
+                    raise UpstreamError(f"{self.peer} {error}")  # request() drops the connection
                 return UpstreamResponse(self, origin, conn, event)
             if not isinstance(event, h11.InformationalResponse):  # 100 Continue: skipped
                 raise UpstreamError(f"{self.peer} closed before answering")
