@@ -5,6 +5,7 @@ then end to end through a running daemon to the fake gateway's streaming stand-i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -544,10 +545,11 @@ _GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 class _Hostile:
     """A raw-socket upstream: ``/good`` gets a well-formed keep-alive answer, any other target
     ``answer`` as bytes; the connection stays open for the next request until the proxy
-    closes it."""
+    closes it. With *drip*, the answer is followed by *drip* repeated for ever, a byte every
+    20 ms (a slow-loris upstream)."""
 
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
+    def __init__(self, answer: bytes, drip: bytes = b"") -> None:
+        self.answer, self.drip = answer, drip
         self.url = ""
         self.accepted = 0
         self.open = 0
@@ -575,6 +577,9 @@ class _Hostile:
                         await stream.send(_GOOD)
                         continue
                     await stream.send(self.answer)
+                    for byte in itertools.cycle(self.drip):
+                        await anyio.sleep(0.02)
+                        await stream.send(bytes([byte]))
         except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
             pass
         finally:
@@ -583,7 +588,8 @@ class _Hostile:
 
 @pytest.fixture
 async def hostile(request: pytest.FixtureRequest) -> AsyncIterator[_Hostile]:
-    server = _Hostile(request.param)
+    param = request.param
+    server = _Hostile(*param) if isinstance(param, tuple) else _Hostile(param)
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve)
         yield server
@@ -641,3 +647,23 @@ async def test_8_bit_header_values_pass_both_ways(
         assert (await c.get("/good")).content == b"ok"
     assert b"\r\nx-mine: na\xefve" in hostile.heads[0].lower()
     assert hostile.accepted == 1  # a clean exchange: the connection was pooled and reused
+
+
+_DRIPS = {
+    "endless_100": (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+    "dripped_head": (b"HTTP/1.1 200 OK\r\n", b"X-Drip: 1\r\n"),
+}
+
+
+@pytest.mark.parametrize("hostile", list(_DRIPS.values()), ids=list(_DRIPS), indirect=True)
+async def test_an_answer_head_must_arrive_within_the_timeout(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, hostile: _Hostile
+) -> None:
+    """Bytes keep coming, so no read waits *timeout*: the head as a whole has a deadline."""
+    _, address = await proxied(tmp_path, fake, bulk, running, base_url=hostile.url, timeout=0.5)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as c:
+        r = await c.get("/slow")
+        assert r.status_code == 504, r.text
+        assert r.json()["error"] == "upstream_timeout"
+        await wait_for(lambda: hostile.open == 0)  # dropped, never pooled
+        assert (await c.get("/good")).content == b"ok"

@@ -11,8 +11,10 @@ without a body that finds its pooled connection closed anyway before any byte of
 the pool only when its exchange finished cleanly both ways: a response not read to its end
 is closed, never reused.
 
-``timeout`` bounds the connect and each read and write, as httpx's did; it ends in
-:class:`UpstreamTimeout`, any other failure of the upstream in :class:`UpstreamError`.
+``timeout`` bounds the connect, each read and write, as httpx's did, and the answer's whole
+head (a head dripped a byte at a time, or endless ``100 Continue``, times out too); it ends
+in :class:`UpstreamTimeout`, any other failure of the upstream in :class:`UpstreamError`.
+A body may take as long as it takes while bytes keep coming.
 Exceptions from the request body's iterator (the client went away) pass through unchanged,
 and the upstream connection is closed so the server sees the request end short.
 """
@@ -220,6 +222,18 @@ class Upstream:
             if body is None or isinstance(body, bytes):
                 raise _Stale from None
             # The server may have answered early and closed (a 401 before the body): read on.
+        # The whole head, informational answers (100 Continue) included, within one timeout:
+        # an upstream dripping a byte at a time never lets a single read wait that long.
+        try:
+            with anyio.fail_after(self.timeout):
+                head = await self._head(conn)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.peer} did not answer in time") from None
+        if (error := framing_error(head.headers)) is not None:
+            raise UpstreamError(f"{self.peer} {error}")  # request() drops the connection
+        return UpstreamResponse(self, origin, conn, head)
+
+    async def _head(self, conn: _Conn) -> h11.Response:
         while True:
             try:
                 event = await self._event(conn)
@@ -230,9 +244,7 @@ class Upstream:
                     raise _Stale from None
                 raise
             if isinstance(event, h11.Response):
-                if (error := framing_error(event.headers)) is not None:
-                    raise UpstreamError(f"{self.peer} {error}")  # request() drops the connection
-                return UpstreamResponse(self, origin, conn, event)
+                return event
             if not isinstance(event, h11.InformationalResponse):  # 100 Continue: skipped
                 raise UpstreamError(f"{self.peer} closed before answering")
 
