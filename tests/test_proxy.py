@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator
@@ -634,3 +635,135 @@ def test_every_product_takes_a_base_url_override(url: object, ok: bool) -> None:
             continue
         checked = validated_options(product, {**own, "base_url": f"{url}/"})
         assert checked["base_url"] == url
+
+
+# -- a hostile upstream -------------------------------------------------------------------------
+
+_GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class _Hostile:
+    """A raw-socket upstream: ``/good`` gets a well-formed keep-alive answer, any other target
+    ``answer`` as bytes; the connection stays open for the next request until the proxy
+    closes it. With *drip*, the answer is followed by *drip* repeated for ever, a byte every
+    20 ms (a slow-loris upstream)."""
+
+    def __init__(self, answer: bytes, drip: bytes = b"") -> None:
+        self.answer, self.drip = answer, drip
+        self.url = ""
+        self.accepted = 0
+        self.open = 0
+        self.heads: list[bytes] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await tcp_listener("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{bound_port(listener)}"
+        async with listener:
+            task_status.started()
+            await listener.serve(self._connection)
+
+    async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+        self.accepted += 1
+        self.open += 1
+        buffered = b""
+        try:
+            async with stream:
+                while True:
+                    while b"\r\n\r\n" not in buffered:
+                        buffered += await stream.receive()
+                    head, _, buffered = buffered.partition(b"\r\n\r\n")
+                    self.heads.append(head)
+                    if head.split(b" ", 2)[1] == b"/good":
+                        await stream.send(_GOOD)
+                        continue
+                    await stream.send(self.answer)
+                    for byte in itertools.cycle(self.drip):
+                        await anyio.sleep(0.02)
+                        await stream.send(bytes([byte]))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            pass
+        finally:
+            self.open -= 1
+
+
+@pytest.fixture
+async def hostile(request: pytest.FixtureRequest) -> AsyncIterator[_Hostile]:
+    param = request.param
+    server = _Hostile(*param) if isinstance(param, tuple) else _Hostile(param)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        yield server
+        tg.cancel_scope.cancel()
+
+
+_HOSTILE = {
+    "cl_and_te": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "te_and_cl": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "two_lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+    "not_http": b"HELLO\r\n\r\n",
+    "te_gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+}
+
+
+@pytest.mark.parametrize("hostile", list(_HOSTILE.values()), ids=list(_HOSTILE), indirect=True)
+async def test_a_malformed_upstream_answer_fails_that_request_only(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, hostile: _Hostile
+) -> None:
+    d, address = await proxied(tmp_path, fake, bulk, running, base_url=hostile.url)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        r = await c.get("/evil")
+        assert r.status_code == 502, r.text
+        assert r.json()["error"] == "upstream_error"
+        await wait_for(lambda: hostile.open == 0)  # discarded, never pooled
+        assert (await c.get("/good")).content == b"ok"
+    assert hostile.accepted == 2
+    labels = {"instance": "aep-dev", "status": "upstream_error"}
+    assert d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 1
+
+
+_ODD = b"HTTP/1.1 200 \xe9t\xe9\r\nX-Odd: caf\xe9\r\nContent-Length: 2\r\n\r\nhi"
+
+
+@pytest.mark.parametrize("hostile", [_ODD], ids=["8-bit"], indirect=True)
+async def test_8_bit_header_values_pass_both_ways(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, hostile: _Hostile
+) -> None:
+    """obs-text (RFC 9110 section 5.5) in a header value or reason is legal on the wire;
+    h11 would encode a str as ASCII: the bytes pass as they came, whichever side sent them."""
+    _, address = await proxied(tmp_path, fake, bulk, running, base_url=hostile.url)
+    host, port = address.rsplit(":", 1)
+    stream = await anyio.connect_tcp(host, int(port))
+    await stream.send(b"GET /odd HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Mine: na\xefve\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"hi"):
+        answer += await stream.receive()
+    assert answer.startswith(b"HTTP/1.1 200 \xe9t\xe9\r\n")
+    assert b"\r\nx-odd: caf\xe9\r\n" in answer.lower()
+    await stream.aclose()
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        assert (await c.get("/good")).content == b"ok"
+    assert b"\r\nx-mine: na\xefve" in hostile.heads[0].lower()
+    assert hostile.accepted == 1  # a clean exchange: the connection was pooled and reused
+
+
+_DRIPS = {
+    "endless_100": (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+    "dripped_head": (b"HTTP/1.1 200 OK\r\n", b"X-Drip: 1\r\n"),
+}
+
+
+@pytest.mark.parametrize("hostile", list(_DRIPS.values()), ids=list(_DRIPS), indirect=True)
+async def test_an_answer_head_must_arrive_within_the_timeout(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, hostile: _Hostile
+) -> None:
+    """Bytes keep coming, so no read waits *timeout*: the head as a whole has a deadline."""
+    _, address = await proxied(tmp_path, fake, bulk, running, base_url=hostile.url, timeout=0.5)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as c:
+        r = await c.get("/slow")
+        assert r.status_code == 504, r.text
+        assert r.json()["error"] == "upstream_timeout"
+        await wait_for(lambda: hostile.open == 0)  # dropped, never pooled
+        assert (await c.get("/good")).content == b"ok"

@@ -249,6 +249,8 @@ class Proxy:
                 await self._serve_connection(stream)
         except (_ClientGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+        except Exception as e:  # a bug here must end this connection, never the daemon
+            log.error("proxy.connection_failed", instance=self.spec.product, error=type(e).__name__)
         finally:
             self.connections -= 1
 
@@ -404,10 +406,7 @@ class Proxy:
                 await _send_error(conn, stream, 504, "upstream_timeout", "the upstream timed out")
                 return
             except UpstreamError as e:
-                self._count("upstream_error")
-                cause = type(e.__cause__ or e).__name__
-                log.warning("proxy.upstream_failed", instance=self.spec.product, error=cause)
-                await _send_error(conn, stream, 502, "upstream_error", "the upstream failed")
+                await self._upstream_failed(conn, stream, e)
                 return
             if self._metrics is not None:
                 if self._seconds is None:
@@ -432,21 +431,39 @@ class Proxy:
     async def _relay(
         self, conn: h11.Connection, stream: anyio.abc.ByteStream, resp: UpstreamResponse
     ) -> None:
+        try:
+            # As bytes: h11 encodes a str as ASCII, and a value may carry obs-text (8-bit).
+            fields = [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in response_headers(resp.headers)
+            ]
+            head = h11.Response(
+                status_code=resp.status, headers=fields, reason=resp.reason.encode("latin-1")
+            )
+        except (h11.LocalProtocolError, UnicodeEncodeError) as e:  # nothing sent yet: a 502
+            await self._upstream_failed(conn, stream, e)
+            return
         self._count(str(resp.status))
-        head = h11.Response(
-            status_code=resp.status,
-            headers=response_headers(resp.headers),
-            reason=resp.reason.encode("latin-1", "replace"),
-        )
         await stream.send(conn.send(head) or b"")
         try:
             async for chunk in resp.chunks():
                 await stream.send(conn.send(h11.Data(data=chunk)) or b"")
-        except UpstreamError:
+            await stream.send(conn.send(h11.EndOfMessage()) or b"")
+        except (UpstreamError, h11.LocalProtocolError):
             # The head is sent: the client can only learn by the connection closing early.
             log.warning("proxy.upstream_broke_body", instance=self.spec.product)
             raise _ClientGone from None
-        await stream.send(conn.send(h11.EndOfMessage()) or b"")
+
+    async def _upstream_failed(
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream, e: Exception
+    ) -> None:
+        """A 502 for an upstream that failed or answered what cannot be relayed."""
+        self._count("upstream_error")
+        cause = type(e.__cause__ or e).__name__
+        # Our own wording for an UpstreamError; an h11 message could quote upstream's bytes.
+        reason = str(e) if isinstance(e, UpstreamError) else None
+        log.warning("proxy.upstream_failed", instance=self.spec.product, error=cause, reason=reason)
+        await _send_error(conn, stream, 502, "upstream_error", "the upstream failed")
 
     async def _refuse(
         self, conn: h11.Connection, stream: anyio.abc.ByteStream, e: _Refused
