@@ -49,6 +49,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "PSEUDO_FILESYSTEMS",
     "builtin_auth_methods",
+    "decode",
     "parse_credentials",
     "read_secret_file",
     "read_user_file",
@@ -202,7 +203,9 @@ def _ims_url(url: str, path: Path) -> str:
         raise CredentialError(path, str(e), field="ims_url") from None
 
 
-def _decode(path: Path, data: bytes) -> dict[str, Any]:
+def decode(path: Path, data: bytes) -> dict[str, Any]:
+    """The document in a credential file's *data*, read as the daemon reads it (TOML or JSON
+    by *path*'s suffix), before any validation; CredentialError if it cannot be read."""
     if len(data) > MAX_FILE_SIZE:
         raise CredentialError(path, "file is larger than 1 MiB")
     try:
@@ -565,7 +568,7 @@ def parse_credentials(
 ) -> list[Credential]:
     """Every credential in the file at *path* (one for native files, one or more for a
     Developer Console project). Raises CredentialError naming the file and the field."""
-    obj = _decode(path, data)
+    obj = decode(path, data)
     resolver = _Resolver(
         path, os.environ if env is None else env, read_secret, credentials_directory
     )
