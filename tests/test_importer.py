@@ -81,9 +81,12 @@ async def test_both_console_shapes_load_unchanged(tmp_path: Path, fake: FakeIms)
     }
 
 
-def imsd(*args: str) -> subprocess.CompletedProcess[str]:
+def imsd(*args: str, secret_roots: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
+    if secret_roots is not None:  # the daemon's own setting: where a key file may be
+        env["IMSD_SECRET_ROOTS"] = str(secret_roots)
     return subprocess.run(
-        [sys.executable, "-m", "imsd", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "imsd", *args], capture_output=True, text=True, timeout=60, env=env
     )
 
 
@@ -175,6 +178,12 @@ def test_import_jwt_needs_the_private_key(tmp_path: Path) -> None:
     key.write_bytes(private_pem(rsa_key()))
     creds = tmp_path / "creds"
     out = imsd("import", str(path), "--private-key", str(key), "--dir", str(creds))
+    assert "outside every secret root" in out.stderr  # the daemon would refuse to read it
+    assert "secret_roots" in out.stderr
+    assert not (creds / "svc.toml").exists()
+    out = imsd(
+        "import", str(path), "--private-key", str(key), "--dir", str(creds), secret_roots=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     table = tomllib.loads((creds / "svc.toml").read_text())
     assert table["auth"] == "jwt"
@@ -450,10 +459,17 @@ async def test_import_a_community_config_file_and_the_daemon_uses_it(
     key = rsa_key()
     (work / "private.key").write_bytes(private_pem(key))  # pathToKey: next to the file
     _serve(fake, source, key, metascopes)
-    s = make_settings(tmp_path, ims_url=fake.url)
+    s = make_settings(tmp_path, ims_url=fake.url, secret_roots=[work])
     args = [str(work / "private.key") if a == "KEY" else a for a in args]
     out = imsd(
-        "import", str(work / source.name), "--name", "c", "--dir", str(s.credentials_dir), *args
+        "import",
+        str(work / source.name),
+        "--name",
+        "c",
+        "--dir",
+        str(s.credentials_dir),
+        *args,
+        secret_roots=work,
     )
     assert out.returncode == 0, out.stderr
     toml = (s.credentials_dir / "c.toml").read_text()

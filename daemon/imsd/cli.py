@@ -634,7 +634,11 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             metascopes=args.metascope,
         )
         hints = check_plan(
-            directory, files, products=registry.products, auth_methods=registry.auth_methods
+            directory,
+            files,
+            products=registry.products,
+            auth_methods=registry.auth_methods,
+            secret_roots=settings.secret_root_paths(os.environ),
         )
         created = write_import(directory, files, force=args.force)
     except OSError as e:

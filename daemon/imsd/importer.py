@@ -432,13 +432,24 @@ def check_plan(
     *,
     products: Mapping[str, Product] | None = None,
     auth_methods: Mapping[str, AuthMethod] | None = None,
+    secret_roots: Sequence[Path] | None = None,
 ) -> list[str]:
     """Parse each planned credential with the daemon's parser, its planned secrets supplied
     in memory, and (given the plugins' *products*) check its products and their options as
-    the daemon will: what import writes, the daemon will load. Returns the products' scope
-    hints (:func:`imsd.registry.scope_hints`)."""
-    from imsd.credentials import parse_credentials, read_secret_file
+    the daemon will: what import writes, the daemon will load. *secret_roots*: the daemon's
+    (:meth:`imsd.config.Settings.secret_root_paths`), beside *directory*; None: the
+    defaults. Returns the products' scope hints (:func:`imsd.registry.scope_hints`)."""
+    from imsd.credentials import (
+        DEFAULT_SECRET_ROOTS,
+        parse_credentials,
+        read_secret_file,
+        resolve_roots,
+    )
     from imsd.registry import scope_hints, validate_products
+
+    roots = resolve_roots(
+        [directory, *(DEFAULT_SECRET_ROOTS if secret_roots is None else secret_roots)]
+    )
 
     hints: list[str] = []
 
@@ -450,7 +461,9 @@ def check_plan(
         data = planned.get(path)
         if data is None and path in pending and not path.exists():
             return "pending-login"
-        return read_secret_file(path) if data is None else data.decode().rstrip("\r\n")
+        if data is None:
+            return read_secret_file(path, roots=roots)
+        return data.decode().rstrip("\r\n")
 
     for f in files:
         if f.name.endswith(".toml"):
@@ -460,6 +473,7 @@ def check_plan(
                     f.data,
                     env={},
                     read_secret=read,
+                    secret_roots=roots,
                     auth_methods=auth_methods,
                 )
             except CredentialError as e:
