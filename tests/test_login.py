@@ -5,6 +5,8 @@ refresh token file, the daemon minting with it and rotating it) against the fake
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import html
 import json
@@ -229,7 +231,11 @@ def _write_user(creds: Path, fake: FakeIms, redirect: str, *, secret: str = SECR
     return path
 
 
-def _login(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _login(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None, no_browser: bool = True
+) -> subprocess.Popen[str]:
+    """``imsd login user`` with *extra*; ``no_browser=False``: without ``--no-browser``, as a
+    user types it."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -237,7 +243,7 @@ def _login(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> su
             "imsd",
             "login",
             "user",
-            "--no-browser",
+            *(["--no-browser"] if no_browser else []),
             "--credentials-dir",
             str(tmp_path / "creds"),
             "--state-dir",
@@ -393,36 +399,6 @@ def _launcher(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return record, {**os.environ, "BROWSER": str(script), "DISPLAY": ""}
 
 
-def test_no_browser_is_launched_by_default(tmp_path: Path, user_fake: FakeIms) -> None:
-    record, env = _launcher(tmp_path)
-    _write_user(tmp_path / "creds", user_fake, PASTE)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imsd",
-            "login",
-            "user",
-            "--credentials-dir",
-            str(tmp_path / "creds"),
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        location = _consent(_authorize_url(proc, user_fake))
-        code, _, err = _finish(proc, location + "\n")
-        assert (code, err) == (0, "")
-        assert not (record / "argv").exists()  # nothing was launched, with the URL or without
-    finally:
-        (record / "keep").unlink()
-
-
 def test_browser_gets_a_private_page_never_the_url_on_argv(
     tmp_path: Path, user_fake: FakeIms
 ) -> None:
@@ -457,6 +433,122 @@ def test_browser_gets_a_private_page_never_the_url_on_argv(
         assert not page.parent.exists()  # removed when the login ended
     finally:
         (record / "keep").unlink()
+
+
+# What another local user does while a login waits: read every process's command line
+# (/proc/PID/cmdline is world-readable) and every file a command line names, looking for an
+# authorize URL. One "scan" line on stdin, one line out: the URL, or "nothing".
+SCAN_PROC = r"""
+import html, os, re, sys
+URL = re.compile(r"https?://[^\s\"'<>]*code_challenge=[^\s\"'<>]*")
+
+def scan():
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for arg in args:
+            found = URL.search(arg)
+            if found:
+                return found.group(0)
+            path = arg[len("file://"):] if arg.startswith("file://") else arg
+            try:
+                if path.startswith("/") and os.path.isfile(path):
+                    with open(path, errors="replace") as f:
+                        found = URL.search(html.unescape(f.read(65536)))
+                    if found:
+                        return found.group(0)
+            except OSError:
+                pass
+    return "nothing"
+
+print("ready", flush=True)
+for line in sys.stdin:
+    print(scan(), flush=True)
+"""
+
+
+def _refresh_token_user(token: str) -> str:
+    """The IMS user a (fake IMS) refresh token was issued to: its ``user_id`` claim."""
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    user: str = claims["user_id"]
+    return user
+
+
+@pytest.mark.parametrize("mode", [(), ("--browser",)], ids=["default", "browser"])
+def test_another_user_cannot_hijack_the_login_from_proc(
+    tmp_path: Path,
+    user_fake: FakeIms,
+    make_user: Any,  # noqa: F811
+    mode: tuple[str, ...],
+) -> None:
+    """The attack of issue 23 item 6: while ``imsd login`` waits, another local user reads
+    the browser launcher's command line (and any file it names), consents with *their* IMS
+    account on the authorize URL found there, and delivers that code to the listener first.
+    The login must leave them nothing to find, and store the logged-in user's token."""
+    assert SYSTEM_PYTHON is not None
+    mallory = make_user()
+    record, env = _launcher(tmp_path)
+    scanner = subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", SCAN_PROC],
+        user=mallory.uid,
+        group=mallory.gid,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    _write_user(tmp_path / "creds", user_fake, "http://127.0.0.1:0/callback")
+    proc = _login(tmp_path, *mode, env=env, no_browser=False)
+    try:
+        assert scanner.stdin is not None
+        assert scanner.stdout is not None
+        assert scanner.stdout.readline() == "ready\n", scanner.stderr
+        url = _authorize_url(proc, user_fake)
+        # The launcher, if the login starts one, runs (and stays) before the scan; with
+        # --browser it must start. The default starts none: 3 s of slack for one to appear.
+        launched = _launched(record, 30.0 if mode else 3.0)
+        scanner.stdin.write("scan\n")
+        scanner.stdin.flush()
+        found = scanner.stdout.readline().strip()
+        if found != "nothing":  # the attack: Mallory's account, delivered first
+            hijack = _consent(found, user="MALLORY99@AdobeID")
+            httpx.get(hijack)
+        location = _consent(url, user="ANN0123@AdobeID")
+        with contextlib.suppress(httpx.ConnectError):  # it took Mallory's answer and closed
+            httpx.get(location)
+        code, out, err = _finish(proc)
+        token = (tmp_path / "creds" / "user.refresh_token").read_text().strip()
+        assert _refresh_token_user(token) == "ANN0123@AdobeID", (
+            f"stored {_refresh_token_user(token)}'s refresh token; another user found {found}"
+        )
+        assert found == "nothing"
+        assert launched == bool(mode)
+        assert (code, err) == (0, "")
+        assert "the refresh token is for IMS user ANN0123@AdobeID\n" in out
+    finally:
+        (record / "keep").unlink()
+        scanner.kill()
+        scanner.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _launched(record: Path, within: float) -> bool:
+    """Whether the test launcher started within *within* seconds (it writes its pid)."""
+    deadline = time.monotonic() + within
+    while not (record / "pid").exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)  # another process's file: polled, under a deadline
+    return True
 
 
 # -- item 17 of issue 23: the loopback listener under a local attacker ----------------------
@@ -560,6 +652,56 @@ def test_another_user_holding_ipv6_localhost_refuses_the_login(
     finally:
         holder.kill()
         holder.wait()
+
+
+BIND_IPV6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+try:
+    s.bind(("::1", int(sys.argv[1])))
+    s.listen()
+except OSError as e:
+    print("refused", e.errno, flush=True)
+else:
+    print("bound", flush=True)
+"""
+
+
+def test_another_user_cannot_take_ipv6_localhost_during_the_login(
+    tmp_path: Path,
+    user_fake: FakeIms,
+    make_user: Any,  # noqa: F811
+) -> None:
+    """The attack of issue 23 item 17: ``localhost:0`` got a free port on 127.0.0.1 only, and
+    another local user bound [::1] on that port, where the browser's answer goes first."""
+    if not _has_ipv6():
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    assert SYSTEM_PYTHON is not None
+    mallory = make_user()
+    _write_user(tmp_path / "creds", user_fake, "http://localhost:0/callback")
+    proc = _login(tmp_path)
+    try:
+        location = _consent(_authorize_url(proc, user_fake))
+        port = _port_of(location)
+        squat = subprocess.run(
+            [SYSTEM_PYTHON, "-I", "-c", BIND_IPV6, str(port)],
+            user=mallory.uid,
+            group=mallory.gid,
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
+        )
+        assert squat.stdout == f"refused {errno.EADDRINUSE}\n", squat.stdout + squat.stderr
+        assert httpx.get(location.replace("localhost", "[::1]", 1)).status_code == 200
+        code, _, err = _finish(proc)
+        assert (code, err) == (0, "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize(
