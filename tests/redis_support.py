@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import coredis
 
 from tests.requirements import need_tool
 
-__all__ = ["RedisServer", "redis_client", "redis_server"]
+__all__ = ["HostileRedis", "RedisServer", "hostile_redis", "redis_client", "redis_server"]
 
 
 class RedisServer:
@@ -66,3 +68,90 @@ def redis_server(tmp: Path) -> Iterator[RedisServer]:
 
 def redis_client(url: str) -> coredis.Redis[bytes]:
     return coredis.Redis.from_url(url, verify_version=False)
+
+
+class HostileRedis:
+    """A server on the coordination address that speaks RESP3 well enough for a client to
+    connect and subscribe (HELLO, PING, SUBSCRIBE), and answers every other command (GET,
+    EVAL…) with *reply*, raw RESP bytes: a wrong shape, a bomb, garbage. One thread per
+    connection; closed at teardown."""
+
+    HELLO = (
+        b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$5\r\n7.0.0\r\n"
+        b"$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:1\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n"
+        b"$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"
+    )
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.commands: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            t = threading.Thread(target=self._talk, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _talk(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with conn, reader:
+            while True:
+                try:
+                    args = self._command(reader)
+                except (OSError, ValueError):
+                    return
+                if args is None:
+                    return
+                name = args[0].upper()
+                self.commands.append(name)
+                if name == b"HELLO":
+                    out = self.HELLO
+                elif name == b"PING":
+                    out = b"+PONG\r\n"
+                elif name in (b"SUBSCRIBE", b"UNSUBSCRIBE"):
+                    kind = name.lower()
+                    out = b"".join(
+                        b">3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:1\r\n" % (len(kind), kind, len(c), c)
+                        for c in args[1:]
+                    )
+                else:
+                    out = self.reply
+                try:
+                    conn.sendall(out)
+                except OSError:
+                    return
+
+    @staticmethod
+    def _command(reader: Any) -> list[bytes] | None:
+        head = reader.readline()
+        if not head:
+            return None
+        if not head.startswith(b"*"):
+            raise ValueError("inline commands are not spoken here")
+        args = []
+        for _ in range(int(head[1:])):
+            size = int(reader.readline()[1:])
+            args.append(reader.read(size + 2)[:-2])
+        return args
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def hostile_redis(reply: bytes) -> Iterator[HostileRedis]:
+    server = HostileRedis(reply)
+    try:
+        yield server
+    finally:
+        server.close()

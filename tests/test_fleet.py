@@ -155,6 +155,45 @@ def test_a_token_key_is_announced() -> None:
     assert fleet.announced("fleet.a:b-c", key.encode()) == key
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        7,
+        b"OK",
+        None,
+        [1],
+        [1, 2, 3],
+        [True, b"n:1"],
+        [-1, b"n:1"],
+        [2**63, b"n:1"],
+        [1, 2],
+        [1, [b"x"]],
+        [1, b"x" * 513],
+        {1: b"x"},
+    ],
+)
+def test_a_wrong_shaped_acquire_reply_is_malformed(reply: object) -> None:
+    with pytest.raises(fleet.Malformed) as e:
+        fleet.acquire_reply(reply)
+    assert str(e.value).startswith("ACQUIRE answered a ")  # the shape, never the contents
+    assert fleet.acquire_reply([5, b"node:5"]) == (5, "node:5")
+
+
+@pytest.mark.parametrize("reply", [2, -1, True, b"1", None, [1]])
+def test_a_script_flag_is_0_or_1(reply: object) -> None:
+    with pytest.raises(fleet.Malformed):
+        fleet.flag_reply("RENEW", reply)
+    assert (fleet.flag_reply("RENEW", 0), fleet.flag_reply("RENEW", 1)) == (False, True)
+
+
+def test_a_value_reply_is_bounded() -> None:
+    assert fleet.value_reply("GET", None, 4) is None
+    assert fleet.value_reply("GET", b"abcd", 4) == b"abcd"
+    for bad in (b"abcde", 10**12, [b"a"], "str"):
+        with pytest.raises(fleet.Malformed):
+            fleet.value_reply("GET", bad, 4)
+
+
 def test_no_redis_client_is_imported_without_coordination() -> None:
     code = (
         "import sys, imsd.daemon, imsd.cli, imsd.supervisor\n"

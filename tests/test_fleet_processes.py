@@ -26,7 +26,7 @@ from imsd.fakeims.server import FakeIms
 from imsd.fleet import derive, keys_for, seal
 from imsd.model import Grant, Secret
 
-from tests.redis_support import RedisServer, redis_client, redis_server
+from tests.redis_support import HostileRedis, RedisServer, hostile_redis, redis_client, redis_server
 from tests.support import ORG, SCOPES, SECRET, SECRET2, read, write_cred
 
 pytestmark = pytest.mark.anyio
@@ -107,7 +107,9 @@ def short_ims(lifetime: float, clients: int = 1) -> Iterator[FakeIms]:
 class Fleet:
     """The daemons of one test; all killed at teardown."""
 
-    def __init__(self, tmp: Path, redis: RedisServer, lease: float, margin: float) -> None:
+    def __init__(
+        self, tmp: Path, redis: RedisServer | HostileRedis, lease: float, margin: float
+    ) -> None:
         self.tmp, self.redis = tmp, redis
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
         self.env.update(
@@ -144,7 +146,7 @@ def fleet_of(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
     """``fleet_of(redis, lease=1.0, margin=1.0)``: a :class:`Fleet` killed at teardown."""
     made: list[Fleet] = []
 
-    def make(redis: RedisServer, lease: float = 1.0, margin: float = 1.0) -> Fleet:
+    def make(redis: RedisServer | HostileRedis, lease: float = 1.0, margin: float = 1.0) -> Fleet:
         made.append(Fleet(tmp_path, redis, lease, margin))
         return made[-1]
 
@@ -559,3 +561,39 @@ async def test_garbage_on_the_channel_is_dropped_and_the_node_still_follows(
         (line,) = node.events("fleet.message_rejected")  # once a minute, each one counted
         assert (line["level"], line["reason"], line["size"]) == ("warning", "not UTF-8", 1)
         assert node.events("token.adopted")
+
+
+# -- 8. a hostile server on the coordination address -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b":7\r\n",  # a single integer
+        b"+OK\r\n",  # a string
+        b"*2\r\n*1\r\n:1\r\n*1\r\n$1\r\nx\r\n",  # a nested list
+        b"*3\r\n:1\r\n:2\r\n:3\r\n",  # three elements
+        b":1000000000000\r\n",  # bytes(reply) of a GET would allocate a terabyte
+        b"@oops\r\n",  # no RESP type at all
+    ],
+    ids=["integer", "string", "nested", "three", "bomb", "garbage"],
+)
+async def test_a_hostile_coordination_server_is_redis_unavailable(
+    tmp_path: Path, fleet_of: Callable[..., Fleet], reply: bytes
+) -> None:
+    """Issue 23 #18: a server answering EVAL with a wrong shape ended the daemon."""
+    with short_ims(2.0) as fake, hostile_redis(reply) as server:
+        fleet = fleet_of(server, lease=1.0, margin=0.5)
+        node = fleet.start(_s2s(["alpha"], fake, lambda i: "client-a"))
+        # It serves tokens of its own, refreshed on schedule, as with Redis down.
+        await until(lambda: len(_mints(fake, "client-a")) >= 3, 30, "three local mints")
+        await until(lambda: _converged([node], "alpha", fake), 10, "a valid token served")
+        assert node.alive(), node.log_path.read_text()[-2000:]
+        assert b"EVAL" in server.commands or b"GET" in server.commands
+        (line,) = node.events("fleet.malformed_reply")  # said once, counted every time
+        assert line["level"] == "error"
+        assert node.events("fleet.fallback_local")
+        # The subscription alone (HELLO, SUBSCRIBE answered right) may have said Redis was up
+        # before the first wrong-shaped reply; nothing says so after it.
+        ups = [e["timestamp"] for e in node.events("fleet.redis_up")]
+        assert all(t <= line["timestamp"] for t in ups), ups

@@ -55,18 +55,22 @@ __all__ = [
     "Deferred",
     "Exchange",
     "FleetKeys",
+    "Malformed",
     "Rejected",
     "Sealed",
     "Tampered",
     "Unavailable",
+    "acquire_reply",
     "adoptable",
     "announced",
     "deferred",
     "derive",
+    "flag_reply",
     "keys_for",
     "may_fall_back",
     "open_sealed",
     "seal",
+    "value_reply",
 ]
 
 #: Auth methods that may mint on their own while Redis is unreachable (a second token for the
@@ -90,6 +94,11 @@ class Deferred(Exception):
 
 class Unavailable(Exception):
     """Redis cannot be reached (or answered nonsense)."""
+
+
+class Malformed(Unavailable):
+    """Redis answered, but not in the shape the command or script returns (a broken or
+    hostile server on the coordination address): treated as Redis unavailable."""
 
 
 class Tampered(ValueError):
@@ -256,6 +265,50 @@ def deferred(rec: Record, identity: str, until: float, now: float) -> Step:
     if rec.credential is None or rec.credential.identity != identity:
         return replace(rec, due=now), (Fetch(),)  # changed meanwhile: fetch
     return replace(rec, due=until), ()
+
+
+# -- replies: whatever the server on the coordination address says is input -------------------
+
+#: The longest lease value a reply may carry (``"<node>:<fence>"``; a node id is
+#: ``HOSTNAME/PID/RANDOM``, a host name at most 255 bytes).
+MAX_LEASE_VALUE: Final = 512
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int  # not a bool
+
+
+def acquire_reply(reply: object) -> tuple[int, str]:
+    """:data:`ACQUIRE`'s ``{fence, holder}``; :class:`Malformed` for any other shape."""
+    if isinstance(reply, list | tuple) and len(reply) == 2:
+        fence, holder = reply
+        fence_ok = _is_int(fence) and 0 <= fence < 2**63
+        if fence_ok and isinstance(holder, bytes) and len(holder) <= MAX_LEASE_VALUE:
+            return fence, holder.decode(errors="replace")
+    raise Malformed(f"ACQUIRE answered {_shape(reply)}")
+
+
+def flag_reply(command: str, reply: object) -> bool:
+    """A script's 0 or 1 (:data:`RENEW`, :data:`RELEASE`, :data:`PUBLISH`)."""
+    if _is_int(reply) and reply in (0, 1):
+        return bool(reply)
+    raise Malformed(f"{command} answered {_shape(reply)}")
+
+
+def value_reply(command: str, reply: object, limit: int) -> bytes | None:
+    """A string value (or none) of at most *limit* bytes."""
+    if reply is None or (isinstance(reply, bytes) and len(reply) <= limit):
+        return reply
+    raise Malformed(f"{command} answered {_shape(reply)}")
+
+
+def _shape(reply: object) -> str:
+    """What a reply was, in a few words (never its contents: they may be anything)."""
+    if isinstance(reply, bytes | str):
+        return f"a string of {len(reply)} bytes"
+    if isinstance(reply, list | tuple | set | dict):
+        return f"a {type(reply).__name__} of {len(reply)}"
+    return f"a {type(reply).__name__}"
 
 
 # -- scripts ----------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ import anyio
 import anyio.abc
 import coredis
 import structlog
-from coredis.exceptions import RedisError
+from coredis.exceptions import InvalidResponse, RedisError
 
 from imsd import fleet
-from imsd.fleet import Deferred, FleetKeys, Sealed, Tampered, Unavailable
+from imsd.fleet import Deferred, FleetKeys, Malformed, Sealed, Tampered, Unavailable
 from imsd.model import Credential, Grant, ImsError, ImsErrorKind
 from imsd.scheduler import Record
 
@@ -43,6 +43,8 @@ log = structlog.get_logger("imsd.fleet")
 
 #: One Redis round trip may take this long before Redis counts as unreachable.
 OP_TIMEOUT: Final = 2.0
+#: The longest value read from Redis.
+MAX_REPLY: Final = 64 * 1024
 #: Seconds between two log lines about refused channel messages (each one is counted): a
 #: publisher in a loop cannot fill the disk.
 REJECTED_LOG_EVERY: Final = 60.0
@@ -93,6 +95,9 @@ class Fleet:
         self._supervisor: Supervisor | None = None
         self._up: bool | None = None
         self._pool_ready = anyio.Event()
+        # Since the last reply of the wrong shape, no reply of the right one: the subscriber's
+        # connection alone does not make such a server Redis again.
+        self._garbled = False
         self._rejected_logged = -math.inf  # monotonic time of the last such line
         self._rejected_since = 0  # refused since then, not logged
 
@@ -111,11 +116,11 @@ class Fleet:
         if self._observer is not None:
             self._observer.fleet_event(event)
 
-    def _reachable(self, up: bool) -> None:
+    def _reachable(self, up: bool, *, logged: bool = False) -> None:
         if up != self._up:
             if up:
                 log.info("fleet.redis_up", node=self.node)
-            elif self._up is not None:
+            elif self._up is not None and not logged:
                 log.error("fleet.redis_down", node=self.node)
             self._up = up
             if self._observer is not None:
@@ -151,9 +156,13 @@ class Fleet:
             if self._up is not False:
                 lease = self._keys(cred)[1].lease
                 with contextlib.suppress(Unavailable):
-                    value = await self._call(partial(self._client.get, lease))
+                    value = await self._call(
+                        partial(self._client.get, lease),
+                        partial(fleet.value_reply, "GET", limit=fleet.MAX_LEASE_VALUE),
+                        vouches=False,
+                    )
                     if value is not None:
-                        holder = bytes(value).decode(errors="replace").rsplit(":", 1)[0]
+                        holder = value.decode(errors="replace").rsplit(":", 1)[0]
             if self._up is False:  # on its own until Redis answers again
                 out[name] = ("local", None)
             elif name in self._held:
@@ -162,25 +171,68 @@ class Fleet:
                 out[name] = ("holder" if holder == self.node else "follower", holder)
         return out
 
-    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(
+        self,
+        op: Callable[[], Awaitable[Any]],
+        check: Callable[[Any], object] | None = None,
+        *,
+        vouches: bool = True,
+    ) -> Any:
+        """*op*'s reply, passed through *check* (one of :mod:`imsd.fleet`'s ``*_reply``).
+        Whatever goes wrong — no answer, an error, a reply the client library cannot parse
+        or one of another shape — is Redis unavailable (:class:`Unavailable`): nothing the
+        server on the coordination address says can end the daemon. After a reply of the
+        wrong shape only one that *vouches* (a script's, which a server answering anything
+        with the same string does not give) makes Redis reachable again."""
         await self._pool_ready.wait()
         try:
             with anyio.fail_after(OP_TIMEOUT):
                 out = await op()
+            if check is not None:
+                out = check(out)
+        except Malformed as e:
+            self._malformed(str(e))
+            raise
+        except InvalidResponse:  # not RESP
+            self._malformed("the reply is not RESP")
+            raise Malformed("InvalidResponse") from None
         except (RedisError, OSError, TimeoutError) as e:
             self._reachable(False)
             raise Unavailable(type(e).__name__) from None
-        self._reachable(True)
+        except Exception as e:  # the client library choking on a hostile reply
+            self._malformed(f"the reply could not be read ({type(e).__name__})")
+            raise Malformed(type(e).__name__) from None
+        if vouches:
+            self._garbled = False
+        if not self._garbled:
+            self._reachable(True)
         return out
+
+    def _malformed(self, what: str) -> None:
+        """A reply of the wrong shape: counted, and said once until Redis answers right."""
+        self._event("malformed_reply")
+        if not self._garbled:
+            self._garbled = True
+            log.error(
+                "fleet.malformed_reply",
+                error=what,
+                node=self.node,
+                hint="is a Redis server on the coordination address? on its own until it is",
+            )
+        self._reachable(False, logged=True)
 
     # -- Redis operations ---------------------------------------------------------------------
 
     async def _read(self, name: str, key: bytes, keys: FleetKeys) -> Sealed | None:
-        blob = await self._call(lambda: self._client.get(keys.token))
+        blob = await self._call(
+            lambda: self._client.get(keys.token),
+            partial(fleet.value_reply, "GET", limit=MAX_REPLY),
+            vouches=False,
+        )
         if blob is None:
             return None
         try:
-            return fleet.open_sealed(key, keys.token, bytes(blob))
+            return fleet.open_sealed(key, keys.token, blob)
         except Tampered as e:
             log.error("fleet.token_rejected", credential=name, error=str(e))
             self._event("rejected")
@@ -188,25 +240,29 @@ class Fleet:
 
     async def _acquire(self, keys: FleetKeys) -> tuple[int, str]:
         ms = str(math.ceil(self.lease * 1000))
-        out = await self._call(
-            lambda: self._client.eval(fleet.ACQUIRE, [keys.lease, keys.fence], [self.node, ms])
+        out: tuple[int, str] = await self._call(
+            lambda: self._client.eval(fleet.ACQUIRE, [keys.lease, keys.fence], [self.node, ms]),
+            fleet.acquire_reply,
         )
-        fence, holder = out
-        return int(fence), bytes(holder).decode(errors="replace")
+        return out
 
     async def _renew(self, keys: FleetKeys, value: str, ms: str) -> bool:
-        out = await self._call(lambda: self._client.eval(fleet.RENEW, [keys.lease], [value, ms]))
-        return bool(out)
+        out: bool = await self._call(
+            lambda: self._client.eval(fleet.RENEW, [keys.lease], [value, ms]),
+            partial(fleet.flag_reply, "RENEW"),
+        )
+        return out
 
     async def publish(self, key: bytes, keys: FleetKeys, fence: int, grant: Grant) -> bool:
         """The fenced write of *grant*; False if a newer holder has taken over."""
         blob = fleet.seal(key, keys.token, fence, grant)
         ttl = max(1, math.ceil((grant.expires_at - self._clock()) * 1000))
         args: list[str | bytes] = [str(fence), blob, str(ttl), keys.channel]
-        ok = await self._call(
-            lambda: self._client.eval(fleet.PUBLISH, [keys.fence, keys.token], args)
+        ok: bool = await self._call(
+            lambda: self._client.eval(fleet.PUBLISH, [keys.fence, keys.token], args),
+            partial(fleet.flag_reply, "PUBLISH"),
         )
-        return bool(ok)
+        return ok
 
     # -- the seam in the supervisor's fetch ---------------------------------------------------
 
@@ -279,7 +335,10 @@ class Fleet:
         self._holding(name, None)
         keys, value = held
         with contextlib.suppress(Unavailable):
-            await self._call(lambda: self._client.eval(fleet.RELEASE, [keys.lease], [value]))
+            await self._call(
+                lambda: self._client.eval(fleet.RELEASE, [keys.lease], [value]),
+                partial(fleet.flag_reply, "RELEASE"),
+            )
 
     async def _republish(self) -> None:
         """Publish the chain links minted here whose publish failed, under the lease (taken
@@ -323,7 +382,8 @@ class Fleet:
             try:
                 pubsub = self._client.pubsub(channels=[channel], ignore_subscribe_messages=True)
                 async with pubsub:
-                    self._reachable(True)
+                    if not self._garbled:
+                        self._reachable(True)
                     await self.reconcile()  # what was published while we were not listening
                     async for message in pubsub:
                         name = self._announced(message.get("data"))
@@ -334,6 +394,8 @@ class Fleet:
             except* (RedisError, OSError, TimeoutError, Unavailable, anyio.ClosedResourceError):
                 self._reachable(False)
                 log.debug("fleet.subscriber_lost")
+            except* Exception as group:  # the client library choking on a hostile message
+                self._malformed(f"the subscription failed ({type(group.exceptions[0]).__name__})")
             await anyio.sleep(1.0)
 
     def _announced(self, data: object) -> str | None:

@@ -41,6 +41,7 @@ FLEET_EVENTS: Final = (
     "fallback_local",
     "waiting",
     "message_rejected",
+    "malformed_reply",
 )
 _RESULT_INDEX: Final = {result: i for i, result in enumerate((*RESULTS, ADOPTED))}
 
@@ -256,7 +257,8 @@ class Metrics:
                 Counter(
                     "fleet_events",
                     "Fleet mode events: lease_acquired, lease_lost, published, adopted,"
-                    " fenced_out, rejected, fallback_local, waiting, message_rejected.",
+                    " fenced_out, rejected, fallback_local, waiting, message_rejected,"
+                    " malformed_reply.",
                     ["event"],
                     namespace="imsd",
                     registry=r,
