@@ -80,6 +80,39 @@ class ProxySpec(BaseModel):
     allow_remote: bool = False
     # Upstream: connect and between-bytes timeout (a hung upstream answers 504).
     timeout: float = Field(60.0, gt=0, le=3600)
+    # A TCP listener answers only to localhost, IP literals and these names in Host (a
+    # DNS-rebinding page names its own); and to no web page unless its origin is listed here
+    # (imsd.admission says why).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for host in v:
+            name = host.strip().lower().removesuffix(".")
+            if not name or any(c in name for c in ":/@ []") or name == "*":
+                raise ValueError(
+                    f"{host!r}: expected a host name without scheme or port (e.g. imsd-proxy)"
+                )
+            out.append(name)
+        return tuple(out)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for origin in v:
+            norm = origin.strip().lower().rstrip("/")
+            scheme, sep, rest = norm.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(
+                    f"{origin!r}: expected an origin, scheme://host[:port] "
+                    "(e.g. http://localhost:3000); never * or null"
+                )
+            out.append(norm)
+        return tuple(out)
 
     @field_validator("listen")
     @classmethod

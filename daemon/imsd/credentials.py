@@ -50,6 +50,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "PSEUDO_FILESYSTEMS",
     "builtin_auth_methods",
+    "decode",
     "inside_roots",
     "parse_credentials",
     "read_secret_file",
@@ -244,7 +245,9 @@ def _ims_url(url: str, path: Path) -> str:
         raise CredentialError(path, str(e), field="ims_url") from None
 
 
-def _decode(path: Path, data: bytes) -> dict[str, Any]:
+def decode(path: Path, data: bytes) -> dict[str, Any]:
+    """The document in a credential file's *data*, read as the daemon reads it (TOML or JSON
+    by *path*'s suffix), before any validation; CredentialError if it cannot be read."""
     if len(data) > MAX_FILE_SIZE:
         raise CredentialError(path, "file is larger than 1 MiB")
     try:
@@ -622,7 +625,7 @@ def parse_credentials(
     paths, from :func:`resolve_roots`); None: the file's directory, *credentials_directory*
     and :data:`DEFAULT_SECRET_ROOTS`. *read_secret* None reads them with
     :func:`read_secret_file`, which checks the roots again on the opened file."""
-    obj = _decode(path, data)
+    obj = decode(path, data)
     if secret_roots is None:
         dirs = [path.parent, *([credentials_directory] if credentials_directory else [])]
         secret_roots = resolve_roots([*dirs, *DEFAULT_SECRET_ROOTS])

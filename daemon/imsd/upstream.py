@@ -11,8 +11,10 @@ without a body that finds its pooled connection closed anyway before any byte of
 the pool only when its exchange finished cleanly both ways: a response not read to its end
 is closed, never reused.
 
-``timeout`` bounds the connect and each read and write, as httpx's did; it ends in
-:class:`UpstreamTimeout`, any other failure of the upstream in :class:`UpstreamError`.
+``timeout`` bounds the connect, each read and write, as httpx's did, and the answer's whole
+head (a head dripped a byte at a time, or endless ``100 Continue``, times out too); it ends
+in :class:`UpstreamTimeout`, any other failure of the upstream in :class:`UpstreamError`.
+A body may take as long as it takes while bytes keep coming.
 Exceptions from the request body's iterator (the client went away) pass through unchanged,
 and the upstream connection is closed so the server sees the request end short.
 """
@@ -32,7 +34,7 @@ import anyio.abc
 import h11
 import httpx
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "UpstreamTimeout"]
+__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "UpstreamTimeout", "framing_error"]
 
 _CHUNK: Final = 65536
 _MAX_HEAD: Final = 256 * 1024
@@ -57,6 +59,16 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not connect, or went silent for ``timeout`` seconds."""
+
+
+def framing_error(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """What makes an answer's framing ambiguous, or None. Both ``Content-Length`` and
+    ``Transfer-Encoding`` is the mark of request smuggling or response splitting (RFC 9112
+    section 6.3): refused, and the connection dropped, rather than guessing which one holds."""
+    names = {k.lower() for k, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "answered with both Content-Length and Transfer-Encoding"
+    return None
 
 
 class _Conn:
@@ -164,8 +176,10 @@ class Upstream:
         elif body is not None and not any(k.lower() == "content-length" for k, _ in head):
             head.append(("Transfer-Encoding", "chunked"))
         try:
-            req = h11.Request(method=method, target=target, headers=head)
-        except h11.LocalProtocolError as e:
+            # As bytes: h11 encodes a str as ASCII, and a value may carry obs-text (8-bit).
+            fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head]
+            req = h11.Request(method=method, target=target, headers=fields)
+        except (h11.LocalProtocolError, UnicodeEncodeError) as e:
             raise UpstreamError(f"the request cannot be sent to {self.peer}") from e
         # Sent again only if nothing of it can have been acted on (RFC 9110 section 9.2.2).
         replayable = body is None or isinstance(body, bytes)
@@ -208,6 +222,18 @@ class Upstream:
             if body is None or isinstance(body, bytes):
                 raise _Stale from None
             # The server may have answered early and closed (a 401 before the body): read on.
+        # The whole head, informational answers (100 Continue) included, within one timeout:
+        # an upstream dripping a byte at a time never lets a single read wait that long.
+        try:
+            with anyio.fail_after(self.timeout):
+                head = await self._head(conn)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.peer} did not answer in time") from None
+        if (error := framing_error(head.headers)) is not None:
+            raise UpstreamError(f"{self.peer} {error}")  # request() drops the connection
+        return UpstreamResponse(self, origin, conn, head)
+
+    async def _head(self, conn: _Conn) -> h11.Response:
         while True:
             try:
                 event = await self._event(conn)
@@ -218,7 +244,7 @@ class Upstream:
                     raise _Stale from None
                 raise
             if isinstance(event, h11.Response):
-                return UpstreamResponse(self, origin, conn, event)
+                return event
             if not isinstance(event, h11.InformationalResponse):  # 100 Continue: skipped
                 raise UpstreamError(f"{self.peer} closed before answering")
 
