@@ -287,6 +287,17 @@ def test_rate_limiter_books_future_slots() -> None:
         RateLimiter(0)
 
 
+def test_rate_limiter_as_a_byte_rate() -> None:
+    """Each reservation costs its size: /metrics answers share one byte rate (issue 23)."""
+    rl = RateLimiter(rate=1000.0, burst=2000)
+    assert rl.reserve(0.0, 1500) == 0.0  # within the burst
+    assert rl.reserve(0.0, 500) == 0.0
+    assert rl.reserve(0.0, 250) == 0.25  # booked behind it, in order
+    assert rl.reserve(0.0, 250) == 0.5
+    assert rl.reserve(10.0, 2000) == 0.0  # refilled up to the burst, no further
+    assert rl.reserve(10.0, 1000) == 1.0
+
+
 @given(st.lists(st.floats(0, 0.01), min_size=1, max_size=200))
 def test_rate_limiter_never_exceeds_rate(gaps: list[float]) -> None:
     rl = RateLimiter(rate=10.0, burst=3)

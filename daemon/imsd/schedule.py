@@ -170,7 +170,8 @@ class RateLimiter:
         self._tokens = float(self.burst)
         self._stamp: float | None = None
 
-    def reserve(self, now: float) -> float:
+    def reserve(self, now: float, cost: float = 1.0) -> float:
+        """Take *cost* tokens (a request; or bytes, for a byte rate); the delay to wait first."""
         if self.rate is None:
             return 0.0
         if self._stamp is None:
@@ -178,7 +179,7 @@ class RateLimiter:
         elapsed = max(0.0, now - self._stamp)
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
         self._stamp = max(self._stamp, now)
-        self._tokens -= 1.0
+        self._tokens -= cost
         if self._tokens >= 0:
             return 0.0
         return -self._tokens / self.rate
