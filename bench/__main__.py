@@ -20,6 +20,7 @@ BENCHES = {
     "state": "bench.state",
     "proxy": "bench.proxy",
     "fleet": "bench.fleet",
+    "scrape": "bench.scrape",
 }
 
 

@@ -14,6 +14,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 from imsd.httpserver import (
+    SEND_SLICE,
     HttpServer,
     Request,
     Response,
@@ -310,4 +311,36 @@ async def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
             await wait_connections(server, 0)  # the write deadline dropped it
         finally:
             sock.close()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_large_answer_goes_out_in_paced_slices() -> None:
+    """Issue 23 item 11: a 2.5 MB /metrics answer was written in one send (the loop held for
+    the whole copy). Now each slice of at most SEND_SLICE is one send, after its ``pace``."""
+    paced: list[int] = []
+
+    async def pace(size: int) -> None:
+        paced.append(size)
+
+    body = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: not a multiple of a slice
+    small = Response(200, b"small", pace=pace)
+
+    async def handler(req: Request) -> Response:
+        return small if req.path == "/small" else Response(200, body, pace=pace)
+
+    listener = await tcp_listener("127.0.0.1", 0)
+    port = bound_port(listener)
+    async with anyio.create_task_group() as tg:
+        await tg.start(HttpServer(handler).serve, [listener])
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            r = await c.get("/big")
+            assert r.content == body
+            assert len(paced) == -(-len(body) // SEND_SLICE)
+            assert max(paced) == SEND_SLICE
+            assert sum(paced) == len(body)
+            paced.clear()
+            assert (await c.get("/small")).content == b"small"  # one send, paced too
+            assert paced == [5]
+            assert (await c.head("/big")).content == b""  # no body, nothing to pace
+            assert paced == [5]
         tg.cancel_scope.cancel()

@@ -130,13 +130,14 @@ YEAR = 365 * DAY
         (0.0, None, 100.0 + MIN_WAIT),
         (-5.0, None, 100.0 + MIN_WAIT),
         (float("nan"), None, 100.0 + 0.5),  # ignored: plain backoff (attempt 1, rand 0.5)
-        # A valid token: never past expires − margin while that lies ahead …
-        (10 * YEAR, 100.0 + 700.0, 100.0 + 100.0),
-        (200.0, 100.0 + 700.0, 100.0 + 100.0),
+        # A valid token: honoured while the token stays valid, margin or not (issue 23) …
+        (10 * YEAR, 100.0 + 700.0, 100.0 + P.backoff_cap),
+        (200.0, 100.0 + 700.0, 100.0 + 200.0),
         (50.0, 100.0 + 700.0, 150.0),
-        # … and inside the margin: the cap, and just before expiry at the latest.
         (10 * YEAR, 100.0 + 500.0, 100.0 + P.backoff_cap),
+        # … and just before expiry at the latest.
         (10 * YEAR, 100.0 + 120.0, 100.0 + 119.0),
+        (200.0, 100.0 + 150.0, 100.0 + 149.0),
         # An expired token does not bound anything.
         (10 * YEAR, 50.0, 100.0 + P.backoff_cap),
     ],
@@ -155,13 +156,43 @@ def test_retry_after_table(retry_after: float, expires_at: float | None, expecte
 def test_retry_after_is_bounded(
     now: float, retry_after: float, left: float | None, attempt: int, rand: float
 ) -> None:
-    """Whatever Retry-After IMS sends, the retry comes within the backoff cap, and while a
-    valid token lies beyond the refresh margin, no later than that margin."""
+    """Whatever Retry-After IMS sends, the retry comes within the backoff cap, and not
+    before it unless the served token would expire first: then just before that."""
     expires = None if left is None else now + left
     wake = retry_at(now, throttled(retry_after), attempt, P, rand, expires)
     assert now < wake <= now + P.backoff_cap + 1e-6
-    if expires is not None and now < expires - P.min_margin:
-        assert wake <= expires - P.min_margin + 1e-6
+    if retry_after == retry_after:  # not NaN (a plugin's error: plain backoff)
+        honoured = now + min(P.backoff_cap, max(MIN_WAIT, retry_after))
+        window = min(P.backoff_initial, 1.0)
+        if expires is None or expires - window <= now or honoured <= expires - window:
+            assert wake == pytest.approx(honoured, abs=1e-6)
+        else:
+            assert wake == pytest.approx(expires - window, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("left", "retry_after", "margin", "expected"),
+    [
+        # Issue 23: 21 s left, Retry-After 5: retried after 1.5 s (expires − min_margin).
+        (21.0, 5.0, 19.5, 5.0),
+        (21.0, 5.0, 600.0, 5.0),
+        (21.0, 5.0, 0.0, 5.0),
+        (21.0, 30.0, 19.5, 20.0),  # past the expiry: its last second instead
+        (6.0, 5.0, 19.5, 5.0),  # the last moment that leaves the request its second
+        (6.0, 5.0, 0.0, 5.0),
+        (5.5, 5.0, 19.5, 4.5),  # the last chance: 1 s before expiry
+        (5.9, 5.0, 600.0, 4.9),
+        (6.0, 5.5, 600.0, 5.0),
+        (0.5, 5.0, 600.0, 5.0),  # inside the last window: honoured (no retry storm)
+        (3600.0, 5.0, 3599.0, 5.0),
+    ],
+)
+def test_retry_after_is_honoured_while_the_token_stays_valid(
+    left: float, retry_after: float, margin: float, expected: float
+) -> None:
+    policy = RefreshPolicy(min_margin=margin)
+    wake = retry_at(1000.0, throttled(retry_after), 1, policy, 0.5, 1000.0 + left)
+    assert wake - 1000.0 == pytest.approx(expected)
 
 
 def test_permanent_waits_the_cap() -> None:
@@ -254,6 +285,17 @@ def test_rate_limiter_books_future_slots() -> None:
     assert RateLimiter(None).reserve(0.0) == 0.0
     with pytest.raises(ValueError, match="positive"):
         RateLimiter(0)
+
+
+def test_rate_limiter_as_a_byte_rate() -> None:
+    """Each reservation costs its size: /metrics answers share one byte rate (issue 23)."""
+    rl = RateLimiter(rate=1000.0, burst=2000)
+    assert rl.reserve(0.0, 1500) == 0.0  # within the burst
+    assert rl.reserve(0.0, 500) == 0.0
+    assert rl.reserve(0.0, 250) == 0.25  # booked behind it, in order
+    assert rl.reserve(0.0, 250) == 0.5
+    assert rl.reserve(10.0, 2000) == 0.0  # refilled up to the burst, no further
+    assert rl.reserve(10.0, 1000) == 1.0
 
 
 @given(st.lists(st.floats(0, 0.01), min_size=1, max_size=200))

@@ -210,6 +210,20 @@ def test_forced_refresh_limits() -> None:
     assert scheduler.forced_refresh_at(failing, 0.0) == failing.due == NOW + 160
 
 
+def test_a_429_is_retried_when_ims_said_while_the_token_is_still_served() -> None:
+    """Issue 23: 21 s left, ``Retry-After: 5``, min_margin 19.5: retried after 1.5 s (at
+    expires − min_margin). Now after 5 s, the token served meanwhile (stale)."""
+    policy = RefreshPolicy(min_margin=19.5)
+    rec = fetched(g=grant(issued=NOW - 100.0, life=121.0))  # expires at NOW + 21
+    flying = scheduler.fetch_started(rec, NOW)
+    failing, _ = scheduler.fetch_failed(flying, cred().identity, throttled(5.0), NOW, policy, 0.5)
+    assert failing.due == NOW + 5.0
+    assert failing.state(NOW + 4.9) is CredentialState.STALE
+    # Past the token's expiry: its last second instead, still before it lapses.
+    failing, _ = scheduler.fetch_failed(flying, cred().identity, throttled(60.0), NOW, policy, 0.5)
+    assert failing.due == NOW + 20.0
+
+
 # -- invariants -----------------------------------------------------------------------------
 
 errors = st.one_of(

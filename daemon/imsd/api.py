@@ -346,8 +346,13 @@ class HealthApi:
         if req.method not in ("GET", "HEAD"):
             return _error(405, "method_not_allowed", "use GET", Allow="GET, HEAD")
         if req.path == "/metrics":
-            body, content_type = await self.metrics.scrape(req.header("accept"))
-            return Response(200, body, [("Content-Type", content_type)])
+            body, content_type, encoding = await self.metrics.scrape(
+                req.header("accept"), req.header("accept-encoding")
+            )
+            headers = [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
+            if encoding is not None:
+                headers.append(("Content-Encoding", encoding))
+            return Response(200, body, headers, pace=self.metrics.pace)
         health = _health(req.path, self.store, self._clock, detail=False)
         if health is not None:
             return health

@@ -46,6 +46,7 @@ import structlog
 from anyio.abc import SocketAttribute
 
 __all__ = [
+    "SEND_SLICE",
     "AbortConnection",
     "ConnectionObserver",
     "Handler",
@@ -105,6 +106,8 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: Awaited with each slice's size before it is sent (a byte rate shared by answers).
+    pace: Callable[[int], Awaitable[None]] | None = None
 
     @classmethod
     def json(
@@ -121,6 +124,11 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+#: A body longer than this goes out in slices of this size, one send (and one turn of the
+#: event loop) each: a 2.5 MB /metrics answer written at once held the loop for the whole
+#: copy, and four scrapers back to back moved token reads' p99 from 4 to 50 ms.
+SEND_SLICE: Final = 64 * 1024
 
 
 class AbortConnection(Exception):
@@ -454,11 +462,22 @@ class HttpServer:
         if self._draining or last:
             headers.append(("Connection", "close"))
         try:
-            data = conn.send(h11.Response(status_code=resp.status, headers=headers))
-            if not head and resp.body:
-                data = (data or b"") + (conn.send(h11.Data(data=resp.body)) or b"")
-            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
-            await stream.send(data)
+            data = conn.send(h11.Response(status_code=resp.status, headers=headers)) or b""
+            body = (conn.send(h11.Data(data=resp.body)) or b"") if not head and resp.body else b""
+            end = conn.send(h11.EndOfMessage()) or b""
+            if len(body) <= SEND_SLICE:
+                if resp.pace is not None and body:
+                    await resp.pace(len(body))
+                await stream.send(data + body + end)
+            else:  # a slice per send, each a checkpoint: the loop serves others in between
+                await stream.send(data)
+                for start in range(0, len(body), SEND_SLICE):
+                    piece = body[start : start + SEND_SLICE]
+                    if resp.pace is not None:
+                        await resp.pace(len(piece))
+                    await stream.send(piece)
+                if end:
+                    await stream.send(end)
         except (
             h11.LocalProtocolError,
             anyio.BrokenResourceError,

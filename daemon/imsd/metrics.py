@@ -9,8 +9,10 @@ error string.
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 import anyio
@@ -22,9 +24,19 @@ from prometheus_client.registry import Collector
 
 from imsd import __version__
 from imsd.model import CredentialState
+from imsd.schedule import RateLimiter
 from imsd.store import TokenStore
 
-__all__ = ["ADOPTED", "FLEET_EVENTS", "RESULTS", "Metrics"]
+__all__ = [
+    "ADOPTED",
+    "FLEET_EVENTS",
+    "RENDER_SHARE",
+    "RESULTS",
+    "SCRAPE_BURST",
+    "SCRAPE_BYTES_PER_SECOND",
+    "SCRAPE_CACHE",
+    "Metrics",
+]
 
 #: ``result`` label values of ``imsd_token_refresh_total``; in fleet mode also
 #: :data:`ADOPTED` (a token another node minted, taken from Redis: no IMS request).
@@ -51,8 +63,18 @@ _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # halves the series; nobody reads _created
 
 
-#: A scrape's rendering is reused for this long: a scrape flood costs one rendering a second.
+#: A scrape's rendering is reused for this long at least: a scrape flood costs one rendering
+#: a second, or fewer (:data:`RENDER_SHARE`).
 SCRAPE_CACHE: Final = 1.0
+#: … and for this many times as long as the rendering took: 5,000 credentials render in
+#: ~0.2 s, with the GIL held by the encoder's thread most of that time.
+RENDER_SHARE: Final = 10.0
+#: Bytes per second all /metrics answers together may take (:meth:`Metrics.pace`), and the
+#: burst: unbounded, four scrapers took 310 MB/s of 2.5 MB answers (5,000 credentials) and
+#: 60 % of the event loop's time in send(); this is about 6 %. A Prometheus scrape asks for
+#: gzip (~100 kB) and goes out at once.
+SCRAPE_BYTES_PER_SECOND: Final = 32 * 1024 * 1024
+SCRAPE_BURST: Final = 8 * 1024 * 1024
 
 _Row = tuple[str, float | None, float | None, int | None]
 _Frozen = tuple[
@@ -155,7 +177,14 @@ class _StoreCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, store: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._monotonic = monotonic
         self.registry = r = CollectorRegistry()
         self.refresh_duration = Histogram(
             "token_refresh_duration_seconds",
@@ -208,9 +237,11 @@ class Metrics:
         build.labels(__version__).set(1)
         self._collector = _StoreCollector(store, clock)
         r.register(self._collector)
-        self._scrapes: dict[str, tuple[float, bytes]] = {}  # content type -> (when, body)
+        self._scrapes: dict[str, _Scrape] = {}  # by content type
         self._fleet: tuple[Counter, Gauge] | None = None  # fleet mode only
         self._render_lock = anyio.Lock()
+        self._send_rate = RateLimiter(SCRAPE_BYTES_PER_SECOND, SCRAPE_BURST)
+        self.paced = 0  # bytes of /metrics answers paced by the byte rate (tests, bench)
         self.renderings = 0  # how many times the exposition was encoded (tests, bench)
 
     def added(self, credential: str) -> None:
@@ -300,20 +331,69 @@ class Metrics:
         self.renderings += 1
         return encoder(self.registry), content_type
 
-    async def scrape(self, accept: str | None) -> tuple[bytes, str]:
-        """:meth:`render` for the metrics listener: encoded in a worker thread (35k series
-        take long enough to stall token reads on the loop), one rendering at a time, and
-        reused for :data:`SCRAPE_CACHE` seconds by every scraper asking the same format."""
+    async def pace(self, size: int) -> None:
+        """Before *size* bytes of a /metrics answer are sent: wait for them at the byte rate
+        every scrape shares (:data:`SCRAPE_BYTES_PER_SECOND`). Each sender books one slice at
+        a time, so the wait of a scraper behind a flood is one slice per connection."""
+        self.paced += size
+        delay = self._send_rate.reserve(self._monotonic(), size)
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    async def scrape(
+        self, accept: str | None, accept_encoding: str | None = None
+    ) -> tuple[bytes, str, str | None]:
+        """:meth:`render` for the metrics listener: (body, content type, content encoding).
+        Encoded in a worker thread (35k series take long enough to stall token reads on the
+        loop), one rendering at a time, reused by every scraper asking the same format for
+        :data:`SCRAPE_CACHE` seconds, or :data:`RENDER_SHARE` times as long as the rendering
+        took, whichever is longer: a scrape flood spends at most about a tenth of the time
+        rendering. gzip-compressed (in the worker thread, once per rendering) for a scraper
+        that accepts it, as Prometheus does: a twentieth of the bytes to send."""
         encoder, content_type = choose_encoder(accept or "")
+        gzipped = _accepts_gzip(accept_encoding)
         async with self._render_lock:
             cached = self._scrapes.get(content_type)
-            if cached is not None and time.monotonic() - cached[0] < SCRAPE_CACHE:
-                return cached[1], content_type
-            self._collector.freeze()
+            if cached is None or self._monotonic() - cached.when >= cached.reuse:
+                self._collector.freeze()
+                try:
+                    self.renderings += 1
+                    started = self._monotonic()
+                    body = await anyio.to_thread.run_sync(encoder, self.registry)
+                finally:
+                    self._collector.thaw()
+                done = self._monotonic()
+                reuse = max(SCRAPE_CACHE, RENDER_SHARE * (done - started))
+                cached = self._scrapes[content_type] = _Scrape(done, reuse, body)
+            if not gzipped:
+                return cached.body, content_type, None
+            if cached.gzipped is None:
+                cached.gzipped = await anyio.to_thread.run_sync(_gzip, cached.body)
+            return cached.gzipped, content_type, "gzip"
+
+
+@dataclass(slots=True)
+class _Scrape:
+    """One rendering: when it was done (monotonic), for how long it is reused, its bytes."""
+
+    when: float
+    reuse: float
+    body: bytes
+    gzipped: bytes | None = None
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=1, mtime=0)  # zlib lets go of the GIL meanwhile
+
+
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` value accepts gzip (``gzip;q=0`` refuses it)."""
+    for item in (accept_encoding or "").split(","):
+        coding, *params = (part.strip().lower() for part in item.split(";"))
+        if coding in ("gzip", "x-gzip"):
+            q = next((p[2:] for p in params if p.startswith("q=")), "1")
             try:
-                self.renderings += 1
-                body = await anyio.to_thread.run_sync(encoder, self.registry)
-            finally:
-                self._collector.thaw()
-            self._scrapes[content_type] = (time.monotonic(), body)
-            return body, content_type
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False

@@ -9,9 +9,9 @@ refresh before it was issued, the margin gives way to half the lifetime.
 
 After a failure the wait is exponential backoff with full jitter (AWS-style: a uniform draw
 in ``[0, min(cap, initial × 2^(attempt−1))]``), a ``Retry-After`` when IMS sent one (at most
-the cap, and never past the refresh margin of a token still served), the cap
-for permanent errors (a human must fix the file; its change wakes the worker at once), and
-never past the current token's expiry while that token is still good.
+the cap), the cap for permanent errors (a human must fix the file; its change wakes the
+worker at once), and never past the last moment of the current token while that token is
+still good: just before its expiry.
 
 Workers sleep on the monotonic clock until their wall-clock time is due. One
 :class:`ClockWatch` per daemon compares, every re-check interval, how far the wall clock and
@@ -84,11 +84,12 @@ def retry_at(
     """When to try again after *error*.
 
     A ``Retry-After`` is honoured (it is IMS telling us when it will answer) up to the
-    backoff cap: one answer must not park a credential for years. While a token is still
-    being served it also never pushes the retry past ``expires − min_margin``, where a
-    refresh is due anyway. When a wait would run past the expiry of that token, the retry
-    moves to just before the expiry instead, the last chance to keep a valid token; once
-    inside that last window, waits are not shortened again.
+    backoff cap: one answer must not park a credential for years. The refresh margin does
+    not shorten it: the token being served is still good until it expires, and asking
+    before IMS said to only earns another 429. When a wait would run past the expiry of that
+    token, the retry moves to just before the expiry instead (``min(backoff_initial, 1 s)``
+    before it), the last chance to keep a valid token; once inside that last window, waits
+    are not shortened again.
     """
     retry_after = error.retry_after if error.kind is ImsErrorKind.THROTTLED else None
     if retry_after is not None and math.isnan(retry_after):  # a plugin's ImsError: ignore it
@@ -100,8 +101,6 @@ def retry_at(
     else:
         wait = backoff_delay(attempt, policy, rand)
     wake = now + wait
-    if retry_after is not None and expires_at is not None and now < expires_at - policy.min_margin:
-        wake = min(wake, expires_at - policy.min_margin)
     # The last chance is taken once: inside its window the ordinary wait (and Retry-After)
     # applies, so a failing IMS is not asked every MIN_WAIT in the token's last second.
     window = min(policy.backoff_initial, 1.0)
@@ -171,7 +170,8 @@ class RateLimiter:
         self._tokens = float(self.burst)
         self._stamp: float | None = None
 
-    def reserve(self, now: float) -> float:
+    def reserve(self, now: float, cost: float = 1.0) -> float:
+        """Take *cost* tokens (a request; or bytes, for a byte rate); the delay to wait first."""
         if self.rate is None:
             return 0.0
         if self._stamp is None:
@@ -179,7 +179,7 @@ class RateLimiter:
         elapsed = max(0.0, now - self._stamp)
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
         self._stamp = max(self._stamp, now)
-        self._tokens -= 1.0
+        self._tokens -= cost
         if self._tokens >= 0:
             return 0.0
         return -self._tokens / self.rate
