@@ -4,9 +4,11 @@ then end to end through a running daemon to the fake gateway's streaming stand-i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -154,10 +156,12 @@ async def proxied(
     bulk: BulkApi,
     running: Any,
     base_url: str | None = None,
+    settings: dict[str, Any] | None = None,
     **spec: Any,
 ) -> tuple[Daemon, str]:
     """A daemon with the credential ``aep`` (instance ``aep-dev`` in sandbox ``dev``, its base
-    URL the fake's aep gateway unless *base_url*) and one proxy to it; the proxy's address."""
+    URL the fake's aep gateway unless *base_url*; the daemon's *settings* besides) and one
+    proxy to it; the proxy's address."""
     base_url = base_url or f"{bulk.url}/gateway/aep/"
     write_cred(
         tmp_path / "creds",
@@ -170,7 +174,7 @@ async def proxied(
     )
     listen = spec.pop("listen", "127.0.0.1:0")
     options = {"listen": listen, "credential": "aep", "product": "aep-dev", **spec}
-    d = await running(proxy=[ProxySpec(**options)], min_refresh_interval=0.0)
+    d = await running(proxy=[ProxySpec(**options)], min_refresh_interval=0.0, **(settings or {}))
     await wait_for(lambda: live(d, "aep").grant is not None)
     return d, d.proxies[0][1]
 
@@ -667,3 +671,55 @@ async def test_an_answer_head_must_arrive_within_the_timeout(
         assert r.json()["error"] == "upstream_timeout"
         await wait_for(lambda: hostile.open == 0)  # dropped, never pooled
         assert (await c.get("/good")).content == b"ok"
+
+
+# -- connection slots (issue 23 #9) -------------------------------------------------------------
+
+
+async def test_a_client_that_does_not_take_its_answer_frees_its_slot_and_upstream(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    """A client that asks for 50 MB and never reads: once the socket buffers are full, the
+    write to it must be taken within ``take_timeout``, or the connection is closed and the
+    upstream connection with it."""
+    d, address = await proxied(tmp_path, fake, bulk, running)
+    proxy = d.proxies[0][0]
+    proxy.take_timeout = 1.0
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(b"GET /_fake/download?size=50000000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await wait_for(lambda: bulk.connections == 1 and proxy.connections == 1)
+        await wait_for(lambda: proxy.connections == 0, limit=15)
+        await wait_for(lambda: bulk.connections == 0)
+    finally:
+        sock.close()
+
+
+async def test_idle_connections_are_shed_for_newcomers(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    """One user fills every slot with idle connections (connected, nothing sent): each
+    legitimate newcomer sheds the one idle the longest instead of being closed."""
+    d, address = await proxied(tmp_path, fake, bulk, running, settings={"max_connections": 32})
+    proxy = d.proxies[0][0]
+    host, port = address.rsplit(":", 1)
+    idle = [await anyio.connect_tcp(host, int(port)) for _ in range(50)]
+    try:
+        await wait_for(lambda: proxy.connections == 32)
+        ok = 0
+        for _ in range(20):  # a new connection each
+            async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as c:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await c.get("/data/foundation/catalog/datasets")
+                    ok += r.status_code == 200
+        assert ok == 20
+        labels = {"listener": "proxy:aep-dev", "event": "shed"}
+        shed = d.metrics.registry.get_sample_value("imsd_http_connection_events_total", labels)
+        assert shed is not None
+        assert shed >= 50 - 32  # the flood's own newcomers shed too
+    finally:
+        for s in idle:
+            await s.aclose()
