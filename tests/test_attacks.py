@@ -6,6 +6,7 @@ suite runs as root; skipped otherwise, but never under ``CI=true``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import secrets
@@ -25,7 +26,7 @@ import pytest
 from imsd.fakeims.server import FakeIms
 
 from tests.requirements import need_root, need_tool
-from tests.support import write_cred
+from tests.support import ORG, SCOPES, SECRET, write_cred
 
 # The peer runs as another user, who cannot read this checkout's venv (often under /root):
 # a system Python with the standard library is all it needs.
@@ -392,3 +393,75 @@ def test_forced_refresh_flood_on_a_failing_credential_obeys_backoff(
     assert len(limited) >= 199
     assert int(limited[0].headers["Retry-After"]) >= 1
     assert limited[0].json()["error"] == "too_many_requests"
+
+
+# -- Medium 11: where a credential file may read secrets from --------------------------------
+
+
+def test_secrets_and_template_sources_outside_the_secret_roots_are_never_read(
+    world: Path, fake: FakeIms, daemon_proc: object
+) -> None:
+    """A credential file's writer picks its ims_url: naming /etc/shadow (or any file the
+    daemon can read) as its secret would send the file there. Only the daemon's config says
+    where secrets may be (secret_roots); a file elsewhere, directly or through a symlink in
+    the credentials directory, is an error of that credential, and IMS never sees a request
+    for it; the other credentials are served."""
+    creds, elsewhere, vault = world / "creds", world / "elsewhere", world / "vault"
+    for d in (creds, elsewhere, vault):
+        d.mkdir()
+    stolen = "p8e-ContentOfAFileOutsideEveryRoot-0123"
+    (elsewhere / "shadow").write_text(stolen + "\n")
+    (elsewhere / "page.tmpl").write_text("stolen: " + stolen + "\n")
+    (vault / "vaulted.secret").write_text(stolen + "\n")
+    (creds / "link.secret").symlink_to(elsewhere / "shadow")
+    # IMS would accept the file's content as the secret: a request would mint a token.
+    for client in ("shadow", "outside", "linked", "vaulted", "tpl"):
+        fake.state.add_client(client, secrets=[stolen, SECRET], scopes=SCOPES, org_id=ORG)
+    for name, client, ref in (
+        ("shadow", "shadow", "/etc/shadow"),
+        ("outside", "outside", str(elsewhere / "shadow")),
+        ("linked", "linked", "link.secret"),
+        ("vaulted", "vaulted", str(vault / "vaulted.secret")),
+    ):
+        (creds / f"{name}.toml").write_text(
+            f'client_id = "{client}"\nclient_secret_file = "{ref}"\norg_id = "{ORG}"\n'
+            f'scopes = {json.dumps(SCOPES)}\nims_url = "{fake.url}"\n'
+        )
+    write_cred(
+        creds,
+        "tpl",
+        fake,
+        client_id="tpl",
+        extra=f'[[template]]\nsource = "{elsewhere / "page.tmpl"}"\ndestination = "page"\n',
+    )
+    write_cred(creds, "good", fake)
+    d = daemon_proc(f'secret_roots = ["{vault}"]\n')  # type: ignore[operator]
+    d.wait_ready()
+    rows = {row["name"]: row for row in d.get("/v1/credentials").json()["credentials"]}
+    assert rows["good"]["state"] == "valid"
+    assert rows["vaulted"]["state"] == "valid"  # inside a root the config added
+    log = d.log()
+    for name, field in (
+        ("shadow", "client_secret_file"),
+        ("outside", "client_secret_file"),
+        ("linked", "client_secret_file"),
+        ("tpl", "template[0].source"),
+    ):
+        assert fake.state.request_count(name) == 0, name
+        assert not (d.root / "tokens" / name).exists(), name
+        line = next(line for line in log.splitlines() if f"{name}.toml" in line)
+        assert field in line, line
+        assert "outside every secret root" in line, line
+        assert "secret_roots" in line, line
+    assert stolen not in log
+    assert "root:" not in log  # nothing of /etc/shadow
+    out = subprocess.run(
+        [sys.executable, "-m", "imsd", "check", "--config", str(d.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("IMSD_")},
+    )
+    assert out.returncode == 1
+    assert f"{creds / 'shadow.toml'}: client_secret_file: /etc/shadow is outside" in out.stderr
+    assert stolen not in out.stdout + out.stderr

@@ -3,6 +3,7 @@ against hand-written token documents, with no daemon at all, and in a fresh inte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,9 +22,14 @@ from imsd import client
 from imsd.client import ImsdUnavailable, headers, request, token, token_document
 from imsd.fakeims.server import FakeIms
 
+from tests import test_attacks
 from tests.support import ORG, uds, write_cred
+from tests.test_attacks import User
 
 pytestmark = pytest.mark.anyio
+
+# A throwaway second user, and a directory it can traverse (tests/test_attacks.py's).
+make_user, world = test_attacks.make_user, test_attacks.world
 
 T = TypeVar("T")
 
@@ -261,6 +267,97 @@ def test_daemon_not_running(tmp_path: Path, make: Callable[[Path], object]) -> N
             call()
         assert str(e.value) == f"imsd is not running (no socket at {sock})"
         assert (e.value.status, e.value.code) == (None, None)
+
+
+# -- permission denied, as another user -------------------------------------------------------
+
+
+def _as(user: User, groups: list[int], call: Callable[[], object]) -> str:
+    """What *call* raises in a forked child running as *user* with these supplementary
+    *groups* (what that user's login would have): the child needs no file of this
+    checkout's (often under /root), everything is imported already."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        out = "no error"
+        try:
+            os.close(r)
+            os.setgroups(groups)
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            call()
+        except ImsdUnavailable as e:
+            out = str(e)
+        except BaseException as e:
+            out = f"{type(e).__name__}: {e}"
+        finally:
+            os.write(w, out.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    return out
+
+
+@pytest.fixture
+def guarded(world: Path, make_user: Any) -> Iterator[tuple[Path, str, int]]:
+    """A listening socket and a token file under *world*/run (root:GROUP 0750), as the unit
+    makes them: (run directory, group name, gid)."""
+    name, gid = make_user.group()
+    run = world / "run"
+    (run / "tokens" / "aep").mkdir(parents=True)
+    os.chown(run, 0, gid)
+    run.chmod(0o750)
+    (run / "tokens" / "aep" / "token.json").write_text("{}")
+    with contextlib.suppress(ImsdUnavailable):
+        request("GET", "/v1/credentials", socket=world / "missing.sock")  # imports it all
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(run / "imsd.sock"))
+        sock.listen(1)
+        os.chown(run / "imsd.sock", 0, gid)
+        (run / "imsd.sock").chmod(0o660)
+        yield run, name, gid
+
+
+def test_a_user_outside_the_group_is_told_permission_denied_and_which_group(
+    guarded: tuple[Path, str, int], make_user: Any
+) -> None:
+    run, group, _ = guarded
+    outsider = make_user()
+    sock = run / "imsd.sock"
+    said = _as(outsider, [], lambda: request("GET", "/v1/credentials", socket=sock))
+    assert said == (
+        f"permission denied: {sock}: {run} is root:{group} 0750;"
+        f' group {group} has access: sudo usermod -aG {group} "$USER", then log in again'
+    )
+    path = run / "tokens" / "aep" / "token.json"
+    said = _as(outsider, [], lambda: token("aep", output_dir=run / "tokens"))
+    assert said.startswith(f"permission denied: {path}: {run} is root:{group} 0750; group "), said
+
+
+def test_a_member_whose_login_predates_the_group_is_told_to_log_in_again(
+    guarded: tuple[Path, str, int], make_user: Any
+) -> None:
+    run, group, gid = guarded
+    member = make_user(groups=(group,))
+    sock = run / "imsd.sock"
+    said = _as(member, [], lambda: request("GET", "/v1/credentials", socket=sock))
+    assert said.endswith(f"; you joined group {group} after this login: log in again"), said
+    # With the group (a new login), the socket itself is reached (it only listens: no answer).
+    said = _as(member, [gid], lambda: request("GET", "/", socket=sock, timeout=0.2))
+    assert said == f"imsd socket {sock}: ReadTimeout", said
+
+
+def test_a_socket_only_its_owner_may_use_says_so(
+    guarded: tuple[Path, str, int], make_user: Any
+) -> None:
+    run, group, gid = guarded
+    (run / "imsd.sock").chmod(0o600)
+    member = make_user(groups=(group,))
+    sock = run / "imsd.sock"
+    said = _as(member, [gid], lambda: request("GET", "/v1/credentials", socket=sock))
+    assert said == f"permission denied: {sock} is root:{group} 0600; only root has access"
 
 
 def test_default_paths() -> None:

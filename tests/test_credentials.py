@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from imsd.credentials import parse_credentials
+from imsd.credentials import inside_roots, parse_credentials, resolve_roots
 from imsd.model import CredentialError
 
 ORG = "0123456789ABCDEF01234567@AdobeOrg"
@@ -66,9 +66,10 @@ def test_digest_changes_with_the_secret_file(tmp_path: Path) -> None:
     secret.write_text("one")
     obj = {k: v for k, v in BASE.items() if k != "client_secret"}
     obj["client_secret_file"] = str(secret)
-    [a] = parse(obj)
+    roots = resolve_roots([tmp_path])
+    [a] = parse(obj, secret_roots=roots)
     secret.write_text("two")
-    [b] = parse(obj)
+    [b] = parse(obj, secret_roots=roots)
     assert a.digest != b.digest
     assert a.identity != b.identity
 
@@ -160,7 +161,7 @@ def test_missing_env_and_secret_file() -> None:
     with pytest.raises(CredentialError, match="S_MISSING is not set"):
         parse({**obj, "client_secret_env": "S_MISSING"})
     with pytest.raises(CredentialError, match="file not found") as err:
-        parse({**obj, "client_secret_file": "/nonexistent/secret"})
+        parse({**obj, "client_secret_file": "/creds/nonexistent.secret"})
     assert err.value.field == "client_secret_file"
 
 
@@ -234,7 +235,7 @@ def test_a_fifo_for_any_secret_field_is_a_file_error(tmp_path: Path, auth: str, 
 
     def attempt() -> None:
         try:
-            parse(obj)
+            parse(obj, secret_roots=resolve_roots([tmp_path]))
         except CredentialError as e:
             done.append(e)
 
@@ -282,19 +283,122 @@ def test_a_relative_secret_path_may_not_leave_the_directory(
         assert "may not leave the credentials directory" in str(err.value)
 
 
-def test_relative_paths_inside_and_absolute_paths_are_read(tmp_path: Path) -> None:
+def test_relative_paths_inside_and_absolute_paths_in_a_root_are_read(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     (creds / "sub").mkdir(parents=True)
     (creds / "sub" / "a.secret").write_text("in-a-subdirectory")
-    (tmp_path / "b.secret").write_text("elsewhere-absolute")
+    (tmp_path / "vault").mkdir()
+    (tmp_path / "vault" / "b.secret").write_text("elsewhere-absolute")
+    roots = resolve_roots([creds, tmp_path / "vault"])  # an extra root in the daemon's config
     for ref, value in (
         ("sub/a.secret", "in-a-subdirectory"),
         ("./sub/../sub/a.secret", "in-a-subdirectory"),
-        (str(tmp_path / "b.secret"), "elsewhere-absolute"),
+        (str(tmp_path / "vault" / "b.secret"), "elsewhere-absolute"),
+        (str(creds / "sub" / "a.secret"), "in-a-subdirectory"),
     ):
         data = json.dumps(_secret_ref("client_secret_file", ref)).encode()
-        [c] = parse_credentials(creds / "c.json", data, env={})
+        [c] = parse_credentials(creds / "c.json", data, env={}, secret_roots=roots)
         assert c.client_secret.reveal() == value
+
+
+@pytest.mark.parametrize(
+    ("real", "roots", "inside"),
+    [
+        ("/run/secrets/aep", ["/run/secrets"], True),
+        ("/run/secrets", ["/run/secrets"], True),
+        ("/run/secrets/a/b/c", ["/run/secrets"], True),
+        ("/run/secrets-evil/aep", ["/run/secrets"], False),  # a prefix, not a parent
+        ("/run/secret", ["/run/secrets"], False),
+        ("/run", ["/run/secrets"], False),
+        ("/etc/shadow", ["/etc/imsd/credentials", "/run/secrets"], False),
+        ("/etc/shadow", [], False),
+        ("/etc/shadow", ["/"], True),  # the operator's choice
+        ("/srv/vault/x", ["/etc/imsd/credentials", "/srv/vault"], True),
+        ("/srv/vault/x", ["/srv/vault/"], True),
+    ],
+)
+def test_inside_roots(real: str, roots: list[str], inside: bool) -> None:
+    assert inside_roots(real, roots) is inside
+
+
+def test_resolve_roots_resolves_symlinks_and_drops_repeats(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    real = os.path.realpath(tmp_path / "real")
+    assert resolve_roots([tmp_path / "link", tmp_path / "real"]) == (real,)
+
+
+@pytest.mark.parametrize(
+    "field", ["client_secret_file", "refresh_token_file", "private_key_file", "template"]
+)
+def test_a_secret_outside_every_root_is_refused(tmp_path: Path, field: str) -> None:
+    """/etc/shadow (or any file the daemon can read) named by a credential file: refused
+    before it is read, naming the file, the field and the setting; the same through a
+    symlink in the credentials directory."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "shadow").write_text("root:p8e-NotForIms:19000:0:99999:7:::")
+    (creds / "link.secret").symlink_to(outside / "shadow")
+    (creds / "dirlink").symlink_to(outside)
+    reads: list[Path] = []
+
+    def read(path: Path) -> str:
+        reads.append(path)
+        return "must-not-be-read"
+
+    for ref in (str(outside / "shadow"), "link.secret", "dirlink/shadow", "/etc/shadow"):
+        if field == "template":
+            obj = {**BASE, "template": [{"source": ref, "destination": "out"}]}
+            where = "template[0].source"
+        elif field == "private_key_file":
+            obj = {
+                **BASE,
+                "auth": "jwt",
+                "technical_account_id": "t@techacct.adobe.com",
+                "metascopes": ["ent_dataservices_sdk"],
+                field: ref,
+            }
+            where = field
+        else:
+            obj, where = _secret_ref(field, ref), field
+        for reader in (read, None):
+            with pytest.raises(CredentialError) as err:
+                parse_credentials(
+                    creds / "c.json",
+                    json.dumps(obj).encode(),
+                    env={},
+                    read_secret=reader,
+                    secret_roots=resolve_roots([creds, tmp_path / "vault"]),
+                )
+            message = str(err.value)
+            assert err.value.field == where
+            assert str(creds / "c.json") in message
+            assert "outside every secret root" in message
+            assert "secret_roots in the daemon's config" in message
+            assert "p8e-" not in message
+            assert "root:" not in message
+    assert reads == []
+
+
+def test_a_symlink_swapped_in_after_the_check_is_caught_on_the_open(tmp_path: Path) -> None:
+    """The roots are checked again on the file the kernel opened (/proc/self/fd): a path
+    that resolved inside a root at the check but leads out at the open is refused."""
+    from imsd.credentials import read_secret_file
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "shadow").write_text("outside")
+    (root / "sub" / "shadow").write_text("inside")
+    roots = resolve_roots([root])
+    assert read_secret_file(root / "sub" / "shadow", roots=roots) == "inside"
+    (root / "sub" / "shadow").unlink()
+    (root / "sub").rmdir()
+    (root / "sub").symlink_to(tmp_path / "elsewhere")  # the swap
+    with pytest.raises(ValueError, match="outside every secret root"):
+        read_secret_file(root / "sub" / "shadow", roots=roots)
 
 
 @pytest.mark.parametrize("field", ["client_secret_file", "refresh_token_file"])

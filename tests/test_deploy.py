@@ -58,11 +58,16 @@ def test_service_is_notify_with_watchdog_and_reload() -> None:
         "WatchdogSec=",
         "ExecReload=/bin/kill -HUP",
         "Restart=on-failure",
-        "DynamicUser=yes",
+        "User=imsd",  # static: DynamicUser= would hide /run/imsd and symlink /var/lib/imsd
         "Group=imsd-clients",  # the consumers' group: the peer check and the token files
         "StateDirectory=imsd",
     ):
         assert any(s.startswith(line) for s in settings), line
+    assert not any(s.startswith("DynamicUser=") for s in settings)
+    # The user and the group are the sysusers.d file's (the quick start applies it).
+    sysusers = (ROOT / "systemd" / "imsd.sysusers.conf").read_text().splitlines()
+    entries = [line.split(maxsplit=3)[:3] for line in sysusers if line and line[0] != "#"]
+    assert entries == [["g", "imsd-clients", "-"], ["u", "imsd", "-:imsd-clients"]]
     # Secrets come through LoadCredential= drop-ins (tests/test_quickstart.py writes and
     # uses one as the README says); the unit shows the form in a comment.
     assert any(line.startswith("#") and "LoadCredential=" in line for line in lines)

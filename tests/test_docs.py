@@ -33,6 +33,8 @@ def test_config_reference_lists_every_setting_with_its_default() -> None:
             assert int(text, 8) == value, key
         elif isinstance(value, float | int):
             assert float(text) == float(value), key
+        elif isinstance(value, list):  # a list as its env form, comma-separated
+            assert text == ",".join(str(v) for v in value), key
         else:
             assert text == str(value), key
 

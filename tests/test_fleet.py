@@ -120,6 +120,41 @@ def test_deferred_waits_without_counting_a_failure() -> None:
     assert len(effects) == 1
 
 
+KEY_ID = "0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("imsd:{alpha:0123456789abcdef01234567}:token", "not a byte string"),
+        (7, "not a byte string"),
+        (None, "not a byte string"),
+        (b"\xff", "not UTF-8"),
+        (b"x" * 200, "longer than a token key"),
+        (b"", "not a token key"),
+        (b"imsd:{alpha:nothex}:token", "not a token key"),
+        (f"imsd:{{alpha:{KEY_ID}}}:token\n".encode(), "not a token key"),
+        (f"other:{{alpha:{KEY_ID}}}:token".encode(), "not a token key"),
+        (f"imsd:{{alpha:{KEY_ID}}}:lease".encode(), "not a token key"),
+        (f"imsd:{{{'a' * 65}:{KEY_ID}}}:token".encode(), "longer than a token key"),
+        (f"imsd:{{älpha:{KEY_ID}}}:token".encode(), "not a token key"),
+    ],
+)
+def test_a_channel_message_must_name_a_token_key(data: object, reason: str) -> None:
+    with pytest.raises(fleet.Rejected) as e:
+        fleet.announced("imsd", data)
+    assert str(e.value) == reason
+
+
+def test_a_token_key_is_announced() -> None:
+    for name in ("alpha", "a" * 64, "x.y_z-1"):
+        key = fleet.keys_for("imsd", name, KEY_ID).token
+        assert fleet.announced("imsd", key.encode()) == key
+    key = fleet.keys_for("fleet.a:b-c", "a" * 64, KEY_ID).token  # the longest under it
+    assert len(key) == fleet.announcement_limit("fleet.a:b-c")
+    assert fleet.announced("fleet.a:b-c", key.encode()) == key
+
+
 def test_no_redis_client_is_imported_without_coordination() -> None:
     code = (
         "import sys, imsd.daemon, imsd.cli, imsd.supervisor\n"
@@ -286,6 +321,27 @@ async def test_redis_down_falls_back_for_s2s_then_recovers(
     redis.start()  # back, empty: the fleet re-converges to one holder without a restart
     await _until(lambda: [a.fleet.role("alpha"), b.fleet.role("alpha")].count("holder") == 1)
     await _until(lambda: a.token == b.token)
+
+
+async def test_channel_garbage_is_counted_and_dropped(nodes: Any, redis: RedisServer) -> None:
+    a = await nodes(0)
+    await _until(lambda: a.token)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis.url, verify_version=False)
+
+    def rejected() -> float | None:
+        labels = {"event": "message_rejected"}
+        value: float | None = a.d.metrics.registry.get_sample_value(
+            "imsd_fleet_events_total", labels
+        )
+        return value
+
+    assert rejected() == 0.0
+    async with client:
+        for data in (b"\xff", b"imsd:{alpha:zz}:token", b"y" * 4096):
+            while await client.publish("imsd:tokens", data) < 1:
+                await anyio.sleep(0.02)  # until the node's subscriber hears it
+    await _until(lambda: rejected() == 3.0)
+    assert a.fleet._rejected_since == 2  # one log line; the next two only counted
 
 
 async def test_a_refresh_token_credential_waits_for_redis(tmp_path: Path) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 
 import anyio
 import pytest
+from imsd.credentials import parse_credentials
 from imsd.fakeims.server import FakeIms
+from imsd.fleet import derive, keys_for, seal
+from imsd.model import Grant, Secret
 
 from tests.redis_support import RedisServer, redis_client, redis_server
 from tests.support import ORG, SCOPES, SECRET, SECRET2, read, write_cred
@@ -494,3 +497,65 @@ async def test_a_refresh_token_chain_shared_by_five_daemons_never_breaks(
         assert grants() == [200] * len(grants())  # never an invalid_grant: no fork
         assert fake.state.live_refresh_tokens() == 1
         assert all(n.alive() for n in fleet.nodes)
+
+
+# -- 7. hostile messages on the fleet's channel ----------------------------------------------
+
+
+def _forge(node: Fleetd, name: str, grant: Grant) -> tuple[str, bytes]:
+    """(token key, sealed blob) of *grant* for *node*'s credential *name*: what its holder
+    would write (the test holds the credential's secret, as a node does)."""
+    path = node.home / "creds" / f"{name}.toml"
+    (cred,) = parse_credentials(path, path.read_bytes(), env={})
+    key, kid = derive(cred)
+    token_key = keys_for("imsd", name, kid).token
+    return token_key, seal(key, token_key, 1, grant)
+
+
+async def _publish(client: Any, node: Fleetd, data: bytes) -> None:
+    """PUBLISH *data* on the fleet's channel once *node*'s subscriber hears it."""
+    with anyio.fail_after(15):
+        while await client.publish("imsd:tokens", data) < 1:
+            assert node.alive(), node.log_path.read_text()[-2000:]
+            await anyio.sleep(0.05)  # the daemon's subscriber (re)connecting
+
+
+async def test_garbage_on_the_channel_is_dropped_and_the_node_still_follows(
+    tmp_path: Path, redis: RedisServer, fleet_of: Callable[..., Fleet]
+) -> None:
+    """Issue 23 #1: anyone with PUBLISH rights sent ``\\xff`` and every node exited."""
+    with short_ims(3600.0) as fake:
+        # A 30 s lease: the reconcile runs every 30 s, so only the message can bring the
+        # forged token below in time.
+        fleet = fleet_of(redis, lease=30.0, margin=1.0)
+        node = fleet.start(_s2s(["alpha"], fake, lambda i: "client-a"))
+        await until(lambda: _converged([node], "alpha", fake), 30, "the first token")
+        client = redis_client(redis.url)
+        good_name = b"imsd:{alpha:" + b"0" * 24 + b"}:token"
+        garbage = [
+            b"\xff",  # not UTF-8
+            b"\xc3\x28imsd",
+            b"x" * 65536,  # longer than any token key
+            b"",
+            b"imsd:{alpha:not-a-key-id}:token",
+            good_name + b"\n",
+            good_name.replace(b"imsd", b"other"),
+            "imsd:{älpha:000000000000000000000000}:token".encode(),
+        ]
+        async with client:
+            for data in garbage:
+                await _publish(client, node, data)
+            ims_client = fake.state.client("client-a")
+            assert ims_client is not None
+            token, life = fake.state.mint(ims_client, SCOPES)
+            now = time.time()
+            grant = Grant(Secret(token), "bearer", now, now + life)
+            token_key, blob = _forge(node, "alpha", grant)
+            await client.set(token_key, blob)
+            await _publish(client, node, token_key.encode())
+        # Adopted from the message, after every piece of garbage before it.
+        await until(lambda: node.token("alpha") == token, 15, "the announced token adopted")
+        assert node.alive()
+        (line,) = node.events("fleet.message_rejected")  # once a minute, each one counted
+        assert (line["level"], line["reason"], line["size"]) == ("warning", "not UTF-8", 1)
+        assert node.events("token.adopted")

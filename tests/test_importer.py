@@ -11,9 +11,15 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tomli_w
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given
+from hypothesis import strategies as st
+from imsd import tomlfile
+from imsd.credentials import decode, parse_credentials
 from imsd.daemon import run_once
 from imsd.fakeims.server import FakeIms
 from imsd.importer import ImportFailed, check_plan, login_needed, plan_import
@@ -75,9 +81,12 @@ async def test_both_console_shapes_load_unchanged(tmp_path: Path, fake: FakeIms)
     }
 
 
-def imsd(*args: str) -> subprocess.CompletedProcess[str]:
+def imsd(*args: str, secret_roots: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSD_")}
+    if secret_roots is not None:  # the daemon's own setting: where a key file may be
+        env["IMSD_SECRET_ROOTS"] = str(secret_roots)
     return subprocess.run(
-        [sys.executable, "-m", "imsd", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "imsd", *args], capture_output=True, text=True, timeout=60, env=env
     )
 
 
@@ -98,14 +107,14 @@ async def test_import_writes_a_native_file_and_a_0600_secret(tmp_path: Path, fak
     )
     assert out.returncode == 0, out.stderr
     toml = (s.credentials_dir / "aep.toml").read_text()
+    table = tomllib.loads(toml)
     secret = s.credentials_dir / "aep.secret"
     assert secret.read_text() == FLAT_SECRETS[1] + "\n"
     assert secret.stat().st_mode & 0o777 == 0o600
     for value in FLAT_SECRETS:
         assert value not in toml
         assert value not in out.stdout + out.stderr
-    assert 'client_secret_file = "aep.secret"' in toml
-    assert 'products = ["aep"]' in toml
+    assert (table["client_secret_file"], table["products"]) == ("aep.secret", ["aep"])
     # What import wrote, the daemon loads.
     assert await run_once(s, load_registry(), give_up_after=10) == 0
     assert (s.output_dir / "aep" / "aep.headers").exists()
@@ -169,11 +178,17 @@ def test_import_jwt_needs_the_private_key(tmp_path: Path) -> None:
     key.write_bytes(private_pem(rsa_key()))
     creds = tmp_path / "creds"
     out = imsd("import", str(path), "--private-key", str(key), "--dir", str(creds))
+    assert "outside every secret root" in out.stderr  # the daemon would refuse to read it
+    assert "secret_roots" in out.stderr
+    assert not (creds / "svc.toml").exists()
+    out = imsd(
+        "import", str(path), "--private-key", str(key), "--dir", str(creds), secret_roots=tmp_path
+    )
     assert out.returncode == 0, out.stderr
-    toml = (creds / "svc.toml").read_text()
-    assert 'auth = "jwt"' in toml
-    assert f'private_key_file = "{key}"' in toml
-    assert 'metascopes = ["ent_dataservices_sdk"]' in toml
+    table = tomllib.loads((creds / "svc.toml").read_text())
+    assert table["auth"] == "jwt"
+    assert table["private_key_file"] == str(key)
+    assert table["metascopes"] == ["ent_dataservices_sdk"]
 
 
 def test_import_aem_keeps_the_inline_key_in_a_0600_file(tmp_path: Path) -> None:
@@ -196,8 +211,9 @@ def test_import_aem_keeps_the_inline_key_in_a_0600_file(tmp_path: Path) -> None:
     assert files["aem.key"].mode == 0o600
     assert files["aem.key"].data.decode() == pem
     toml = files["aem.toml"].data.decode()
-    assert 'private_key_file = "aem.key"' in toml
-    assert 'ims_url = "https://ims-na1.adobelogin.com"' in toml
+    table = tomllib.loads(toml)
+    assert table["private_key_file"] == "aem.key"
+    assert table["ims_url"] == "https://ims-na1.adobelogin.com"
     assert "PRIVATE KEY" not in toml
 
 
@@ -282,10 +298,9 @@ def test_import_sets_product_options_and_creates_the_directory_0750(tmp_path: Pa
     assert out.stderr == ""  # no "[debug] plugin.loaded" lines
     assert out.stdout.splitlines()[0] == f"created {creds} (0750)"
     assert creds.stat().st_mode & 0o777 == 0o750
-    toml = (creds / "oauth-s2s.toml").read_text()
-    assert 'products = ["analytics", "aep"]' in toml
-    assert '[product.analytics]\ncompany_id = "acme"\n' in toml
-    assert '[product.aep]\nsandbox = "dev"\n' in toml
+    table = tomllib.loads((creds / "oauth-s2s.toml").read_text())
+    assert table["products"] == ["analytics", "aep"]
+    assert table["product"] == {"analytics": {"company_id": "acme"}, "aep": {"sandbox": "dev"}}
     # What import accepted, check accepts.
     check = subprocess.run(
         [sys.executable, "-m", "imsd", "check"],
@@ -381,43 +396,47 @@ def _serve(fake: FakeIms, path: Path, key: rsa.RSAPrivateKey, metascopes: list[s
         (
             "community/aepp-oauth.json",
             [],
-            [
-                'auth = "oauth_server_to_server"',
-                'products = ["aep"]',
-                '[product.aep]\nsandbox = "dev"',
-            ],
+            {
+                "auth": "oauth_server_to_server",
+                "products": ["aep"],
+                "product": {"aep": {"sandbox": "dev"}},
+            },
             [],
         ),
         (
             "community/aepp-jwt.json",
             [],
-            ['auth = "jwt"', 'metascopes = ["ent_dataservices_sdk"]', 'sandbox = "prod"'],
+            {
+                "auth": "jwt",
+                "metascopes": ["ent_dataservices_sdk"],
+                "product": {"aep": {"sandbox": "prod"}},
+            },
             ["ent_dataservices_sdk"],
         ),
-        ("community/cjapy-oauth.json", ["--product", "cja"], ['products = ["cja"]'], []),
-        ("community/cjapy-console-keys.json", ["--secret-index", "1"], ['products = ["cja"]'], []),
+        ("community/cjapy-oauth.json", ["--product", "cja"], {"products": ["cja"]}, []),
+        ("community/cjapy-console-keys.json", ["--secret-index", "1"], {"products": ["cja"]}, []),
         (
             "community/aanalytics2-oauth.json",
             [],
-            ['products = ["analytics"]', '[product.analytics]\ncompany_id = "testco0"'],
+            {"products": ["analytics"], "product": {"analytics": {"company_id": "testco0"}}},
             [],
         ),
         (
             "community/aanalytics2-jwt.json",
             ["--product", "analytics", "--option", "analytics.company_id=testco0"],
-            ['metascopes = ["ent_analytics_bulk_ingest_sdk"]'],
+            {"metascopes": ["ent_analytics_bulk_ingest_sdk"]},
             ["ent_analytics_bulk_ingest_sdk"],
         ),
         (
             "console/jwt.json",
             ["--private-key", "KEY", "--product", "cja"],
-            ['metascopes = ["ent_dataservices_sdk", "ent_cja_sdk"]', 'products = ["cja"]'],
+            {"metascopes": ["ent_dataservices_sdk", "ent_cja_sdk"], "products": ["cja"]},
             ["ent_dataservices_sdk", "ent_cja_sdk"],
         ),
         (
             "console/jwt.json",
             ["--private-key", "KEY", "--metascope", "ent_marketing_sdk"],
-            ['metascopes = ["ent_marketing_sdk"]'],
+            {"metascopes": ["ent_marketing_sdk"]},
             ["ent_marketing_sdk"],
         ),
     ],
@@ -427,7 +446,7 @@ async def test_import_a_community_config_file_and_the_daemon_uses_it(
     fake: FakeIms,
     fixture: str,
     args: list[str],
-    expected: list[str],
+    expected: dict[str, Any],
     metascopes: list[str],
 ) -> None:
     """aepp, cjapy and aanalytics2 users' files (and the Console's flat JWT download, given its
@@ -440,18 +459,25 @@ async def test_import_a_community_config_file_and_the_daemon_uses_it(
     key = rsa_key()
     (work / "private.key").write_bytes(private_pem(key))  # pathToKey: next to the file
     _serve(fake, source, key, metascopes)
-    s = make_settings(tmp_path, ims_url=fake.url)
+    s = make_settings(tmp_path, ims_url=fake.url, secret_roots=[work])
     args = [str(work / "private.key") if a == "KEY" else a for a in args]
     out = imsd(
-        "import", str(work / source.name), "--name", "c", "--dir", str(s.credentials_dir), *args
+        "import",
+        str(work / source.name),
+        "--name",
+        "c",
+        "--dir",
+        str(s.credentials_dir),
+        *args,
+        secret_roots=work,
     )
     assert out.returncode == 0, out.stderr
     toml = (s.credentials_dir / "c.toml").read_text()
-    for needle in expected:
-        assert needle in toml
+    table = tomllib.loads(toml)
+    assert {k: table.get(k) for k in expected} == expected
     assert "p8e-" not in toml + out.stdout + out.stderr
     if "tech_id" in source.read_text():
-        assert f'private_key_file = "{work / "private.key"}"' in toml  # resolved from the file
+        assert table["private_key_file"] == str(work / "private.key")  # resolved from the file
     assert await run_once(s, load_registry(), give_up_after=10) == 0
     assert fake.state.validate_token((s.output_dir / "c" / "token").read_text()) is not None
 
@@ -506,3 +532,189 @@ def test_import_community_errors_are_one_line(
     assert needle in line
     assert "p8e-" not in line
     assert not (tmp_path / "creds").exists()
+
+
+# -- what import writes is what it meant (issue 23, item 8) ---------------------------------
+
+#: A Console download's name as a hostile page would offer it: newlines end the header's
+#: comment, `\u002f` stands for the `/` a file name cannot hold (TOML basic strings decode it).
+ATTACK = (
+    'aep-oauth\nims_url = "http:\\u002f\\u002f127.0.0.1:9"\n'
+    'on_refresh = {command = ["\\u002fbin\\u002ftouch", "\\u002ftmp\\u002fimsd-pwned"]}\n#'
+)
+HOSTILE_NAMES = [
+    ATTACK,
+    'x\n[product.aep]\nsandbox = "evil"\n#',
+    'x"]\n[section]\nims_url = "http:\\u002f\\u002f127.0.0.1:9" # ]',
+    "x\r\nims_url = 'http:\\u002f\\u002f127.0.0.1:9'\r\n#",
+    "x\x00\x7f\t\x1b[2J\u2028ims_url = 'http:\\u002f\\u002f127.0.0.1:9'\u2029\u202e\u0085\\",
+    'x\\\nims_url = "\\u0068ttp:\\u002f\\u002f127.0.0.1:9"\n# \\u000a',
+    "\U0001f600\ud800",  # an emoji and a lone surrogate (what os.fsdecode makes of bad bytes)
+]
+#: What an S2S import with --product aep --option aep.sandbox=prod means, and nothing else.
+MEANT = {
+    "auth": "oauth_server_to_server",
+    "client_id": "0123456789abcdef0123456789abcdef",
+    "client_secret_file": "aep.secret",
+    "org_id": ORG,
+    "scopes": SCOPES[:5],
+    "products": ["aep"],
+    "product": {"aep": {"sandbox": "prod"}},
+}
+
+
+def test_a_crafted_download_name_adds_no_field(tmp_path: Path) -> None:
+    """The attack as it was: a download named with newlines put ims_url (the secret went
+    there) and on_refresh (it ran as root) into the written credential. Now the name stays
+    inside its comment line, escaped, and the file holds exactly what import meant."""
+    download = tmp_path / (ATTACK + ".json")
+    shutil.copy(FIXTURES / "oauth-s2s.json", download)
+    creds = tmp_path / "creds"
+    args = ["--name", "aep", "--product", "aep", "--option", "aep.sandbox=prod"]
+    out = imsd("import", str(download), "--dir", str(creds), *args)
+    assert out.returncode == 0, out.stderr
+    text = (creds / "aep.toml").read_text()
+    assert tomllib.loads(text) == MEANT
+    header = text.splitlines()[0]
+    assert header.startswith("# imported from aep-oauth\\u000aims_url = ")
+    assert [line for line in text.splitlines() if line.startswith("#")] == [header]
+    # And the daemon's own reading of it: the default IMS host, no command.
+    check = subprocess.run(
+        [sys.executable, "-m", "imsd", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_import_env(tmp_path), "IMSD_CREDENTIALS_DIR": str(creds)},
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    [cred] = parse_credentials(creds / "aep.toml", text.encode(), env={})
+    assert cred.ims_url == "https://ims-na1.adobelogin.com"
+    assert cred.on_refresh is None
+
+
+@pytest.mark.parametrize("source", HOSTILE_NAMES, ids=range(len(HOSTILE_NAMES)))
+def test_any_source_name_stays_in_its_comment(source: str) -> None:
+    files = plan_import(
+        (FIXTURES / "oauth-s2s.json").read_bytes(),
+        source=f"/downloads/{source}.json",
+        name="aep",
+        product="aep",
+        options={"aep": {"sandbox": "prod"}},
+    )
+    [toml] = [f for f in files if f.name == "aep.toml"]
+    text = toml.data.decode()
+    assert tomllib.loads(text) == MEANT
+    assert sum(line.startswith("#") for line in text.splitlines()) == 1
+    assert text.isascii() or "\U0001f600" in text  # every control character escaped
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'prod"\nims_url = "http://127.0.0.1:9"',
+        "prod'''\n[on_refresh]\ncommand = ['/bin/sh']",
+        "prod\\\n\x00\x7f\u2028\U0001f600",
+    ],
+)
+def test_option_values_and_keys_are_escaped(value: str) -> None:
+    """--option values (and a community file's own options) go into the file escaped too."""
+    files = plan_import(
+        (FIXTURES / "oauth-s2s.json").read_bytes(),
+        source="aep.json",
+        product="aep",
+        options={"aep": {"sandbox": value, 'k"]\n[x]\ny = "': value}},
+    )
+    [toml] = [f for f in files if f.name == "aep.toml"]
+    table = tomllib.loads(toml.data.decode())
+    assert table["product"] == {"aep": {"sandbox": value, 'k"]\n[x]\ny = "': value}}
+    assert "ims_url" not in table
+    assert "on_refresh" not in table
+
+
+def test_bytes_that_read_back_otherwise_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last guard: the daemon's reader must give back what import meant, key for key,
+    or nothing is written (here a writer that adds a line)."""
+    real = tomli_w.dumps
+    monkeypatch.setattr(
+        tomli_w, "dumps", lambda doc: real(doc) + 'ims_url = "http://127.0.0.1:9"\n'
+    )
+    with pytest.raises(ImportFailed) as e:
+        plan_import((FIXTURES / "oauth-s2s.json").read_bytes(), source="aep.json")
+    assert str(e.value) == "aep.toml: ims_url would read back differently: not written"
+    monkeypatch.setattr(tomli_w, "dumps", lambda doc: real(doc) + "[product.x\n")
+    with pytest.raises(ImportFailed, match=r"^aep.toml: would not read back \(invalid TOML: "):
+        plan_import((FIXTURES / "oauth-s2s.json").read_bytes(), source="aep.json")
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        (".hidden", "'.hidden' (--name): a credential name is 1-64 of A-Z a-z 0-9 . _ -"),
+        ("a/b", "'a/b' (--name)"),
+        ("x" * 65, "(--name): a credential name is 1-64"),
+        ("aep\n", "'aep\\n' (--name)"),
+    ],
+)
+def test_import_names_follow_the_credential_name_rule(
+    tmp_path: Path, name: str, needle: str
+) -> None:
+    out = imsd("import", str(FIXTURES / "oauth-s2s.json"), "--name", name, "--dir", str(tmp_path))
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert needle in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_derived_names_never_collide() -> None:
+    """A project's credentials are STEM.LABEL cut at 64 characters: two that would be cut to
+    one name are refused (the second file would have replaced the first)."""
+    download = json.loads((FIXTURES / "project.json").read_bytes())
+    entries = download["project"]["workspace"]["details"]["credentials"]
+    first = next(c for c in entries if c["name"] == "S2S credential")
+    second = json.loads(json.dumps(first))
+    second["name"] = "S2S credential two"
+    second["oauth_server_to_server"]["client_id"] = "another-client"
+    entries[:] = [first, second]
+    stem = "p" * 55
+    with pytest.raises(ImportFailed, match=rf"two credentials would be named alike \({stem}\."):
+        plan_import(json.dumps(download).encode(), source="project.json", name=stem)
+    names = [f.name for f in plan_import(json.dumps(download).encode(), source="project.json")]
+    assert sorted(names) == [
+        "project.S2S-credential-two.secret",
+        "project.S2S-credential-two.toml",
+        "project.S2S-credential.secret",
+        "project.S2S-credential.toml",
+    ]
+
+
+#: Any text a Python str can hold, lone surrogates included (comments escape them).
+SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+ANY_TEXT = st.text(st.one_of(st.characters(), SURROGATE))
+
+
+@given(value=st.text(), key=st.text(), note=ANY_TEXT)
+def test_any_string_round_trips_through_the_writer_and_the_daemons_reader(
+    value: str, key: str, note: str
+) -> None:
+    """Every string a TOML file can hold (values, keys, table names) reads back from
+    imsd.tomlfile's bytes, through the daemon's reader, as it was; a comment of any text
+    adds nothing."""
+    doc: dict[str, Any] = {
+        "client_id": value,
+        "scopes": [value, key],
+        key: value,
+        "product": {key: {key: value, "sandbox": [value]}},
+        "template": [{"destination": key, "content": value}],
+    }
+    path = Path("c.toml")
+    data = tomlfile.render(path, doc, comments=[note, value, key])
+    assert decode(path, data) == doc
+    assert data.count(b"\n#") + data.startswith(b"#") == 3  # one line per comment
+
+
+@given(value=st.tuples(ANY_TEXT, SURROGATE, ANY_TEXT).map("".join))
+def test_a_value_toml_cannot_hold_is_refused_in_one_line(value: str) -> None:
+    with pytest.raises(tomlfile.UnfaithfulWrite) as e:
+        tomlfile.render(Path("c.toml"), {"client_id": value})
+    assert str(e.value) == "c.toml: cannot be written as TOML (UnicodeEncodeError)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
+import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -18,6 +20,7 @@ import anyio.abc
 import h11
 import httpx
 import pytest
+from imsd import logs
 from imsd.config import ProxySpec, Settings
 from imsd.daemon import Daemon
 from imsd.fakeims.bulk import BulkApi, pattern
@@ -45,6 +48,10 @@ BASE = "https://platform.adobe.io/base"
         ("/", f"{BASE}/"),
         ("//evil.example/x", f"{BASE}//evil.example/x"),  # a path, on the base's host
         ("/@evil.example", f"{BASE}/@evil.example"),
+        ("/a/...", f"{BASE}/a/..."),  # three dots are a name
+        ("/a/..x/b..", f"{BASE}/a/..x/b.."),
+        ("/a;v=1/b", f"{BASE}/a;v=1/b"),
+        ("/files/a%2Fb", f"{BASE}/files/a%2Fb"),  # an encoded slash alone is data
     ],
 )
 def test_upstream_url_appends_path_and_query(target: str, url: str) -> None:
@@ -65,6 +72,16 @@ def test_upstream_url_appends_path_and_query(target: str, url: str) -> None:
         "/a\r\nHost: evil",
         "/a#frag",
         "/a\\b",
+        # Encoded dot segments, as an upstream that decodes before it resolves reads them
+        # (issue 23 Low 14): nginx, IIS, Tomcat's path parameters.
+        "/a/..%2fb",
+        "/a/%2e%2e%2fb",
+        "/a%2F..%2Fb",
+        "/a/..;/b",
+        "/a/.;x/b",
+        "/a/%252e%252e/b",
+        "/a%5c..%5cb",
+        "/a/.%2E/b",
     ],
 )
 def test_upstream_url_refuses_targets_that_could_leave_the_instance(target: str) -> None:
@@ -278,13 +295,96 @@ async def test_unix_socket_proxy_checks_peers(
         assert r.json()["error"] == "forbidden"
 
 
+# -- who may drive it: web pages (issue 23 High 2, Low 13 and 15) ----------------------------
+
+
+def _upstream_saw(bulk: BulkApi, suffix: str) -> bool:
+    return any(p.endswith(suffix) for _, p, _ in bulk.requests)
+
+
+async def test_a_dns_rebinding_page_gets_no_signed_request(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running)
+    port = address.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        # What the browser sends once attacker.example resolves to 127.0.0.1: its own name.
+        r = await c.get("/_fake/headers", headers={"Host": f"attacker.example:{port}"})
+        assert (r.status_code, r.json()["error"]) == (403, "host_not_allowed")
+        assert "Bearer" not in r.text
+        assert not _upstream_saw(bulk, "/_fake/headers")
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            r = await c.get("/_fake/headers", headers={"Host": host})
+            assert r.status_code == 200, r.text
+
+
+async def test_cross_site_requests_from_pages_are_refused_unless_their_origin_is_allowed(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    d, address = await proxied(
+        tmp_path, fake, bulk, running, allowed_origins=("http://localhost:3000",)
+    )
+    # A "simple" request: no preflight, so only the proxy can stop it.
+    simple = {"Content-Type": "text/plain"}
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        pages = [
+            {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+            {"Origin": "http://127.0.0.1:9999", "Sec-Fetch-Site": "same-site"},
+            {"Sec-Fetch-Site": "cross-site"},  # a form's top-level navigation
+            {"Origin": "null"},  # a sandboxed frame, a file:// page
+        ]
+        for page in pages:
+            r = await c.post("/_fake/upload", content=b"x", headers={**simple, **page})
+            assert (r.status_code, r.json()["error"]) == (403, "origin_not_allowed"), page
+        assert not _upstream_saw(bulk, "/_fake/upload")
+        page = {"Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"}
+        r = await c.post("/_fake/upload", content=b"x", headers={**simple, **page})
+        assert r.status_code == 200, r.text
+    labels = {"instance": "aep-dev", "status": "403"}
+    assert d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 4
+
+
+async def test_trace_is_never_forwarded(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    _, address = await proxied(tmp_path, fake, bulk, running)
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+        for method in ("TRACE", "TRACK"):
+            r = await c.request(method, "/_fake/headers")
+            assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+            assert "TRACE" not in r.headers["allow"]
+    assert bulk.requests == []
+
+
+async def test_refused_requests_are_logged_once_a_minute_per_reason(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    try:
+        d, address = await proxied(tmp_path, fake, bulk, running)
+        async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as c:
+            for _ in range(150):
+                r = await c.get("/x", headers={"Host": "attacker.example"})
+                assert r.status_code == 403
+                r = await c.get("/x", headers={"Origin": "https://evil.example"})
+                assert r.status_code == 403
+    finally:
+        logs.configure("warning", "json")
+    lines = [x for x in stream.getvalue().splitlines() if "proxy.request_refused" in x]
+    assert len(lines) == 2, lines  # one per reason, not 300
+    assert {json.loads(x)["reason"] for x in lines} == {"host_not_allowed", "origin_not_allowed"}
+    labels = {"instance": "aep-dev", "status": "403"}
+    assert d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 300
+
+
 async def test_a_client_gone_mid_body_leaves_nothing_behind(
     tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
 ) -> None:
     d, address = await proxied(tmp_path, fake, bulk, running)
     host, port = address.rsplit(":", 1)
     stream = await anyio.connect_tcp(host, int(port))
-    head = b"POST /_fake/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    head = b"POST /_fake/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n"
     await stream.send(head + b"x" * 200_000)
     await wait_for(lambda: ("POST", "/gateway/aep/_fake/upload", "started") in bulk.requests)
     await stream.aclose()
@@ -298,7 +398,7 @@ async def test_a_client_gone_mid_body_leaves_nothing_behind(
     await wait_for(lambda: proxy.connections == 0)
     # Gone mid-download: the upstream connection is dropped with it.
     stream = await anyio.connect_tcp(host, int(port))
-    await stream.send(b"GET /_fake/download?size=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.send(b"GET /_fake/download?size=50000000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
     await stream.aclose()
     await wait_for(lambda: proxy.connections == 0)
@@ -420,7 +520,7 @@ async def test_a_response_not_read_to_its_end_is_never_pooled(
     d, address = await proxied(tmp_path, fake, bulk, running, base_url=origin.url)
     host, port = address.rsplit(":", 1)
     stream = await anyio.connect_tcp(host, int(port))
-    await stream.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.send(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
     await stream.aclose()
     # The client left mid-body: the upstream connection is closed, not kept half read.
@@ -640,7 +740,7 @@ async def test_8_bit_header_values_pass_both_ways(
     _, address = await proxied(tmp_path, fake, bulk, running, base_url=hostile.url)
     host, port = address.rsplit(":", 1)
     stream = await anyio.connect_tcp(host, int(port))
-    await stream.send(b"GET /odd HTTP/1.1\r\nHost: x\r\nX-Mine: na\xefve\r\n\r\n")
+    await stream.send(b"GET /odd HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Mine: na\xefve\r\n\r\n")
     answer = b""
     while not answer.endswith(b"hi"):
         answer += await stream.receive()

@@ -1,16 +1,20 @@
 """The README's "Quick start: systemd", run as written against a throwaway root.
 
 Every command of the quick start's ``sh`` block runs, with ``/etc``, ``/opt``, ``/run``,
-``/var/lib`` and ``/usr/local`` moved under a temporary root and ``imsd-clients`` renamed to
-a throwaway group; ``sudo`` lines run as root, the others as a throwaway consumer (the
-``$USER`` the quick start adds to the group). Two lines are not run as written:
+``/var/lib`` and ``/usr/local`` moved under a temporary root, ``imsd-clients`` renamed to
+a throwaway group and the daemon's user ``imsd`` to a throwaway user; ``sudo`` lines run as
+root, the others as a throwaway consumer (the ``$USER`` the quick start adds to the group).
+Three lines are not run as written:
 
 - the venv and ``pip install`` line: the checkout's own ``.venv/bin/imsd`` stands in for
   ``/opt/imsd/bin/imsd`` (no network, no minutes of installing);
+- the ``systemd-sysusers`` line: the installed ``sysusers.d`` file, with the user and the
+  group renamed, is the one ``systemd-sysusers`` is told to apply (not every file of the
+  machine's);
 - the ``systemctl`` line: systemd is not PID 1 here, so :class:`Unit` does what starting
   ``imsd.socket`` and ``imsd.service`` would: the socket as the socket unit describes it, the
   unit's directories, its ``LoadCredential=`` files in ``$CREDENTIALS_DIRECTORY``, and its
-  ``ExecStart=`` with ``${VAR}`` expanded, run as a dynamic-user-like uid in ``Group=`` with
+  ``ExecStart=`` with ``${VAR}`` expanded, run as ``User=`` in ``Group=`` with
   ``UMask=`` in ``PrivateUsers=``'s user namespace, with ``LISTEN_FDS``/``LISTEN_PID`` and
   ``NOTIFY_SOCKET`` (``READY=1`` is awaited).
 
@@ -101,6 +105,10 @@ def test_quickstart_block_has_what_this_test_replaces() -> None:
     assert [line for line in lines if "systemctl" in line] == [
         "sudo systemctl daemon-reload && sudo systemctl enable --now imsd.socket imsd"
     ]
+    assert [line.split("#")[0].strip() for line in lines if "sysusers" in line] == [
+        "sudo install -D -m 0644 systemd/imsd.sysusers.conf /etc/sysusers.d/imsd.conf"
+        " && sudo systemd-sysusers"
+    ]
     assert sum("-m venv /opt/imsd" in line and "pip install" in line for line in lines) == 1
 
 
@@ -120,6 +128,7 @@ class Machine:
     group: str
     user: str
     home: Path
+    daemon_user: str
     log: list[str] = field(default_factory=list)
 
     def moved(self, text: str) -> str:
@@ -176,6 +185,9 @@ class Machine:
         for line in quickstart():
             if "systemctl" in line:
                 return
+            if "systemd-sysusers" in line:
+                self.sysusers(line)
+                continue
             if "-m venv" in line:
                 bin_dir = self.root / "opt" / "imsd" / "bin"
                 bin_dir.mkdir(parents=True)
@@ -185,12 +197,26 @@ class Machine:
             assert r.returncode == 0, "\n".join(self.log)
         raise AssertionError("no systemctl line in the quick start")
 
+    def sysusers(self, line: str) -> None:
+        """The install as written; then the installed file, renamed, is what is applied."""
+        install, sysusers = line.split("#")[0].split("&&")
+        assert sysusers.split() == ["sudo", "systemd-sysusers"], line
+        assert self.sh(install.replace("sudo ", ""), as_consumer=False).returncode == 0
+        conf = self.root / "etc" / "sysusers.d" / "imsd.conf"
+        text = re.sub(rf"\b{GROUP}\b", self.group, conf.read_text())
+        text = re.sub(r"^u imsd ", f"u {self.daemon_user} ", text, flags=re.M)
+        assert self.daemon_user in text, text
+        conf.write_text(text)
+        r = self.sh(f"systemd-sysusers {conf}", as_consumer=False)
+        assert r.returncode == 0, "\n".join(self.log)
+
 
 @pytest.fixture
 def machine(fake: FakeIms) -> Iterator[Machine]:
     need_root("the quick start creates a group and runs the daemon as another user")
     for tool in ("useradd", "groupadd", "setpriv", "unshare", "mount", "install", "getent"):
         need_tool(tool, "apt-get install passwd util-linux mount coreutils libc-bin")
+    need_tool("systemd-sysusers", "apt-get install systemd (.ci/run does)")
     download = json.loads(DOWNLOAD.read_text())
     fake.state.add_client(
         download["CLIENT_ID"],
@@ -213,11 +239,12 @@ def machine(fake: FakeIms) -> Iterator[Machine]:
         check=True,
         capture_output=True,
     )
-    m = Machine(root, group, user, home)
+    m = Machine(root, group, user, home, f"imsdd{tag}")
     try:
         yield m
     finally:
-        subprocess.run(["userdel", user], check=False, capture_output=True)
+        for name in (user, m.daemon_user):
+            subprocess.run(["userdel", name], check=False, capture_output=True)
         with contextlib.suppress(KeyError):
             grp.getgrnam(group)
             subprocess.run(["groupdel", group], check=False, capture_output=True)
@@ -262,16 +289,6 @@ def hidden_paths() -> dict[Path, set[Path]]:
     return hidden
 
 
-def free_dynamic_uid() -> int:
-    """A uid from systemd's DynamicUser= range that no account holds."""
-    for uid in range(61184, 65520):
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            return uid
-    raise AssertionError("no free uid in 61184..65519")
-
-
 def expand(word: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda v: env[v[1]], word)
 
@@ -284,7 +301,8 @@ class Unit:
         sock_unit = unit_file(m, "imsd.socket", "Socket")
         svc = unit_file(m, "imsd.service", "Service")
         gid = grp.getgrnam(svc["Group"][-1]).gr_gid
-        uid = free_dynamic_uid()
+        assert svc["User"][-1] == "imsd", svc["User"]  # the sysusers.d file's, renamed
+        uid = pwd.getpwnam(m.daemon_user).pw_uid
         self.uid, self.gid = uid, gid
 
         # imsd.socket: parents 0755 (DirectoryMode=), the socket's mode and group.

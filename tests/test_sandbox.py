@@ -1,7 +1,7 @@
 """The real daemon (``imsd once``) under the restrictions of systemd/imsd.service that can be
 emulated without systemd as PID 1:
 
-- ``DynamicUser=yes``: an unprivileged uid/gid (65534) with no supplementary groups;
+- ``User=imsd``: an unprivileged uid/gid (65534 here) with no supplementary groups;
 - ``NoNewPrivileges=yes``, ``CapabilityBoundingSet=`` (empty), ``AmbientCapabilities=``;
 - ``UMask=0077``;
 - ``ProtectSystem=strict`` with ``StateDirectory``/``RuntimeDirectory`` writable: in a private

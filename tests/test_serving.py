@@ -282,6 +282,7 @@ def _changed_value(field: str, tmp_path: Path) -> Any:
         "min_refresh_interval": 7.0,
         "max_connections": 77,
         "plugin_dirs": [tmp_path],
+        "secret_roots": [tmp_path / "vault"],
         "refresh_fraction": 0.7,
         "jitter_fraction": 0.01,
         "min_margin": 0.25,

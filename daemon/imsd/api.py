@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import structlog
 
 from imsd.httpserver import Request, Response
+from imsd.logs import LogThrottle
 from imsd.metrics import Metrics
 from imsd.model import Credential, CredentialState
 from imsd.plugin import Product
@@ -124,7 +125,7 @@ class Api:
         self._clock = clock
         # Refusals are counted in the socket_requests metric; the log says it once a minute
         # per uid, so a refused client in a loop cannot fill the disk.
-        self._refusals: dict[int | None, tuple[float, int]] = {}
+        self._refusals = LogThrottle(_REFUSAL_LOG_EVERY)
         # The token document only changes with the credential or the grant: render it once.
         self._documents: dict[str, tuple[object, object, Response]] = {}
 
@@ -160,14 +161,9 @@ class Api:
     def _log_refusal(self, req: Request) -> None:
         peer = req.peer
         uid = peer.uid if peer else None
-        now = time.monotonic()
-        logged, suppressed = self._refusals.get(uid, (-math.inf, 0))
-        if now - logged < _REFUSAL_LOG_EVERY:
-            self._refusals[uid] = (logged, suppressed + 1)
+        suppressed = self._refusals.due(uid, time.monotonic())
+        if suppressed is None:
             return
-        if len(self._refusals) > 4096:  # many uids: forget them rather than grow
-            self._refusals.clear()
-        self._refusals[uid] = (now, 0)
         log.warning(
             "api.peer_refused",
             uid=uid,

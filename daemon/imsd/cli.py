@@ -634,7 +634,11 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             metascopes=args.metascope,
         )
         hints = check_plan(
-            directory, files, products=registry.products, auth_methods=registry.auth_methods
+            directory,
+            files,
+            products=registry.products,
+            auth_methods=registry.auth_methods,
+            secret_roots=settings.secret_root_paths(os.environ),
         )
         created = write_import(directory, files, force=args.force)
     except OSError as e:
@@ -750,6 +754,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace, root: Path) -> int:
     import shlex
 
+    from imsd import tomlfile
     from imsd.config import ProxySpec
     from imsd.daemon import Daemon
     from imsd.fakeims.server import FakeIms
@@ -776,19 +781,26 @@ def _run_demo(args: argparse.Namespace, root: Path) -> int:
         secret = secrets.token_urlsafe(24)
         fake.state.add_client("demo-client", secrets=[secret], scopes=DEMO_SCOPES, org_id=DEMO_ORG)
         _write_private(creds / "demo.secret", secret + "\n")
-        scopes = ", ".join(f'"{s}"' for s in DEMO_SCOPES)
         gateway = f"{fake.url}/gateway/aep"  # the fake gateway stands in for platform.adobe.io
         host = fake.url.removeprefix("http://").rsplit(":", 1)[0]
-        (creds / "demo.toml").write_text(
-            'auth = "oauth_server_to_server"\nclient_id = "demo-client"\n'
-            'client_secret_file = "demo.secret"\n'
-            f'org_id = "{DEMO_ORG}"\nscopes = [{scopes}]\nims_url = "{fake.url}"\n'
-            'products = ["generic", "aep"]\n'
-            f'[product.aep]\nsandbox = "dev"\nbase_url = "{gateway}"\n'
+        demo = {
+            "auth": "oauth_server_to_server",
+            "client_id": "demo-client",
+            "client_secret_file": "demo.secret",
+            "org_id": DEMO_ORG,
+            "scopes": list(DEMO_SCOPES),
+            "ims_url": fake.url,
+            "products": ["generic", "aep"],
+            "product": {"aep": {"sandbox": "dev", "base_url": gateway}},
             # A template (README "Templates"): a .netrc for tools that read one.
-            '[[template]]\ndestination = "netrc"\n'
-            f'content = "machine {host} login $client_id password $token\\n"\n'
-        )
+            "template": [
+                {
+                    "destination": "netrc",
+                    "content": f"machine {host} login $client_id password $token\n",
+                }
+            ],
+        }
+        (creds / "demo.toml").write_bytes(tomlfile.render(creds / "demo.toml", demo))
         token_dir = settings.output_dir / "demo"
 
         async def ready(daemon: Daemon) -> None:

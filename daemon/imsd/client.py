@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncGenerator, Generator
 from datetime import datetime
@@ -105,11 +106,89 @@ async def _arequest(
 
 
 def _unreachable(sock: Path, e: Exception) -> ImsdUnavailable:
+    if _is_denied(e):  # before ConnectError: httpx wraps connect()'s EACCES in one
+        return ImsdUnavailable(_denied(sock, "w"))
     if isinstance(e, httpx.ConnectError | FileNotFoundError):
         return ImsdUnavailable(f"imsd is not running (no socket at {sock})")
-    if isinstance(e, PermissionError):
-        return ImsdUnavailable(f"no permission to use the imsd socket {sock}")
     return ImsdUnavailable(f"imsd socket {sock}: {type(e).__name__}")
+
+
+def _is_denied(e: BaseException | None) -> bool:
+    """Whether *e*, or what it was raised from (httpx → httpcore → OSError), is EACCES."""
+    for _ in range(8):  # a chain, never a cycle; a few links suffice
+        if e is None:
+            return False
+        if isinstance(e, PermissionError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# -- why access was denied ----------------------------------------------------------------
+
+_BITS: Final = {"r": 0o4, "w": 0o2, "x": 0o1}
+
+
+def _denial_text(
+    path: Path,
+    blocker: Path,
+    st: os.stat_result,
+    need: str,
+    *,
+    owner: str,
+    group: str,
+    member: str,
+) -> str:
+    """Why *path* cannot be used: *blocker* (*path* itself, or the directory above it that
+    cannot be searched) lacks *need* ("r", "w"; "x" for a directory above) for this user, and
+    which group, if any, grants it. *member*: whether this user is in that group: "no",
+    "yes", or "later" (in the group database, but not in this login's groups)."""
+    bit = _BITS[need if blocker == path else "x"]
+    mode = stat.S_IMODE(st.st_mode)
+    if blocker == path:
+        where = f"permission denied: {path} is {owner}:{group} {mode:04o}"
+    else:
+        where = f"permission denied: {path}: {blocker} is {owner}:{group} {mode:04o}"
+    if not mode & (bit << 3) or st.st_gid == 0:
+        return f"{where}; only {owner} has access"
+    if member == "yes":
+        return where  # the group grants it, yet something else (an ACL, a MAC policy) denies
+    if member == "later":
+        return f"{where}; you joined group {group} after this login: log in again"
+    return f'{where}; group {group} has access: sudo usermod -aG {group} "$USER", then log in again'
+
+
+def _denied(path: Path, need: str) -> str:
+    """:func:`_denial_text` for *path* (*need*: "r" to read it, "w" to connect to it): the
+    nearest component this user can stat is the one that stops it."""
+    import grp
+    import pwd
+
+    for blocker in (path, *path.parents):
+        try:
+            st = os.stat(blocker)
+        except PermissionError:
+            continue  # a directory above it cannot be searched
+        except OSError:
+            break
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        try:
+            entry = grp.getgrgid(st.st_gid)
+            group, members = entry.gr_name, entry.gr_mem
+        except KeyError:
+            group, members = str(st.st_gid), []
+        try:
+            me = pwd.getpwuid(os.geteuid())
+            listed = me.pw_name in members or me.pw_gid == st.st_gid
+        except KeyError:
+            listed = False
+        now = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+        member = "yes" if now else "later" if listed else "no"
+        return _denial_text(path, blocker, st, need, owner=owner, group=group, member=member)
+    return f"permission denied: {path}"
 
 
 def _body(resp: httpx.Response) -> dict[str, Any]:
@@ -146,7 +225,7 @@ def token_document(
     except FileNotFoundError as e:
         raise ImsdUnavailable(f"{path} does not exist (is imsd running?)") from e
     except PermissionError as e:
-        raise ImsdUnavailable(f"no permission to read {path}") from e
+        raise ImsdUnavailable(_denied(path, "r")) from e
     except ValueError as e:
         raise ImsdUnavailable(f"{path} is not valid JSON") from e
     if not isinstance(doc, dict):

@@ -80,6 +80,39 @@ class ProxySpec(BaseModel):
     allow_remote: bool = False
     # Upstream: connect and between-bytes timeout (a hung upstream answers 504).
     timeout: float = Field(60.0, gt=0, le=3600)
+    # A TCP listener answers only to localhost, IP literals and these names in Host (a
+    # DNS-rebinding page names its own); and to no web page unless its origin is listed here
+    # (imsd.admission says why).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for host in v:
+            name = host.strip().lower().removesuffix(".")
+            if not name or any(c in name for c in ":/@ []") or name == "*":
+                raise ValueError(
+                    f"{host!r}: expected a host name without scheme or port (e.g. imsd-proxy)"
+                )
+            out.append(name)
+        return tuple(out)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for origin in v:
+            norm = origin.strip().lower().rstrip("/")
+            scheme, sep, rest = norm.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(
+                    f"{origin!r}: expected an origin, scheme://host[:port] "
+                    "(e.g. http://localhost:3000); never * or null"
+                )
+            out.append(norm)
+        return tuple(out)
 
     @field_validator("listen")
     @classmethod
@@ -137,6 +170,10 @@ class Settings(BaseModel):
     max_connections: int = Field(1024, ge=8, le=1_000_000)
     # Local plugin modules (*.py), loaded after the installed entry points.
     plugin_dirs: list[Path] = Field(default_factory=list)
+    # Where secret files and template sources may be, besides credentials_dir and
+    # $CREDENTIALS_DIRECTORY (README "The credential file"): the daemon's to say, never a
+    # credential file's (whose writer also picks where the secrets are sent).
+    secret_roots: list[Path] = Field(default_factory=lambda: [Path("/run/secrets")])
     # The refresh rule (README "Refresh rule").
     refresh_fraction: float = Field(0.8, gt=0, lt=1)
     jitter_fraction: float = Field(0.05, ge=0, lt=1)
@@ -177,6 +214,13 @@ class Settings(BaseModel):
             )
         return v
 
+    @field_validator("secret_roots")
+    @classmethod
+    def _secret_roots(cls, v: list[Path]) -> list[Path]:
+        if any(not p.is_absolute() for p in v):
+            raise ValueError("every secret root must be an absolute directory path")
+        return v
+
     @field_validator("ims_url")
     @classmethod
     def _ims_url(cls, v: str) -> str:
@@ -215,6 +259,12 @@ class Settings(BaseModel):
             backoff_cap=self.backoff_cap,
             recheck_interval=self.recheck_interval,
         )
+
+    def secret_root_paths(self, env: Mapping[str, str]) -> tuple[Path, ...]:
+        """Every place a secret file or template source may be: the credentials directory,
+        ``$CREDENTIALS_DIRECTORY`` when set (systemd ``LoadCredential=``), ``secret_roots``."""
+        systemd = env.get("CREDENTIALS_DIRECTORY")
+        return (self.credentials_dir, *([Path(systemd)] if systemd else []), *self.secret_roots)
 
     def file_gid(self) -> int | None:
         """The numeric group for output files, or None to keep the daemon's group."""
@@ -273,6 +323,7 @@ RELOAD: Final[Mapping[str, Reload]] = {
     "log_format": _R,  # the handler and its stream are chosen once, at start
     "log_level": _A,
     "plugin_dirs": _R,  # plugins are loaded once: a module cannot be unloaded
+    "secret_roots": _A,  # every credential file is re-parsed
     # The refresh rule: the next schedule computed uses it.
     "refresh_fraction": _A,
     "jitter_fraction": _A,
@@ -376,7 +427,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-_LISTS: Final = frozenset({"allowed_uids", "allowed_gids", "plugin_dirs"})
+_LISTS: Final = frozenset({"allowed_uids", "allowed_gids", "plugin_dirs", "secret_roots"})
 _NULLABLE: Final = frozenset(
     {
         "request_rate",

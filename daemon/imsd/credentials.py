@@ -16,7 +16,7 @@ import json
 import os
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -45,13 +45,17 @@ from imsd.templates import (
 )
 
 __all__ = [
+    "DEFAULT_SECRET_ROOTS",
     "EXTENSIONS",
     "MAX_FILE_SIZE",
     "PSEUDO_FILESYSTEMS",
     "builtin_auth_methods",
+    "decode",
+    "inside_roots",
     "parse_credentials",
     "read_secret_file",
     "read_user_file",
+    "resolve_roots",
 ]
 
 EXTENSIONS: Final = (".toml", ".json")
@@ -61,6 +65,10 @@ MAX_FILE_SIZE: Final = 1 << 20
 PSEUDO_FILESYSTEMS: Final = (Path("/proc"), Path("/sys"))
 # The same as strings, for a prefix test on a realpath (Path.is_relative_to is 10 µs apiece).
 _PSEUDO: Final = tuple((os.fspath(p), os.fspath(p) + os.sep) for p in PSEUDO_FILESYSTEMS)
+
+#: Where secret files and template sources may be besides the credentials directory and
+#: ``$CREDENTIALS_DIRECTORY`` (the daemon's ``secret_roots`` setting; Docker's secrets).
+DEFAULT_SECRET_ROOTS: Final = (Path("/run/secrets"),)
 
 ReadSecret = Callable[[Path], str]
 Output = Literal["token", "json", "headers", "env"]
@@ -81,7 +89,33 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-def read_user_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> bytes:
+def resolve_roots(roots: Iterable[Path]) -> tuple[str, ...]:
+    """*roots* as the absolute, symlink-free paths :func:`inside_roots` compares with (each
+    once: a root given twice, or as a symlink to another, is one root)."""
+    return tuple(dict.fromkeys(os.path.realpath(r) for r in roots))
+
+
+def inside_roots(real: str, roots: Sequence[str]) -> bool:
+    """Whether the resolved path *real* is one of *roots* (resolved paths, as from
+    :func:`resolve_roots`) or below one (pure: ``/run/secrets-x`` is not below
+    ``/run/secrets``)."""
+    for root in roots:
+        below = root if root.endswith(os.sep) else root + os.sep
+        if real == root or real.startswith(below):
+            return True
+    return False
+
+
+def _outside(real: str, roots: Sequence[str]) -> str:
+    return (
+        f"outside every secret root ({', '.join(roots) or 'none'}): move the file into one,"
+        " or add its directory to secret_roots in the daemon's config"
+    )
+
+
+def read_user_file(
+    path: Path, *, limit: int = MAX_FILE_SIZE, roots: Sequence[str] | None = None
+) -> bytes:
     """The bytes of the regular file at *path*, at most *limit* of them; the one way a scan
     reads a file a credential names (and the credential files themselves).
 
@@ -89,8 +123,10 @@ def read_user_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> bytes:
     file is refused, before opening (opening a device can have effects) and after (the path
     may have been swapped): a FIFO's open waits for a writer and a tty's read for a line,
     which would block the scan thread for good, and ``/dev/zero`` never ends. ``O_NONBLOCK``
-    keeps even a swapped-in FIFO from blocking the open. Raises OSError, or ValueError with a
-    reason that names no content."""
+    keeps even a swapped-in FIFO from blocking the open. Given *roots* (resolved), the file
+    opened must be inside one, as the kernel names it (``/proc/self/fd``): a symlink or a
+    directory swapped between the caller's check and the open is caught. Raises OSError, or
+    ValueError with a reason that names no content."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise ValueError(f"not a regular file ({_kind(mode)})")
@@ -99,6 +135,13 @@ def read_user_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> bytes:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise ValueError(f"not a regular file ({_kind(mode)})")
+        if roots is not None:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the caller's check on the resolved path stands
+                opened = None
+            if opened is not None and not inside_roots(opened, roots):
+                raise ValueError(f"it resolves to {opened}, {_outside(opened, roots)}")
         chunks: list[bytes] = []
         size = 0
         while size <= limit:
@@ -118,10 +161,10 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
 
 
-def read_secret_file(path: Path) -> str:
+def read_secret_file(path: Path, *, roots: Sequence[str] | None = None) -> str:
     """A secret file's content without its trailing newline (``echo secret > file``)."""
     try:
-        return read_user_file(path).decode("utf-8").rstrip("\r\n")
+        return read_user_file(path, roots=roots).decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise ValueError("file is not UTF-8 text") from None  # its str() quotes a byte
 
@@ -202,7 +245,9 @@ def _ims_url(url: str, path: Path) -> str:
         raise CredentialError(path, str(e), field="ims_url") from None
 
 
-def _decode(path: Path, data: bytes) -> dict[str, Any]:
+def decode(path: Path, data: bytes) -> dict[str, Any]:
+    """The document in a credential file's *data*, read as the daemon reads it (TOML or JSON
+    by *path*'s suffix), before any validation; CredentialError if it cannot be read."""
     if len(data) > MAX_FILE_SIZE:
         raise CredentialError(path, "file is larger than 1 MiB")
     try:
@@ -246,11 +291,13 @@ class _Resolver:
         env: Mapping[str, str],
         read: ReadSecret,
         credentials_directory: Path | None,
+        roots: Sequence[str],
     ) -> None:
         self.path = path
         self.env = env
         self.read = read
         self.creds_dir = credentials_directory
+        self.roots = roots
         self.seen: list[str] = []
         self.files: list[tuple[Path, bytes]] = []
 
@@ -277,6 +324,13 @@ class _Resolver:
                 raise CredentialError(
                     self.path, f"{where} is in {pseudo}, not a file of secrets", field=field
                 )
+        # Whoever writes a credential file picks its ims_url: the places its secrets may be
+        # read from are the daemon's to say (secret_roots), not the file's.
+        if not inside_roots(real, self.roots):
+            shown = str(where) if real == os.fspath(where) else f"{where} (resolved: {real})"
+            raise CredentialError(
+                self.path, f"{shown} is {_outside(real, self.roots)}", field=field
+            )
         return where
 
     def file(self, name: str, field: str) -> str:
@@ -450,7 +504,7 @@ def _template(
             raise CredentialError(path, "source must be a file name", field=f"{field}.source")
         where = r._locate(source, f"{field}.source")
         try:
-            text = read_user_file(where, limit=MAX_TEMPLATE_SIZE).decode("utf-8")
+            text = read_user_file(where, limit=MAX_TEMPLATE_SIZE, roots=r.roots).decode("utf-8")
         except (OSError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             if isinstance(e, UnicodeDecodeError):
@@ -559,15 +613,26 @@ def parse_credentials(
     *,
     default_ims_url: str = DEFAULT_IMS_URL,
     env: Mapping[str, str] | None = None,
-    read_secret: ReadSecret = read_secret_file,
+    read_secret: ReadSecret | None = None,
     credentials_directory: Path | None = None,
+    secret_roots: Sequence[str] | None = None,
     auth_methods: Mapping[str, AuthMethod] | None = None,
 ) -> list[Credential]:
     """Every credential in the file at *path* (one for native files, one or more for a
-    Developer Console project). Raises CredentialError naming the file and the field."""
-    obj = _decode(path, data)
+    Developer Console project). Raises CredentialError naming the file and the field.
+
+    Secret files and template sources must resolve inside one of *secret_roots* (resolved
+    paths, from :func:`resolve_roots`); None: the file's directory, *credentials_directory*
+    and :data:`DEFAULT_SECRET_ROOTS`. *read_secret* None reads them with
+    :func:`read_secret_file`, which checks the roots again on the opened file."""
+    obj = decode(path, data)
+    if secret_roots is None:
+        dirs = [path.parent, *([credentials_directory] if credentials_directory else [])]
+        secret_roots = resolve_roots([*dirs, *DEFAULT_SECRET_ROOTS])
+    if read_secret is None:
+        read_secret = functools.partial(read_secret_file, roots=secret_roots)
     resolver = _Resolver(
-        path, os.environ if env is None else env, read_secret, credentials_directory
+        path, os.environ if env is None else env, read_secret, credentials_directory, secret_roots
     )
     kind = console.detect(obj)
     if kind is None and path.suffix == ".json" and (found := community.detect(obj)):

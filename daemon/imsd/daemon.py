@@ -22,7 +22,7 @@ from imsd import logs, sdnotify
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
 from imsd.config import RELOAD, ConfigError, Reload, Settings
-from imsd.credentials import parse_credentials
+from imsd.credentials import parse_credentials, resolve_roots
 from imsd.exchange import ImsClient
 from imsd.httpserver import HttpServer, bound_port, tcp_listener, unix_listener
 from imsd.metrics import Metrics
@@ -81,6 +81,7 @@ def credential_parser(
         default_ims_url=settings.ims_url,
         env=env,
         credentials_directory=Path(creds_dir) if creds_dir else None,
+        secret_roots=resolve_roots(settings.secret_root_paths(env)),
         auth_methods=auth_methods,
     )
 

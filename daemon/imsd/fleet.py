@@ -29,8 +29,10 @@ chain.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -53,10 +55,12 @@ __all__ = [
     "Deferred",
     "Exchange",
     "FleetKeys",
+    "Rejected",
     "Sealed",
     "Tampered",
     "Unavailable",
     "adoptable",
+    "announced",
     "deferred",
     "derive",
     "keys_for",
@@ -90,6 +94,11 @@ class Unavailable(Exception):
 
 class Tampered(ValueError):
     """A sealed token that does not open under this node's key."""
+
+
+class Rejected(ValueError):
+    """A message on the fleet's channel that is not a token key's name (its reason is one of
+    a few fixed phrases, never the message)."""
 
 
 class Exchange(Protocol):
@@ -137,6 +146,35 @@ def keys_for(prefix: str, name: str, kid: str) -> FleetKeys:
     # One hash tag per credential: the three keys live on one slot (a cluster's scripts).
     base = f"{prefix}:{{{name}:{kid}}}"
     return FleetKeys(f"{base}:lease", f"{base}:fence", f"{base}:token", f"{prefix}:tokens")
+
+
+@functools.cache
+def _key_shape(prefix: str) -> re.Pattern[bytes]:
+    # A credential name (model.NAME_RE's characters, at most 64) and a 24-digit key id.
+    name, kid = rb"[A-Za-z0-9._-]{1,64}", rb"[0-9a-f]{24}"
+    return re.compile(re.escape(prefix.encode()) + rb":\{" + name + b":" + kid + rb"\}:token")
+
+
+def announcement_limit(prefix: str) -> int:
+    """The longest message the channel carries: a token key's name under *prefix*."""
+    return len(prefix.encode()) + len(":{:}:token") + 64 + 24
+
+
+def announced(prefix: str, data: object) -> str:
+    """The token key a message on the fleet's channel names. Every message is input (anyone
+    with PUBLISH rights may send one): anything but a token key's name under *prefix* raises
+    :class:`Rejected`, checked in this order: not bytes, too long, not UTF-8, another shape."""
+    if not isinstance(data, bytes):
+        raise Rejected("not a byte string")
+    if len(data) > announcement_limit(prefix):
+        raise Rejected("longer than a token key")
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        raise Rejected("not UTF-8") from None
+    if _key_shape(prefix).fullmatch(data) is None:
+        raise Rejected("not a token key")
+    return data.decode("ascii")
 
 
 # -- sealing ----------------------------------------------------------------------------------

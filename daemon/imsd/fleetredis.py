@@ -43,6 +43,9 @@ log = structlog.get_logger("imsd.fleet")
 
 #: One Redis round trip may take this long before Redis counts as unreachable.
 OP_TIMEOUT: Final = 2.0
+#: Seconds between two log lines about refused channel messages (each one is counted): a
+#: publisher in a loop cannot fill the disk.
+REJECTED_LOG_EVERY: Final = 60.0
 
 
 class FleetObserver(Protocol):
@@ -90,6 +93,8 @@ class Fleet:
         self._supervisor: Supervisor | None = None
         self._up: bool | None = None
         self._pool_ready = anyio.Event()
+        self._rejected_logged = -math.inf  # monotonic time of the last such line
+        self._rejected_since = 0  # refused since then, not logged
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -321,9 +326,7 @@ class Fleet:
                     self._reachable(True)
                     await self.reconcile()  # what was published while we were not listening
                     async for message in pubsub:
-                        data = message["data"]
-                        token_key = data.decode() if isinstance(data, bytes) else str(data)
-                        name = self._names.get(token_key)
+                        name = self._announced(message.get("data"))
                         if name is not None:
                             await self._follow(name)
             # except*: coredis's pubsub raises from its own task group (and, cancelled,
@@ -332,6 +335,30 @@ class Fleet:
                 self._reachable(False)
                 log.debug("fleet.subscriber_lost")
             await anyio.sleep(1.0)
+
+    def _announced(self, data: object) -> str | None:
+        """The credential of ours a channel message names, if any. Anything from Redis is
+        input: a message that is not a token key's name is dropped and counted (a key of
+        another group or credential is simply not ours)."""
+        try:
+            token_key = fleet.announced(self.prefix, data)
+        except fleet.Rejected as e:
+            self._event("message_rejected")
+            now = time.monotonic()
+            if now - self._rejected_logged < REJECTED_LOG_EVERY:
+                self._rejected_since += 1
+                return None
+            log.warning(
+                "fleet.message_rejected",
+                channel=f"{self.prefix}:tokens",
+                reason=str(e),
+                size=len(data) if isinstance(data, bytes | str) else None,
+                suppressed=self._rejected_since,
+                hint="dropped; sent by a client with PUBLISH rights (restrict them with an ACL)",
+            )
+            self._rejected_logged, self._rejected_since = now, 0
+            return None
+        return self._names.get(token_key)
 
     async def _follow(self, name: str) -> None:
         """Adopt *name*'s shared token if it is newer than ours."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ __all__ = [
 
 SECRET_MODE: Final = 0o600
 CREDENTIAL_MODE: Final = 0o640
-_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 DIRECTORY_MODE: Final = 0o750  # a credentials directory import creates: not world-readable
 # Native field order in the written file (the rest keep their table order).
 _ORDER: Final = ("auth", "client_id", "client_secret_file", "org_id", "scopes", "ims_url")
@@ -96,27 +96,34 @@ class PlannedFile:
         return f"PlannedFile({self.name!r}, {len(self.data)} bytes, mode={self.mode:o})"
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ImportFailed(f"cannot write a {type(value).__name__} value")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
-
-
 def _render(
-    table: Mapping[str, Any], header: str, options: Mapping[str, Mapping[str, str]] | None = None
+    name: str,
+    table: Mapping[str, Any],
+    header: Sequence[str],
+    options: Mapping[str, Mapping[str, str]] | None = None,
 ) -> bytes:
+    """The credential file *name*: every key and value through :mod:`imsd.tomlfile`, which
+    escapes them and refuses bytes the daemon would read otherwise."""
+    from imsd import tomlfile
+
     keys = [k for k in _ORDER if k in table] + [k for k in table if k not in _ORDER]
-    lines = [f"# {header}"] + [f"{k} = {_toml_value(table[k])}" for k in keys]
-    for product, values in (options or {}).items():
-        lines.append(f"[product.{_toml_key(product)}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
-    return ("\n".join(lines) + "\n").encode()
+    document: dict[str, Any] = {k: table[k] for k in keys}
+    if options:
+        document["product"] = {p: dict(values) for p, values in options.items()}
+    try:
+        return tomlfile.render(Path(name), document, comments=header)
+    except tomlfile.UnfaithfulWrite as e:
+        raise ImportFailed(str(e)) from None
+
+
+def _check_name(name: str, where: str) -> None:
+    """The credential-name rule (:data:`imsd.model.NAME_RE`), and no leading dot: the name is
+    also the file's stem, and the daemon ignores dotfiles."""
+    if not NAME_RE.fullmatch(name) or name.startswith("."):
+        raise ImportFailed(
+            f"{name!r} ({where}): a credential name is 1-64 of A-Z a-z 0-9 . _ -, not "
+            "starting with a dot (use --name)"
+        )
 
 
 def _label(entry: Mapping[str, Any], index: int) -> str:
@@ -247,7 +254,8 @@ def login_needed(files: Sequence[PlannedFile]) -> list[str]:
     return [
         f.name.removesuffix(".toml")
         for f in files
-        if f.name.endswith(".toml") and b'auth = "refresh_token"' in f.data
+        if f.name.endswith(".toml")
+        and tomllib.loads(f.data.decode()).get("auth") == "refresh_token"
     ]
 
 
@@ -348,9 +356,17 @@ def plan_import(
     if not isinstance(obj, dict):
         raise ImportFailed(f"{source}: not a Developer Console download (already native?)")
     stem = name or Path(source).stem
-    if not NAME_RE.fullmatch(stem):
-        raise ImportFailed(f"{stem!r}: names are 1-64 of A-Z a-z 0-9 . _ - (use --name)")
+    _check_name(stem, "--name" if name else "the file's name")
     read = _read(obj, stem=stem, source=source, secret_index=secret_index, given=given)
+    names = [cred_name for cred_name, _ in read.tables]
+    for cred_name in names:
+        _check_name(cred_name, f"a credential of {Path(source).name}")
+    if len(set(names)) != len(names):
+        raise ImportFailed(
+            f"{Path(source).name}: two credentials would be named alike "
+            f"({', '.join(sorted(n for n in set(names) if names.count(n) > 1))}): "
+            "use a shorter --name"
+        )
     products = given or read.products
     for named in options or {}:
         if named not in products:
@@ -394,17 +410,18 @@ def plan_import(
         if products:
             table["products"] = products
         origin = f" ({read.origin})" if read.origin else ""
-        header = (
+        header = [
             f"imported from {Path(source).name}{origin} by imsd import; the secret is in a "
             "0600 file"
-        )
+        ]
         if table.get("auth") == "refresh_token":
-            header += (
-                f"\n# an OAuth Web App credential: run imsd login {cred_name} for its first "
-                "refresh token;\n# set redirect_uri to its Default redirect URI (or one its "
-                "pattern matches) and add the scopes its Scopes tab lists"
-            )
-        data = _render(table, header, merged)
+            header += [
+                f"an OAuth Web App credential: run imsd login {cred_name} for its first "
+                "refresh token;",
+                "set redirect_uri to its Default redirect URI (or one its pattern matches) "
+                "and add the scopes its Scopes tab lists",
+            ]
+        data = _render(f"{cred_name}.toml", table, header, merged)
         out.append(PlannedFile(f"{cred_name}.toml", data, CREDENTIAL_MODE))
     return out
 
@@ -415,13 +432,24 @@ def check_plan(
     *,
     products: Mapping[str, Product] | None = None,
     auth_methods: Mapping[str, AuthMethod] | None = None,
+    secret_roots: Sequence[Path] | None = None,
 ) -> list[str]:
     """Parse each planned credential with the daemon's parser, its planned secrets supplied
     in memory, and (given the plugins' *products*) check its products and their options as
-    the daemon will: what import writes, the daemon will load. Returns the products' scope
-    hints (:func:`imsd.registry.scope_hints`)."""
-    from imsd.credentials import parse_credentials, read_secret_file
+    the daemon will: what import writes, the daemon will load. *secret_roots*: the daemon's
+    (:meth:`imsd.config.Settings.secret_root_paths`), beside *directory*; None: the
+    defaults. Returns the products' scope hints (:func:`imsd.registry.scope_hints`)."""
+    from imsd.credentials import (
+        DEFAULT_SECRET_ROOTS,
+        parse_credentials,
+        read_secret_file,
+        resolve_roots,
+    )
     from imsd.registry import scope_hints, validate_products
+
+    roots = resolve_roots(
+        [directory, *(DEFAULT_SECRET_ROOTS if secret_roots is None else secret_roots)]
+    )
 
     hints: list[str] = []
 
@@ -433,7 +461,9 @@ def check_plan(
         data = planned.get(path)
         if data is None and path in pending and not path.exists():
             return "pending-login"
-        return read_secret_file(path) if data is None else data.decode().rstrip("\r\n")
+        if data is None:
+            return read_secret_file(path, roots=roots)
+        return data.decode().rstrip("\r\n")
 
     for f in files:
         if f.name.endswith(".toml"):
@@ -443,6 +473,7 @@ def check_plan(
                     f.data,
                     env={},
                     read_secret=read,
+                    secret_roots=roots,
                     auth_methods=auth_methods,
                 )
             except CredentialError as e:

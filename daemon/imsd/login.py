@@ -253,16 +253,19 @@ def target_of(cred: Credential) -> LoginTarget:
 
 
 def find_credential(settings: Settings, registry: Registry, name: str) -> LoginTarget:
-    from imsd.credentials import parse_credentials
+    from imsd.credentials import parse_credentials, resolve_roots
     from imsd.watcher import scan_directory
 
     methods = {
         **registry.auth_methods,
         AUTH_REFRESH_TOKEN: _Capture(registry.auth_methods.get(AUTH_REFRESH_TOKEN)),
     }
+    roots = resolve_roots(settings.secret_root_paths(os.environ))
 
     def parse(path: Path, data: bytes) -> list[Credential]:
-        return parse_credentials(path, data, default_ims_url=settings.ims_url, auth_methods=methods)
+        return parse_credentials(
+            path, data, default_ims_url=settings.ims_url, secret_roots=roots, auth_methods=methods
+        )
 
     scan = scan_directory(settings.credentials_dir, parse=parse)
     if scan is None:

@@ -10,6 +10,7 @@ this processor is the net under it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -18,7 +19,15 @@ from typing import Any, Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["FORMATS", "JournalRenderer", "configure", "redact", "scrub", "set_level"]
+__all__ = [
+    "FORMATS",
+    "JournalRenderer",
+    "LogThrottle",
+    "configure",
+    "redact",
+    "scrub",
+    "set_level",
+]
 
 FORMATS: Final = ("json", "console", "journald")
 
@@ -38,6 +47,29 @@ _PEM = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
 )
 _REDACTED: Final = "[REDACTED]"
+
+
+class LogThrottle:
+    """At most one log line per key per *every* seconds, for lines a client can cause (a
+    refused request in a loop must not fill the disk). :meth:`due` says whether to log now
+    and how many lines of that key were held back since the last one; the counters in the
+    metrics still count every event."""
+
+    def __init__(self, every: float = 60.0, *, limit: int = 4096) -> None:
+        self.every = every
+        self._limit = limit
+        self._seen: dict[object, tuple[float, int]] = {}
+
+    def due(self, key: object, now: float) -> int | None:
+        """None to stay silent; else the number of lines suppressed since the last one."""
+        logged, suppressed = self._seen.get(key, (-math.inf, 0))
+        if now - logged < self.every:
+            self._seen[key] = (logged, suppressed + 1)
+            return None
+        if len(self._seen) >= self._limit:  # many keys (uids, reasons): forget, do not grow
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return suppressed
 
 
 def scrub(value: Any, depth: int = 0) -> Any:

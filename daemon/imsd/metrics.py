@@ -40,6 +40,7 @@ FLEET_EVENTS: Final = (
     "rejected",
     "fallback_local",
     "waiting",
+    "message_rejected",
 )
 _RESULT_INDEX: Final = {result: i for i, result in enumerate((*RESULTS, ADOPTED))}
 
@@ -255,7 +256,7 @@ class Metrics:
                 Counter(
                     "fleet_events",
                     "Fleet mode events: lease_acquired, lease_lost, published, adopted,"
-                    " fenced_out, rejected, fallback_local, waiting.",
+                    " fenced_out, rejected, fallback_local, waiting, message_rejected.",
                     ["event"],
                     namespace="imsd",
                     registry=r,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,8 +31,10 @@ import anyio.abc
 import h11
 import structlog
 
+from imsd.admission import Refusal, admit
 from imsd.config import ProxySpec
 from imsd.httpserver import IDLE_TIMEOUT, PeerCred, Slots, peer_cred
+from imsd.logs import LogThrottle
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
@@ -74,6 +77,8 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HEAD_TIMEOUT: Final = 30.0  # for a request's head to arrive (idle keep-alive, slow loris)
 _MAX_HEAD: Final = 64 * 1024
 _CHUNK: Final = 65536
+_SEPARATORS: Final = re.compile(r"[/\\]")
+_REFUSAL_LOG_EVERY: Final = 60.0  # seconds between two log lines for one kind of refusal
 
 
 class BadTarget(ValueError):
@@ -93,13 +98,26 @@ def upstream_url(base: str, target: str) -> str:
     if any(c <= " " or c == "\x7f" or c in "#\\" for c in target):
         raise BadTarget("the target has a space, control character, backslash or fragment")
     path, _, query = target.partition("?")
-    if any(unquote(seg) in (".", "..") for seg in path.split("/")):
+    if _dot_segments(path):
         raise BadTarget("dot segments (. and ..) are not allowed in the path")
     url = base.rstrip("/") + path + (f"?{query}" if query else "")
     want, got = urlsplit(base), urlsplit(url)
     if (got.scheme, got.netloc) != (want.scheme, want.netloc):  # belt and braces
         raise BadTarget("the target would change the upstream host")
     return url
+
+
+def _dot_segments(path: str) -> bool:
+    """Whether *path* has a ``.`` or ``..`` segment as some upstream may read it: decoded
+    once or twice (``%2e%2e``, ``%252e``), with encoded slashes and backslashes as
+    separators (``..%2f``, ``%5c..``; nginx and IIS decode before they resolve), and with a
+    ``;parameter`` dropped (``..;`` is ``..`` to Tomcat and Jetty)."""
+    once = unquote(path)
+    for form in (path, once, unquote(once)):
+        for seg in _SEPARATORS.split(form):
+            if seg.partition(";")[0] in (".", ".."):
+                return True
+    return False
 
 
 def _connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -228,6 +246,7 @@ class Proxy:
         self._seconds: Any = None
         # The last rendering: (resolved credential, grant, base URL, headers).
         self._rendered: tuple[object, object, str, dict[str, str]] | None = None
+        self._refusals = LogThrottle(_REFUSAL_LOG_EVERY)
 
     async def serve(
         self,
@@ -286,16 +305,46 @@ class Proxy:
             if not self.spec.tcp:
                 access = self._access()
                 if not allowed_peer(peer, access.uids, access.gids):
-                    log.warning("proxy.peer_refused", uid=peer.uid if peer else None)
+                    uid = peer.uid if peer else None
+                    suppressed = self._refusals.due(("peer", uid), anyio.current_time())
+                    if suppressed is not None:
+                        log.warning("proxy.peer_refused", uid=uid, suppressed=suppressed)
                     self._count("refused")
                     await _send_error(
                         conn, stream, 403, "forbidden", "this user may not use this proxy"
                     )
                     return
+            refusal = admit(
+                event.method.decode("ascii", "replace"),
+                ((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers),
+                tcp=self.spec.tcp,
+                allowed_hosts=self.spec.allowed_hosts,
+                allowed_origins=self.spec.allowed_origins,
+            )
+            if refusal is not None:
+                await self._not_admitted(conn, stream, refusal)
+                return
             await self._exchange(conn, stream, event)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _not_admitted(
+        self, conn: h11.Connection, stream: anyio.abc.ByteStream, refusal: Refusal
+    ) -> None:
+        """A request this listener never signs (imsd.admission): counted every time, logged
+        once a minute per reason; the connection closes after the answer."""
+        self._count(str(refusal.status))
+        suppressed = self._refusals.due(refusal.code, anyio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "proxy.request_refused",
+                instance=self.spec.product,
+                reason=refusal.code,
+                suppressed=suppressed,  # refusals of this reason not logged since the last line
+            )
+        extra = [("Allow", refusal.allow)] if refusal.allow else []
+        await _send_error(conn, stream, refusal.status, refusal.code, refusal.message, extra=extra)
 
     def _count(self, status: str) -> None:
         if self._metrics is not None:
@@ -498,6 +547,8 @@ async def _send_error(
     code: str,
     message: str,
     retry_after: int | None = None,
+    *,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> None:
     """A JSON error (the socket API's shape); the connection closes after it."""
     body = (json.dumps({"error": code, "message": message[:300]}) + "\n").encode()
@@ -505,6 +556,7 @@ async def _send_error(
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
+        *extra,
     ]
     if retry_after is not None:
         headers.append(("Retry-After", str(max(1, math.ceil(retry_after)))))
