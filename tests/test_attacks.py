@@ -492,6 +492,72 @@ def test_refused_peers_are_logged_once_a_minute_and_counted(
     assert 'imsd_socket_requests_total{code="403",endpoint="refused"} 300.0' in text
 
 
+# -- issue 23 Medium 10: who may use a TCP proxy ------------------------------------------------
+
+PROXY_PEER = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /data/foundation/catalog/datasets HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n" not in head:
+    data = s.recv(65536)
+    if not data:
+        break
+    head += data
+print(head.split(b" ")[1].decode() if head else "closed", flush=True)
+"""
+
+
+def _proxy_status(user: User, port: int) -> str:
+    assert SYSTEM_PYTHON is not None
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", PROXY_PEER, str(port)],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=list(os.getgrouplist(user.name, user.gid)),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_tcp_proxy_serves_only_the_allowed_users(
+    world: Path, fake: FakeIms, daemon_proc: object, make_user: object
+) -> None:
+    """Every local user could use a TCP proxy (and so the credential). Now the owner of the
+    client's socket must pass the socket API's rule: an outsider gets 403 and nothing goes
+    upstream; a supplementary member of an allowed group and root are served."""
+    group_name, gid = make_user.group()  # type: ignore[attr-defined]
+    member: User = make_user(groups=(group_name,))  # type: ignore[operator]
+    outsider: User = make_user()  # type: ignore[operator]
+    write_cred(
+        world / "creds",
+        "alpha",
+        fake,
+        extra=(
+            'products = ["aep-dev"]\n[product.aep-dev]\ntype = "aep"\nsandbox = "dev"\n'
+            f'base_url = "{fake.url}/gateway/aep/"\n'
+        ),
+    )
+    port = _free_port()
+    proxy = f'[{{ listen = "127.0.0.1:{port}", credential = "alpha", product = "aep-dev" }}]'
+    d = daemon_proc(  # type: ignore[operator]
+        f"allowed_uids = [0]\nallowed_gids = [{gid}]\nproxy = {proxy}\n"
+    )
+    d.wait_ready()
+    assert _proxy_status(outsider, port) == "403"
+    assert _proxy_status(member, port) == "200"
+    r = httpx.get(f"http://127.0.0.1:{port}/data/foundation/catalog/datasets", timeout=10)
+    assert r.status_code == 200, r.text
+    text = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).text
+    assert 'imsd_proxy_requests_total{instance="aep-dev",status="refused"} 1.0' in text
+    assert f'"uid": {outsider.uid}' in d.log()  # proxy.peer_refused names the uid
+
+
 # -- Medium 9: forced refreshes of a failing credential ---------------------------------------
 
 

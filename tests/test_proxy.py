@@ -20,8 +20,8 @@ import anyio.abc
 import h11
 import httpx
 import pytest
-from imsd import logs
-from imsd.config import ProxySpec, Settings
+from imsd import logs, tcppeer
+from imsd.config import ConfigError, ProxySpec, Settings
 from imsd.daemon import Daemon
 from imsd.fakeims.bulk import BulkApi, pattern
 from imsd.fakeims.server import FakeIms
@@ -376,6 +376,42 @@ async def test_refused_requests_are_logged_once_a_minute_per_reason(
     assert {json.loads(x)["reason"] for x in lines} == {"host_not_allowed", "origin_not_allowed"}
     labels = {"instance": "aep-dev", "status": "403"}
     assert d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 300
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_tcp_proxy_checks_the_peers_user(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, host: str
+) -> None:
+    """A TCP listener applies the socket API's allowed_uids/gids to the owner of the client's
+    socket (tests/test_attacks.py does it as a second real user)."""
+    d, address = await proxied(tmp_path, fake, bulk, running, listen=f"[{host}]:0")
+    port = address.rsplit(":", 1)[1]
+    url = f"http://{'[::1]' if ':' in host else host}:{port}"
+    api = d._api
+    assert api is not None
+    for uids, gids, status in (
+        ([os.getuid()], [], 200),
+        ([65534], [], 403),  # this process's user is no longer allowed
+        ([65534], [os.getgid()], 200),  # its group is
+    ):
+        api.set_access(allowed_uids=uids, allowed_gids=gids, min_refresh_interval=0)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            r = await c.get("/data/foundation/catalog/datasets")
+        assert r.status_code == status, r.text
+        if status == 403:
+            assert r.json()["error"] == "forbidden"
+
+
+async def test_peer_check_without_the_kernel_table_is_a_config_error(
+    tmp_path: Path, running: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not Linux (or /proc hidden): the daemon cannot tell who connects, so it refuses to
+    start the listener rather than serve every local user."""
+    monkeypatch.setitem(tcppeer.TABLES, 4, tmp_path / "no-such-table")
+    spec = ProxySpec(listen="127.0.0.1:0", credential="aep", product="aep-dev")
+    want = pytest.RaisesExc(ConfigError, match="no-such-table.*set peer_check = false")
+    with pytest.RaisesGroup(want, flatten_subgroups=True):
+        await running(proxy=[spec])
 
 
 async def test_a_client_gone_mid_body_leaves_nothing_behind(

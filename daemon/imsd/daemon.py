@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from imsd import logs, sdnotify
+from imsd import logs, sdnotify, tcppeer
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
 from imsd.config import RELOAD, ConfigError, Reload, Settings
@@ -252,6 +252,12 @@ class Daemon:
         assert self.supervisor is not None
         for spec in s.proxy:
             listener: anyio.abc.Listener[Any]
+            if spec.tcp and spec.checks_peers and (why := tcppeer.available()) is not None:
+                raise ConfigError(
+                    f"proxy {spec.listen}: peer_check cannot find who connects: {why}; "
+                    "set peer_check = false in its [[proxy]] table to let every local user "
+                    "use it"
+                )
             if spec.tcp:
                 listener = await tcp_listener(spec.host, spec.port)
                 address = f"{spec.host}:{bound_port(listener)}"

@@ -40,6 +40,7 @@ from imsd.model import CredentialState
 from imsd.plugin import Product
 from imsd.render import RenderError, instances, product_headers, product_urls
 from imsd.supervisor import Supervisor
+from imsd.tcppeer import tcp_peer
 from imsd.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = [
@@ -285,11 +286,16 @@ class Proxy:
                     "proxy.connection_failed", instance=self.spec.product, error=type(e).__name__
                 )
 
-    async def _serve_connection(self, stream: _Taken) -> None:
+    async def _peer(self, stream: _Taken) -> PeerCred | None:
+        """Who connected: SO_PEERCRED on a Unix socket, the client socket's owner on TCP."""
         try:
-            peer = peer_cred(stream) if not self.spec.tcp else None
+            return peer_cred(stream) if not self.spec.tcp else await tcp_peer(stream)
         except OSError:
-            peer = None
+            return None
+
+    async def _serve_connection(self, stream: _Taken) -> None:
+        peer: PeerCred | None = None
+        looked_up = False  # on TCP at the first request: idle connections cost no lookup
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         while True:
             # Idle keep-alive and slow-loris clients time out, and may be shed meanwhile.
@@ -302,7 +308,9 @@ class Proxy:
             stream.busy()
             if not isinstance(event, h11.Request):
                 return  # closed, or timed out waiting for a request
-            if not self.spec.tcp:
+            if self.spec.checks_peers:
+                if not looked_up:
+                    peer, looked_up = await self._peer(stream), True
                 access = self._access()
                 if not allowed_peer(peer, access.uids, access.gids):
                     uid = peer.uid if peer else None
