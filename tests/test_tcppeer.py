@@ -120,5 +120,5 @@ def test_a_real_loopback_peer_is_this_process_user(family: int, bind: str, conne
     ],
 )
 def test_which_listeners_check_their_peers(table: dict[str, object], checks: bool) -> None:
-    spec = ProxySpec(credential="aep", product="aep-dev", **table)  # type: ignore[arg-type]
+    spec = ProxySpec(credential="aep", product="aep-dev", **table)
     assert spec.checks_peers is checks
