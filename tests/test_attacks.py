@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from imsd.daemon import FD_RESERVE, connection_cap
 from imsd.fakeims.server import FakeIms
 
 from tests.requirements import need_root, need_tool
@@ -248,6 +250,132 @@ def test_descriptor_exhaustion_never_ends_the_daemon_nor_its_refreshes(
     assert d.proc.poll() is None
 
 
+# -- issue 23 Low 12: a proxy's connections hold two descriptors each ------------------------
+
+
+@pytest.mark.parametrize(
+    ("configured", "nofile", "proxies", "cap"),
+    [
+        (1024, 65536, 0, 1024),  # the unit's limit: the configured cap
+        (1024, 1024, 0, 384),  # (1024 - 256) / 2: the socket API's and the metrics'
+        (1024, 1024, 1, 192),  # a proxy's connections count twice: (1024 - 256) / (2 + 2)
+        (1024, 1024, 3, 96),
+        (1024, 65536, 40, 796),
+        (1024, 300, 5, 8),  # never below 8
+        (100, 65536, 2, 100),
+    ],
+)
+def test_connection_cap_counts_every_listeners_descriptors(
+    configured: int, nofile: int, proxies: int, cap: int
+) -> None:
+    got = connection_cap(configured, nofile, proxies)
+    assert got == cap
+    if got > 8:  # every listener full at once still leaves the reserve
+        assert got * (2 + 2 * proxies) <= nofile - FD_RESERVE
+
+
+class _Silent:
+    """An upstream that accepts connections and never answers: each proxied request holds
+    its descriptor in the daemon until the proxy's timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.held:
+            s.close()
+        self.sock.close()
+
+
+def _requests(port: int, count: int) -> list[socket.socket]:
+    """*count* connections to the proxy, each with a request it sends upstream."""
+    out: list[socket.socket] = []
+    for _ in range(count):
+        s = socket.socket()
+        s.settimeout(2.0)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        except OSError:
+            pass  # refused or reset: the proxy was full
+        out.append(s)
+    return out
+
+
+def test_a_proxy_flood_never_starves_token_writes_of_descriptors(
+    world: Path, fake: FakeIms, daemon_proc: object
+) -> None:
+    """At RLIMIT_NOFILE=1024 one local user floods the socket API and the metrics port with
+    idle connections and a TCP proxy with requests to an upstream that never answers (two
+    descriptors each, neither idle nor sheddable): the token is rewritten every ~2.4 s
+    meanwhile and never found expired, and no write fails for want of a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 6500:
+        pytest.skip(f"the attacker needs 6,500 descriptors; the hard limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 6500), hard))
+    fake.state.token_lifetime = 3.0  # a refresh about every 2.4 s
+    upstream = _Silent()
+    proxy_port = _free_port()
+    write_cred(
+        world / "creds",
+        "alpha",
+        fake,
+        extra=(
+            'products = ["aep-dev"]\n[product.aep-dev]\ntype = "aep"\nsandbox = "dev"\n'
+            f'base_url = "http://127.0.0.1:{upstream.port}/"\n'
+        ),
+    )
+    proxy = f'[{{ listen = "127.0.0.1:{proxy_port}", credential = "alpha", product = "aep-dev" }}]'
+    d = daemon_proc(f"proxy = {proxy}\n", nofile=1024)  # type: ignore[operator]
+    attack: list[socket.socket] = []
+    try:
+        d.wait_ready()
+        targets: list[tuple[int, object]] = [
+            (socket.AF_INET, ("127.0.0.1", d.metrics_port)),
+            (socket.AF_UNIX, str(d.socket)),
+        ]
+        token = world / "tokens" / "alpha" / "token"
+        before = fake.state.request_count()
+        seen: set[bytes] = set()
+        started = time.monotonic()
+        attack += _requests(proxy_port, 600)
+        attack += _flood(targets, 2000)
+        expired = 0.0
+        while time.monotonic() - started < 9.0:
+            if time.monotonic() - started > 4.0 and len(attack) < 4600:
+                attack += _flood(targets, 2000)  # a second wave once the first was shed
+            assert d.proc.poll() is None, f"the daemon died under the attack:\n{d.log()}"
+            data = token.read_bytes()
+            if fake.state.validate_token(data.decode()) is None:
+                expired += 0.1
+            seen.add(data)
+            time.sleep(0.1)  # the reader's pace: a token file read every 100 ms
+        assert len(upstream.held) >= 100  # the proxy did hold upstream connections
+    finally:
+        for s in attack:
+            s.close()
+        upstream.close()
+    log = d.log()
+    assert expired == 0, f"token expired for {expired:.1f} s of 9"
+    assert "sink.write_failed" not in log, log
+    assert fake.state.request_count() - before >= 3
+    assert len(seen) >= 3
+    assert d.proc.poll() is None
+
+
 # -- High 2: SIGHUP applies the access rules -------------------------------------------------
 
 PEER = """
@@ -362,6 +490,72 @@ def test_refused_peers_are_logged_once_a_minute_and_counted(
     assert d.log().count("api.peer_refused") == 1
     text = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).text
     assert 'imsd_socket_requests_total{code="403",endpoint="refused"} 300.0' in text
+
+
+# -- issue 23 Medium 10: who may use a TCP proxy ------------------------------------------------
+
+PROXY_PEER = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /data/foundation/catalog/datasets HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n" not in head:
+    data = s.recv(65536)
+    if not data:
+        break
+    head += data
+print(head.split(b" ")[1].decode() if head else "closed", flush=True)
+"""
+
+
+def _proxy_status(user: User, port: int) -> str:
+    assert SYSTEM_PYTHON is not None
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", PROXY_PEER, str(port)],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=list(os.getgrouplist(user.name, user.gid)),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_tcp_proxy_serves_only_the_allowed_users(
+    world: Path, fake: FakeIms, daemon_proc: object, make_user: object
+) -> None:
+    """Every local user could use a TCP proxy (and so the credential). Now the owner of the
+    client's socket must pass the socket API's rule: an outsider gets 403 and nothing goes
+    upstream; a supplementary member of an allowed group and root are served."""
+    group_name, gid = make_user.group()  # type: ignore[attr-defined]
+    member: User = make_user(groups=(group_name,))  # type: ignore[operator]
+    outsider: User = make_user()  # type: ignore[operator]
+    write_cred(
+        world / "creds",
+        "alpha",
+        fake,
+        extra=(
+            'products = ["aep-dev"]\n[product.aep-dev]\ntype = "aep"\nsandbox = "dev"\n'
+            f'base_url = "{fake.url}/gateway/aep/"\n'
+        ),
+    )
+    port = _free_port()
+    proxy = f'[{{ listen = "127.0.0.1:{port}", credential = "alpha", product = "aep-dev" }}]'
+    d = daemon_proc(  # type: ignore[operator]
+        f"allowed_uids = [0]\nallowed_gids = [{gid}]\nproxy = {proxy}\n"
+    )
+    d.wait_ready()
+    assert _proxy_status(outsider, port) == "403"
+    assert _proxy_status(member, port) == "200"
+    r = httpx.get(f"http://127.0.0.1:{port}/data/foundation/catalog/datasets", timeout=10)
+    assert r.status_code == 200, r.text
+    text = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).text
+    assert 'imsd_proxy_requests_total{instance="aep-dev",status="refused"} 1.0' in text
+    assert f'"uid": {outsider.uid}' in d.log()  # proxy.peer_refused names the uid
 
 
 # -- Medium 9: forced refreshes of a failing credential ---------------------------------------

@@ -4,11 +4,13 @@ then end to end through a running daemon to the fake gateway's streaming stand-i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ import anyio.abc
 import h11
 import httpx
 import pytest
-from imsd import logs
-from imsd.config import ProxySpec, Settings
+from imsd import logs, tcppeer
+from imsd.config import ConfigError, ProxySpec, Settings
 from imsd.daemon import Daemon
 from imsd.fakeims.bulk import BulkApi, pattern
 from imsd.fakeims.server import FakeIms
@@ -171,10 +173,12 @@ async def proxied(
     bulk: BulkApi,
     running: Any,
     base_url: str | None = None,
+    settings: dict[str, Any] | None = None,
     **spec: Any,
 ) -> tuple[Daemon, str]:
     """A daemon with the credential ``aep`` (instance ``aep-dev`` in sandbox ``dev``, its base
-    URL the fake's aep gateway unless *base_url*) and one proxy to it; the proxy's address."""
+    URL the fake's aep gateway unless *base_url*; the daemon's *settings* besides) and one
+    proxy to it; the proxy's address."""
     base_url = base_url or f"{bulk.url}/gateway/aep/"
     write_cred(
         tmp_path / "creds",
@@ -187,7 +191,7 @@ async def proxied(
     )
     listen = spec.pop("listen", "127.0.0.1:0")
     options = {"listen": listen, "credential": "aep", "product": "aep-dev", **spec}
-    d = await running(proxy=[ProxySpec(**options)], min_refresh_interval=0.0)
+    d = await running(proxy=[ProxySpec(**options)], min_refresh_interval=0.0, **(settings or {}))
     await wait_for(lambda: live(d, "aep").grant is not None)
     return d, d.proxies[0][1]
 
@@ -372,6 +376,42 @@ async def test_refused_requests_are_logged_once_a_minute_per_reason(
     assert {json.loads(x)["reason"] for x in lines} == {"host_not_allowed", "origin_not_allowed"}
     labels = {"instance": "aep-dev", "status": "403"}
     assert d.metrics.registry.get_sample_value("imsd_proxy_requests_total", labels) == 300
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_tcp_proxy_checks_the_peers_user(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any, host: str
+) -> None:
+    """A TCP listener applies the socket API's allowed_uids/gids to the owner of the client's
+    socket (tests/test_attacks.py does it as a second real user)."""
+    d, address = await proxied(tmp_path, fake, bulk, running, listen=f"[{host}]:0")
+    port = address.rsplit(":", 1)[1]
+    url = f"http://{'[::1]' if ':' in host else host}:{port}"
+    api = d._api
+    assert api is not None
+    for uids, gids, status in (
+        ([os.getuid()], [], 200),
+        ([65534], [], 403),  # this process's user is no longer allowed
+        ([65534], [os.getgid()], 200),  # its group is
+    ):
+        api.set_access(allowed_uids=uids, allowed_gids=gids, min_refresh_interval=0)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            r = await c.get("/data/foundation/catalog/datasets")
+        assert r.status_code == status, r.text
+        if status == 403:
+            assert r.json()["error"] == "forbidden"
+
+
+async def test_peer_check_without_the_kernel_table_is_a_config_error(
+    tmp_path: Path, running: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not Linux (or /proc hidden): the daemon cannot tell who connects, so it refuses to
+    start the listener rather than serve every local user."""
+    monkeypatch.setitem(tcppeer.TABLES, 4, tmp_path / "no-such-table")
+    spec = ProxySpec(listen="127.0.0.1:0", credential="aep", product="aep-dev")
+    want = pytest.RaisesExc(ConfigError, match="no-such-table.*set peer_check = false")
+    with pytest.RaisesGroup(want, flatten_subgroups=True):
+        await running(proxy=[spec])
 
 
 async def test_a_client_gone_mid_body_leaves_nothing_behind(
@@ -767,3 +807,55 @@ async def test_an_answer_head_must_arrive_within_the_timeout(
         assert r.json()["error"] == "upstream_timeout"
         await wait_for(lambda: hostile.open == 0)  # dropped, never pooled
         assert (await c.get("/good")).content == b"ok"
+
+
+# -- connection slots (issue 23 #9) -------------------------------------------------------------
+
+
+async def test_a_client_that_does_not_take_its_answer_frees_its_slot_and_upstream(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    """A client that asks for 50 MB and never reads: once the socket buffers are full, the
+    write to it must be taken within ``take_timeout``, or the connection is closed and the
+    upstream connection with it."""
+    d, address = await proxied(tmp_path, fake, bulk, running)
+    proxy = d.proxies[0][0]
+    proxy.take_timeout = 1.0
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(b"GET /_fake/download?size=50000000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await wait_for(lambda: bulk.connections == 1 and proxy.connections == 1)
+        await wait_for(lambda: proxy.connections == 0, limit=15)
+        await wait_for(lambda: bulk.connections == 0)
+    finally:
+        sock.close()
+
+
+async def test_idle_connections_are_shed_for_newcomers(
+    tmp_path: Path, fake: FakeIms, bulk: BulkApi, running: Any
+) -> None:
+    """One user fills every slot with idle connections (connected, nothing sent): each
+    legitimate newcomer sheds the one idle the longest instead of being closed."""
+    d, address = await proxied(tmp_path, fake, bulk, running, settings={"max_connections": 32})
+    proxy = d.proxies[0][0]
+    host, port = address.rsplit(":", 1)
+    idle = [await anyio.connect_tcp(host, int(port)) for _ in range(50)]
+    try:
+        await wait_for(lambda: proxy.connections == 32)
+        ok = 0
+        for _ in range(20):  # a new connection each
+            async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as c:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await c.get("/data/foundation/catalog/datasets")
+                    ok += r.status_code == 200
+        assert ok == 20
+        labels = {"listener": "proxy:aep-dev", "event": "shed"}
+        shed = d.metrics.registry.get_sample_value("imsd_http_connection_events_total", labels)
+        assert shed is not None
+        assert shed >= 50 - 32  # the flood's own newcomers shed too
+    finally:
+        for s in idle:
+            await s.aclose()

@@ -85,6 +85,10 @@ class ProxySpec(BaseModel):
     # (imsd.admission says why).
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # A TCP listener serves only the users the socket API allows (allowed_uids/gids), found
+    # as the owners of the client sockets (imsd.tcppeer): on unless allow_remote (a remote
+    # client is no local user). A Unix-socket listener always checks its peers.
+    peer_check: bool | None = None
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -136,6 +140,12 @@ class ProxySpec(BaseModel):
     @property
     def tcp(self) -> bool:
         return not self.listen.startswith("/")
+
+    @property
+    def checks_peers(self) -> bool:
+        if not self.tcp:
+            return True
+        return self.peer_check if self.peer_check is not None else not self.allow_remote
 
     @property
     def host(self) -> str:

@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from imsd import logs, sdnotify
+from imsd import logs, sdnotify, tcppeer
 from imsd.api import Api, HealthApi
 from imsd.catalog import Added, Catalog, Changed, Event, Failed, ScanResult
 from imsd.config import RELOAD, ConfigError, Reload, Settings
@@ -43,7 +43,8 @@ log = structlog.get_logger("imsd.daemon")
 #: Descriptors kept out of the listeners' reach: IMS connections, file writes, the watcher,
 #: the state file, actions. Connection caps are lowered so that attackers can never take them.
 FD_RESERVE: Final = 256
-_LISTENERS: Final = 2  # the socket API and the metrics listener
+_LISTENERS: Final = 2  # the socket API and the metrics listener: one descriptor a connection
+_PROXY_DESCRIPTORS: Final = 2  # a proxy connection holds its client's and its upstream's
 #: How long requests in flight at SIGTERM/SIGINT may take to finish: well below the unit's
 #: TimeoutStopSec=15s, after which systemd kills the daemon.
 STOP_GRACE: Final = 5.0
@@ -64,9 +65,13 @@ def raise_nofile_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def connection_cap(configured: int, nofile: int) -> int:
-    """Connections per listener that the descriptor limit can hold beside the reserve."""
-    return max(8, min(configured, (nofile - FD_RESERVE) // _LISTENERS))
+def connection_cap(configured: int, nofile: int, proxies: int = 0) -> int:
+    """Connections per listener that the descriptor limit can hold beside the reserve, every
+    listener full at once: the socket API's and the metrics', and *proxies* proxy listeners
+    at two descriptors a connection (the upstream pool never holds more connections than
+    its listener has clients: a new one is opened only when none is idle)."""
+    weight = _LISTENERS + _PROXY_DESCRIPTORS * proxies
+    return max(8, min(configured, (nofile - FD_RESERVE) // weight))
 
 
 def credential_parser(
@@ -169,10 +174,10 @@ class Daemon:
     ) -> None:
         s = self.settings
         self._nofile = raise_nofile_limit()
-        if connection_cap(s.max_connections, self._nofile) < s.max_connections:
+        if self._cap(s) < s.max_connections:
             log.warning(
                 "daemon.connection_cap_lowered",
-                max_connections=connection_cap(s.max_connections, self._nofile),
+                max_connections=self._cap(s),
                 configured=s.max_connections,
                 nofile=self._nofile,
                 hint="raise LimitNOFILE= (or ulimit -n) to keep the configured cap",
@@ -247,6 +252,12 @@ class Daemon:
         assert self.supervisor is not None
         for spec in s.proxy:
             listener: anyio.abc.Listener[Any]
+            if spec.tcp and spec.checks_peers and (why := tcppeer.available()) is not None:
+                raise ConfigError(
+                    f"proxy {spec.listen}: peer_check cannot find who connects: {why}; "
+                    "set peer_check = false in its [[proxy]] table to let every local user "
+                    "use it"
+                )
             if spec.tcp:
                 listener = await tcp_listener(spec.host, spec.port)
                 address = f"{spec.host}:{bound_port(listener)}"
@@ -269,7 +280,7 @@ class Daemon:
                 self.registry.products,
                 access=self._proxy_access,
                 metrics=self.metrics,
-                max_connections=connection_cap(s.max_connections, self._nofile),
+                max_connections=self._cap(s),
                 clock=self._clock,
             )
             await tg.start(proxy.serve, listener)
@@ -277,6 +288,11 @@ class Daemon:
             log.info(
                 "proxy.listening", address=address, credential=spec.credential, product=spec.product
             )
+
+    def _cap(self, s: Settings) -> int:
+        """Each listener's connection cap under the descriptor limit (proxies bound at start:
+        their number never changes with a reload)."""
+        return connection_cap(s.max_connections, self._nofile, len(s.proxy))
 
     def _proxy_access(self) -> Access:
         api = self._api
@@ -328,7 +344,7 @@ class Daemon:
         server = self._servers[name] = HttpServer(
             handler,
             name=name,
-            max_connections=connection_cap(s.max_connections, self._nofile),
+            max_connections=self._cap(s),
             observer=self.metrics,
         )
         return server
@@ -438,7 +454,9 @@ class Daemon:
                 min_refresh_interval=new.min_refresh_interval,
             )
         for server in self._servers.values():
-            server.max_connections = connection_cap(new.max_connections, self._nofile)
+            server.max_connections = self._cap(new)
+        for proxy, _ in self.proxies:
+            proxy.slots.max_connections = self._cap(new)
         tg = self._tg
         if tg is not None:
             if _api_changed(old, new):

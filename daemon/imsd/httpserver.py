@@ -33,7 +33,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -45,7 +45,10 @@ import h11
 import structlog
 from anyio.abc import SocketAttribute
 
+from imsd.slots import SlotTable
+
 __all__ = [
+    "IDLE_TIMEOUT",
     "SEND_SLICE",
     "AbortConnection",
     "ConnectionObserver",
@@ -54,6 +57,7 @@ __all__ = [
     "PeerCred",
     "Request",
     "Response",
+    "Slots",
     "bound_port",
     "peer_cred",
     "tcp_listener",
@@ -65,6 +69,8 @@ log = structlog.get_logger("imsd.httpserver")
 _REASONS: Final = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large"}
 _ACCEPT_LOG_EVERY: Final = 10.0  # seconds between two log lines about failing accept()
 _ACCEPT_PAUSE_MAX: Final = 1.0  # longest pause after a failed accept()
+#: A request must arrive, and an answer (each write of it) be taken, within this (seconds).
+IDLE_TIMEOUT: Final = 10.0
 
 
 class ConnectionObserver(Protocol):
@@ -177,12 +183,138 @@ def _peer_groups(sock: socket.socket, pid: int) -> tuple[int, ...]:
     return ()
 
 
+class Slots:
+    """The connection slots of one server (the theory above), :class:`~imsd.slots.SlotTable`
+    driven with anyio: each connection runs in a cancel scope, one sweeper cancels those past
+    their deadline (cheaper than a deadline around every read), and a newcomer beyond
+    *max_connections* sheds the connection idle the longest. :class:`HttpServer` and the
+    proxy (two descriptors a connection) both hold theirs here."""
+
+    def __init__(
+        self,
+        name: str,
+        max_connections: int,
+        observer: ConnectionObserver | None = None,
+        *,
+        step: float = 1.0,
+    ) -> None:
+        self.name = name
+        self._observer = observer
+        self._step = step  # the sweeper's period: deadlines are kept to within it
+        self._table: SlotTable[anyio.CancelScope] = SlotTable(max_connections)
+        self._arrived: anyio.Event | None = None  # wakes the sweeper
+        self._accept_errors = 0  # since the last log line about them
+        self._accept_logged = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    @property
+    def max_connections(self) -> int:
+        return self._table.capacity
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:  # a reload changes it
+        self._table.capacity = value
+
+    def idle(self, scope: anyio.CancelScope, seconds: float) -> None:
+        """*scope*'s connection waits on its peer from now: cancelled unless it moves on
+        within *seconds*, and sheddable meanwhile."""
+        self._table.idle(scope, time.monotonic(), seconds)
+
+    def busy(self, scope: anyio.CancelScope) -> None:
+        """*scope*'s connection waits on the server's own work: neither timed out nor shed."""
+        self._table.busy(scope)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[anyio.CancelScope]:
+        """A slot for one connection, for as long as the block runs; the scope is cancelled
+        when its deadline passes or it is shed (and the block then ends quietly)."""
+        with anyio.CancelScope() as scope:
+            self._table.add(scope)
+            if self._arrived is not None:
+                self._arrived.set()
+            try:
+                yield scope
+            finally:
+                self._table.remove(scope)
+
+    async def accept_loop(
+        self, listener: Any, start: Callable[[anyio.abc.ByteStream], None]
+    ) -> None:
+        """Accept on one socket listener and hand each newcomer to *start* (anyio's own
+        ``serve`` lets an accept error end the task group, and the daemon with it)."""
+        pause = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.ClosedResourceError:
+                return
+            except (OSError, anyio.BrokenResourceError) as e:
+                # Out of descriptors (or kernel memory): free one of ours, wait, try again.
+                # The pending connection stays in the backlog meanwhile.
+                self.shed_idlest()
+                self._accept_failed(e)
+                pause = min(max(2 * pause, 0.01), _ACCEPT_PAUSE_MAX)
+                await anyio.sleep(pause)
+                continue
+            pause = 0.0
+            if self._table.full and not self.shed_idlest():
+                self._event("refused")
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                continue
+            start(stream)
+
+    def shed_idlest(self) -> bool:
+        """Close the connection idle the longest (its slot is free at once; its task closes
+        the socket); whether there was one."""
+        scope = self._table.shed()
+        if scope is None:
+            return False
+        scope.cancel()
+        self._event("shed")
+        return True
+
+    def _accept_failed(self, e: BaseException) -> None:
+        self._event("accept_error")
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_logged >= _ACCEPT_LOG_EVERY:
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+            log.warning(
+                "http.accept_failed",
+                listener=self.name,
+                error=os.strerror(cause.errno)
+                if isinstance(cause, OSError) and cause.errno
+                else type(e).__name__,
+                errors=self._accept_errors,
+                connections=len(self._table),
+            )
+            self._accept_logged, self._accept_errors = now, 0
+
+    def _event(self, event: str) -> None:
+        if self._observer is not None:
+            self._observer.connection_event(self.name, event)
+
+    async def sweep(self) -> None:
+        """Cancel connections past their deadline (idle keep-alive clients, slow-loris
+        senders, peers that do not read)."""
+        while True:
+            if not self._table:  # no connection: no wake-ups until one comes
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
+            await anyio.sleep(self._step)
+            for scope in self._table.expired(time.monotonic()):
+                scope.cancel()
+
+
 class HttpServer:
     def __init__(
         self,
         handler: Handler,
         *,
-        idle_timeout: float = 10.0,
+        idle_timeout: float = IDLE_TIMEOUT,
         max_body: int = 64 * 1024,
         max_header_bytes: int = 16 * 1024,
         max_requests_per_connection: int = 1000,
@@ -192,8 +324,7 @@ class HttpServer:
     ) -> None:
         self._handler = handler
         self.name = name
-        self.max_connections = max_connections
-        self._observer = observer
+        self._slots = Slots(name, max_connections, observer, step=min(1.0, idle_timeout / 4))
         self._idle = idle_timeout
         self._max_body = max_body
         self._max_hdr = max_header_bytes
@@ -204,18 +335,18 @@ class HttpServer:
         self._finished = anyio.Event()  # set when serve() returns
         # Connections waiting for a request after their first: closed at once by shutdown().
         self._keepalive: set[anyio.CancelScope] = set()
-        # Per open connection, the monotonic time by which its current request must have
-        # been read or its response written (inf while a handler runs). One sweeper enforces
-        # them all: cheaper than a cancel scope with a deadline around every read. The
-        # smallest finite deadline is also the connection idle the longest: the one to shed.
-        self._deadlines: dict[anyio.CancelScope, float] = {}
-        self._arrived: anyio.Event | None = None  # wakes the idle sweeper
-        self._accept_errors = 0  # since the last log line about them
-        self._accept_logged = -math.inf
 
     @property
     def connections(self) -> int:
-        return len(self._deadlines)
+        return len(self._slots)
+
+    @property
+    def max_connections(self) -> int:
+        return self._slots.max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:  # a reload changes it
+        self._slots.max_connections = value
 
     async def serve(
         self,
@@ -229,12 +360,16 @@ class HttpServer:
                 self._conns = conns
                 with anyio.CancelScope() as accepting:
                     self._accepting = accepting
+
+                    def start(stream: anyio.abc.ByteStream) -> None:
+                        conns.start_soon(self._connection, stream)
+
                     async with anyio.create_task_group() as accept:
-                        accept.start_soon(self._sweep)
+                        accept.start_soon(self._slots.sweep)
                         for listener in listeners:
                             # A TCP listener may be several sockets (IPv4 and IPv6).
                             for inner in getattr(listener, "listeners", [listener]):
-                                accept.start_soon(self._accept_loop, inner, conns)
+                                accept.start_soon(self._slots.accept_loop, inner, start)
                         task_status.started()
                 # Only shutdown() gets here: closing now refuses newcomers instead of leaving
                 # them in the backlog while in-flight requests finish under its deadline.
@@ -259,88 +394,9 @@ class HttpServer:
         self._conns.cancel_scope.deadline = min(self._conns.cancel_scope.deadline, deadline)
         await self._finished.wait()
 
-    async def _accept_loop(self, listener: Any, conns: anyio.abc.TaskGroup) -> None:
-        """Accept on one socket listener (anyio's own ``serve`` lets an accept error end the
-        task group, and the daemon with it)."""
-        pause = 0.0
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (OSError, anyio.BrokenResourceError) as e:
-                # Out of descriptors (or kernel memory): free one of ours, wait, try again.
-                # The pending connection stays in the backlog meanwhile.
-                self._shed_oldest_idle()
-                self._accept_failed(e)
-                pause = min(max(2 * pause, 0.01), _ACCEPT_PAUSE_MAX)
-                await anyio.sleep(pause)
-                continue
-            pause = 0.0
-            if len(self._deadlines) >= self.max_connections and not self._shed_oldest_idle():
-                self._event("refused")
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-                continue
-            conns.start_soon(self._connection, stream)
-
-    def _shed_oldest_idle(self) -> bool:
-        oldest: anyio.CancelScope | None = None
-        when = math.inf
-        for scope, deadline in self._deadlines.items():
-            if deadline < when:
-                oldest, when = scope, deadline
-        if oldest is None:
-            return False
-        del self._deadlines[oldest]  # counted as gone now; its task closes the socket
-        oldest.cancel()
-        self._event("shed")
-        return True
-
-    def _accept_failed(self, e: BaseException) -> None:
-        self._event("accept_error")
-        self._accept_errors += 1
-        now = time.monotonic()
-        if now - self._accept_logged >= _ACCEPT_LOG_EVERY:
-            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
-            log.warning(
-                "http.accept_failed",
-                listener=self.name,
-                error=os.strerror(cause.errno)
-                if isinstance(cause, OSError) and cause.errno
-                else type(e).__name__,
-                errors=self._accept_errors,
-                connections=len(self._deadlines),
-            )
-            self._accept_logged, self._accept_errors = now, 0
-
-    def _event(self, event: str) -> None:
-        if self._observer is not None:
-            self._observer.connection_event(self.name, event)
-
-    async def _sweep(self) -> None:
-        """Cancel connections whose request has not arrived in time (idle keep-alive clients,
-        slow-loris senders)."""
-        step = min(1.0, self._idle / 4)
-        while True:
-            if not self._deadlines:  # no connection: no wake-ups until one comes
-                self._arrived = anyio.Event()
-                await self._arrived.wait()
-            await anyio.sleep(step)
-            now = time.monotonic()
-            for scope, deadline in list(self._deadlines.items()):
-                if now > deadline:
-                    scope.cancel()
-
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
-        with anyio.CancelScope() as scope:
-            self._deadlines[scope] = math.inf
-            if self._arrived is not None:
-                self._arrived.set()
-            try:
-                await self._serve_connection(stream, scope)
-            finally:
-                self._deadlines.pop(scope, None)  # already gone if it was shed
+        with self._slots.hold() as scope:
+            await self._serve_connection(stream, scope)
 
     async def _serve_connection(
         self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
@@ -354,7 +410,7 @@ class HttpServer:
             for served in range(1, self._max_requests + 1):
                 if scope.cancel_called or (self._draining and served > 1):
                     return
-                self._deadlines[scope] = time.monotonic() + self._idle
+                self._slots.idle(scope, self._idle)
                 # A new connection's first request is expected (it raced the shutdown), so
                 # it is not idle; nor is one whose next request is already buffered.
                 if served > 1 and not conn.trailing_data[0]:
@@ -370,7 +426,7 @@ class HttpServer:
                     self._keepalive.discard(scope)
                 if event is None:
                     return
-                self._deadlines[scope] = math.inf  # handling and answering are not idling
+                self._slots.busy(scope)  # handling is not idling
                 req = self._request(event, headers, body, peer)
                 try:
                     resp = await self._handler(req)
@@ -385,7 +441,7 @@ class HttpServer:
                 if scope.cancel_called:
                     return
                 # The answer must be taken within the same deadline as a request.
-                self._deadlines[scope] = time.monotonic() + self._idle
+                self._slots.idle(scope, self._idle)
                 if not await self._send(conn, stream, resp, head=req.method == "HEAD", last=last):
                     return
                 if conn.our_state is h11.MUST_CLOSE or self._draining:

@@ -33,13 +33,14 @@ import structlog
 
 from imsd.admission import Refusal, admit
 from imsd.config import ProxySpec
-from imsd.httpserver import PeerCred, peer_cred
+from imsd.httpserver import IDLE_TIMEOUT, PeerCred, Slots, peer_cred
 from imsd.logs import LogThrottle
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
 from imsd.plugin import Product
 from imsd.render import RenderError, instances, product_headers, product_urls
 from imsd.supervisor import Supervisor
+from imsd.tcppeer import tcp_peer
 from imsd.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = [
@@ -179,6 +180,41 @@ class _Refused(Exception):
         self.status, self.code, self.retry_after = status, code, retry_after
 
 
+class _Taken(anyio.abc.ByteStream):
+    """A client's connection whose every write must be taken within the proxy's
+    ``take_timeout`` (the slots' sweeper cancels it otherwise; it is sheddable meanwhile):
+    a client that stops reading frees its slot and its upstream connection."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, proxy: Proxy, scope: anyio.CancelScope):
+        self._stream, self._proxy, self._scope = stream, proxy, scope
+
+    def idle(self, seconds: float) -> None:
+        self._proxy.slots.idle(self._scope, seconds)
+
+    def busy(self) -> None:
+        self._proxy.slots.busy(self._scope)
+
+    async def send(self, item: bytes) -> None:
+        self.idle(self._proxy.take_timeout)
+        try:
+            await self._stream.send(item)
+        finally:
+            self.busy()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
+
+
 class Proxy:
     """One ``[[proxy]]`` listener's server."""
 
@@ -198,9 +234,11 @@ class Proxy:
         self.products = products
         self._access = access
         self._metrics = metrics
-        self._max_connections = max_connections
         self._clock = clock
-        self.connections = 0
+        # Two descriptors a connection (the client's, the upstream's): the daemon's cap
+        # counts them against its descriptor reserve.
+        self.slots = Slots(f"proxy:{spec.product}", max_connections, metrics)
+        self.take_timeout = IDLE_TIMEOUT  # for each write to the client to be taken
         # No environment proxies, no redirects followed (a Location elsewhere goes back to
         # the client as it came), no default headers (the request is built here).
         self.upstream = Upstream(spec.timeout)
@@ -219,57 +257,60 @@ class Proxy:
     ) -> None:
         try:
             async with anyio.create_task_group() as tg:
+
+                def start(stream: anyio.abc.ByteStream) -> None:
+                    tg.start_soon(self._connection, stream)
+
+                tg.start_soon(self.slots.sweep)
                 for inner in getattr(listener, "listeners", [listener]):
-                    tg.start_soon(self._accept_loop, inner, tg)
+                    tg.start_soon(self.slots.accept_loop, inner, start)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
                 await self.upstream.aclose()
 
-    async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (OSError, anyio.BrokenResourceError):
-                await anyio.sleep(0.1)  # out of descriptors: the backlog waits
-                continue
-            if self.connections >= self._max_connections:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-                continue
-            tg.start_soon(self._connection, stream)
+    @property
+    def connections(self) -> int:
+        return len(self.slots)
 
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
-        self.connections += 1
-        try:
-            async with stream:
-                await self._serve_connection(stream)
-        except (_ClientGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        except Exception as e:  # a bug here must end this connection, never the daemon
-            log.error("proxy.connection_failed", instance=self.spec.product, error=type(e).__name__)
-        finally:
-            self.connections -= 1
+        with self.slots.hold() as scope:
+            try:
+                async with stream:
+                    await self._serve_connection(_Taken(stream, self, scope))
+            except (_ClientGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            except Exception as e:  # a bug here must end this connection, never the daemon
+                log.error(
+                    "proxy.connection_failed", instance=self.spec.product, error=type(e).__name__
+                )
 
-    async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
+    async def _peer(self, stream: _Taken) -> PeerCred | None:
+        """Who connected: SO_PEERCRED on a Unix socket, the client socket's owner on TCP."""
         try:
-            peer = peer_cred(stream) if not self.spec.tcp else None
+            return peer_cred(stream) if not self.spec.tcp else await tcp_peer(stream)
         except OSError:
-            peer = None
+            return None
+
+    async def _serve_connection(self, stream: _Taken) -> None:
+        peer: PeerCred | None = None
+        looked_up = False  # on TCP at the first request: idle connections cost no lookup
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         while True:
-            with anyio.move_on_after(_HEAD_TIMEOUT):
-                try:
-                    event = await _next_event(conn, stream)
-                except h11.RemoteProtocolError as e:
-                    await _send_error(conn, stream, e.error_status_hint, "bad_request", str(e))
-                    return
+            # Idle keep-alive and slow-loris clients time out, and may be shed meanwhile.
+            stream.idle(_HEAD_TIMEOUT)
+            try:
+                event = await _next_event(conn, stream)
+            except h11.RemoteProtocolError as e:
+                await _send_error(conn, stream, e.error_status_hint, "bad_request", str(e))
+                return
+            stream.busy()
             if not isinstance(event, h11.Request):
                 return  # closed, or timed out waiting for a request
-            if not self.spec.tcp:
+            if self.spec.checks_peers:
+                if not looked_up:
+                    peer, looked_up = await self._peer(stream), True
                 access = self._access()
                 if not allowed_peer(peer, access.uids, access.gids):
                     uid = peer.uid if peer else None
@@ -369,9 +410,7 @@ class Proxy:
         entry = self.supervisor.store.get(name)
         return entry is not None and entry.grant is not None and entry.grant is not before
 
-    async def _exchange(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, req: h11.Request
-    ) -> None:
+    async def _exchange(self, conn: h11.Connection, stream: _Taken, req: h11.Request) -> None:
         method = req.method.decode("ascii")
         client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers]
         has_body = any(
@@ -487,18 +526,20 @@ async def _next_event(conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any
         conn.receive_data(data)
 
 
-async def _body(
-    conn: h11.Connection, stream: anyio.abc.ByteStream, idle: float
-) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives; _ClientGone if it stops short."""
+async def _body(conn: h11.Connection, stream: _Taken, idle: float) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives; _ClientGone if it stops short. Each piece
+    must come within *idle* seconds; meanwhile the connection waits on its client: it may
+    be shed for a newcomer (a body dripped a byte at a time is the idlest of all)."""
     if conn.they_are_waiting_for_100_continue:
         await stream.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
     while True:
+        stream.idle(idle)
         try:
-            with anyio.fail_after(idle):
-                event = await _next_event(conn, stream)
-        except (h11.RemoteProtocolError, TimeoutError, OSError):
+            event = await _next_event(conn, stream)
+        except (h11.RemoteProtocolError, OSError):
             raise _ClientGone from None
+        finally:
+            stream.busy()
         if isinstance(event, h11.Data):
             yield bytes(event.data)
         elif isinstance(event, h11.EndOfMessage):

@@ -12,7 +12,7 @@ Adobe checks, per product), then, under ``/gateway/PRODUCT/_fake/``:
 
 Any other path is the gateway's own answer. Every request is logged in :attr:`requests`
 (method, path, status; an upload also logs ``started``, and ``aborted`` if it stops
-short).
+short); :attr:`connections` counts the connections open now.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class BulkApi:
         self.state = state
         self.url = ""
         self.requests: list[tuple[str, str, str]] = []
+        self.connections = 0
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
@@ -57,12 +58,15 @@ class BulkApi:
 
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        self.connections += 1
         async with stream:
             try:
                 while await self._one(conn, stream):
                     conn.start_next_cycle()
             except (anyio.BrokenResourceError, anyio.EndOfStream, h11.ProtocolError, OSError):
                 return
+            finally:
+                self.connections -= 1
 
     async def _event(self, conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any:
         while (event := conn.next_event()) is h11.NEED_DATA:
