@@ -56,7 +56,7 @@ def test_service_is_notify_with_watchdog_and_reload() -> None:
         "Type=notify",
         "NotifyAccess=main",
         "WatchdogSec=",
-        "ExecReload=/bin/kill -HUP",
+        "ExecReload=/bin/sh -c 'kill -HUP $$MAINPID'",  # no /bin/kill in a minimal Debian
         "Restart=on-failure",
         "User=imsd",  # static: DynamicUser= would hide /run/imsd and symlink /var/lib/imsd
         "Group=imsd-clients",  # the consumers' group: the peer check and the token files
