@@ -398,6 +398,9 @@ MISTAKES: list[tuple[str, list[str], str | None, dict[str, str], str]] = [
     ("check-socket-dir", ["check", "--socket", "afile/imsd.sock"], "", {}, "afile"),
     ("check-creds-is-file", ["check", "--credentials-dir", "afile"], "", {}, "afile"),
     ("check-creds-missing", ["check", "--credentials-dir", "nope"], "", {}, "nope"),
+    # run refuses what check refuses (it used to start and log root_unavailable every minute)
+    ("run-creds-missing", ["run", "--credentials-dir", "nope"], "", {}, "not found (nope)"),
+    ("once-creds-missing", ["once", "--credentials-dir", "nope"], "", {}, "not found (nope)"),
     ("config-is-dir", ["check", "--config", "cfgdir"], None, {}, "cfgdir"),
     ("config-missing", ["run", "--config", "missing.toml"], None, {}, "missing.toml"),
     ("env-config-missing", ["check"], None, {"IMSD_CONFIG": "gone.toml"}, "gone.toml"),
@@ -583,3 +586,73 @@ def test_status_shows_pending_for_a_credential_that_never_had_a_token() -> None:
     assert _shown_state(lapsed) == "expired"
     assert _shown_state({"state": "valid", "expires_at": "2026-01-01T00:00:00Z"}) == "valid"
     assert _shown_state({"state": "invalid", "expires_at": None}) == "invalid"
+
+
+def _exact(r: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith(("imsd:", "creds/"))]
+
+
+def test_first_hour_mistakes_get_the_line_that_names_the_fix(tmp_path: Path) -> None:
+    """Issue 26's table, made through the real CLI, each line as printed."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "a.secret").write_text(SECRET + "\n")
+    (creds / "a.toml").write_text(
+        'auth = "oauth_server_to_server"\nclient_id = "c"\nclient_secert_file = "a.secret"\n'
+        f'org_id = "{ORG}"\nscopes = ["openid"]\n'
+    )
+    common = ["--credentials-dir", "creds", "--output-dir", "out", "--state-dir", "st"]
+    common += ["--socket", "s.sock", "--metrics-address", ""]
+    env = {"IMSD_CONFIG": ""}
+
+    def run(
+        *args: str, extra: dict[str, str] | None = None, pre: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        code = f"import sys; {pre}from imsd.cli import main; sys.exit(main())"
+        return subprocess.run(
+            [sys.executable, "-c", code, *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("IMSD_")},
+                **env,
+                **(extra or {}),
+            },
+            check=False,
+        )
+
+    r = run("check")
+    assert _exact(r) == [
+        "creds/a.toml: client_secert_file: unknown key 'client_secert_file': "
+        "did you mean 'client_secret_file'?"
+    ]
+    (creds / "a.toml").write_text(
+        'auth = "oauth_server_to_server"\nclient_id = "c"\nclient_secret_file = "a.secret"\n'
+        'org_id = "nope"\nscopes = ["openid"]\n'
+    )
+    r = run("check")
+    assert _exact(r) == ["creds/a.toml: org_id: must be an IMS org id ending with @AdobeOrg"]
+    (creds / "a.toml").write_text(
+        'auth = "oauth_server_to_server"\nclient_id = "c"\nclient_secret_file = "a.secret"\n'
+        f'org_id = "{ORG}"\nscopes = ["openid"]\n'
+    )
+    r = run("check", extra={"IMSD_OUTPT_DIR": "x"})
+    assert r.returncode == 0, r.stderr
+    assert _exact(r) == [
+        "imsd: warning: unknown environment variable IMSD_OUTPT_DIR (ignored): "
+        "did you mean IMSD_OUTPUT_DIR?"
+    ]
+    # Fleet mode without its extra: one line, exit 2, from check and from run alike.
+    for command in ("check", "run"):
+        r = run(
+            command,
+            extra={"IMSD_COORDINATION": "redis://127.0.0.1:1"},
+            pre="sys.modules['coredis'] = None; ",
+        )
+        assert r.returncode == 2, r.stderr
+        assert _exact(r) == [
+            "imsd: coordination is set but fleet mode is not installed (no coredis): "
+            "pip install 'imsd[fleet]', or unset coordination"
+        ]

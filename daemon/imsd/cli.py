@@ -17,7 +17,7 @@ import anyio
 import structlog
 
 from imsd import __version__, logs
-from imsd.config import ConfigError, Settings, load_settings
+from imsd.config import ConfigError, Settings, load_settings, unknown_env
 from imsd.registry import Registry, load_registry, scope_hints
 
 __all__ = ["main"]
@@ -295,12 +295,29 @@ def _preflight(settings: Settings, *, socket: bool, access: bool = True) -> str 
     """The first reason run/once would fail on a path, before anything starts: a state or
     output directory that cannot be made would otherwise only be logged, again and again."""
     creds = settings.credentials_dir
-    if creds.exists() and not creds.is_dir():
-        return f"credentials_dir is not a directory ({creds}): set credentials_dir to a directory"
+    if not creds.is_dir():  # a wrong path, not a bad credential: nothing would ever be served
+        what = "is not a directory" if creds.exists() else "not found"
+        return f"credentials_dir {what} ({creds}): create it or set credentials_dir"
     dirs = [("output_dir", settings.output_dir), ("state_dir", settings.state_dir)]
     if socket and not os.environ.get("LISTEN_FDS"):  # systemd's socket: not ours to create
         dirs.append(("socket directory", settings.socket.parent))
-    return next((p for key, path in dirs if (p := _dir_problem(key, path, access=access))), None)
+    problem = next((p for key, path in dirs if (p := _dir_problem(key, path, access=access))), None)
+    return problem or (_fleet_problem(settings) if socket else None)
+
+
+def _fleet_problem(settings: Settings) -> str | None:
+    """Fleet mode's Redis client is an extra: without it the daemon would fail at start with
+    an ImportError inside its task group."""
+    if not settings.coordination:
+        return None
+    try:
+        import coredis  # noqa: F401
+    except ImportError:
+        return (
+            "coordination is set but fleet mode is not installed (no coredis): "
+            "pip install 'imsd[fleet]', or unset coordination"
+        )
+    return None
 
 
 def _unset_and_missing(settings: Settings) -> str | None:
@@ -421,6 +438,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
             run_fake_ims(args.host, args.port)
             return 0
+        for warning in unknown_env(os.environ):
+            print(f"imsd: warning: {warning}", file=sys.stderr)
         if args.command == "demo":
             return _demo(args)
         settings = _settings(args)
@@ -696,9 +715,6 @@ def _check(settings: Settings, registry: Registry, *, strict: bool) -> int:
     from imsd.daemon import _initial_events, check
 
     creds = settings.credentials_dir
-    if not creds.is_dir():  # a wrong path, not a bad credential: a configuration error
-        what = "is not a directory" if creds.exists() else "not found"
-        return _fail(f"credentials_dir {what} ({creds}): create it or set credentials_dir")
     if problem := _preflight(settings, socket=True, access=False):
         return _fail(problem)
     warnings: list[str] = []

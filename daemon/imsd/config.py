@@ -40,6 +40,8 @@ __all__ = [
     "Reload",
     "Settings",
     "load_settings",
+    "pydantic_message",
+    "unknown_env",
     "unknown_key",
 ]
 
@@ -384,12 +386,18 @@ def unknown_key(key: str, known: Iterable[str], documented: str) -> tuple[str, s
     return f"unknown key {key!r}", hint
 
 
+def pydantic_message(error: Any) -> str:
+    """A pydantic error's message without its "Value error, " prefix: the wording the README
+    shows, for the config file and credential files alike."""
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def _one(source: str, e: Any) -> str:
     key = str(e["loc"][0]) if e["loc"] else "(top level)"
     if e["type"] == "extra_forbidden":
         what, hint = unknown_key(key, FIELDS, "the README's configuration reference")
         return f"{what} ({source}): {hint}"
-    msg = str(e["msg"]).removeprefix("Value error, ")
+    msg = pydantic_message(e)
     return f"invalid {key}{_shown(key, e.get('input'))} ({_where(source, key)}): {msg}"
 
 
@@ -418,6 +426,25 @@ def _read_file(path: Path, *, required: bool) -> dict[str, Any]:
         return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"invalid TOML ({path}): {e}; fix the file") from None
+
+
+#: ``IMSD_*`` names that are not settings: the config file's path, and what imsd itself sets
+#: for the commands it runs (``imsd exec``, on_refresh actions), which a daemon started from
+#: such a command inherits.
+OTHER_ENV: Final = frozenset({"IMSD_CONFIG", "IMSD_CREDENTIAL", "IMSD_TOKEN_FILE"})
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """One warning per ``IMSD_*`` variable no setting reads, with the nearest known name: a
+    misspelt ``IMSD_OUTPT_DIR`` would otherwise be ignored in silence and the default used."""
+    known = {ENV_PREFIX + f.upper() for f in FIELDS} | OTHER_ENV
+    out = []
+    for key in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see the configuration reference"
+        shown = key if key.isprintable() else ascii(key)
+        out.append(f"unknown environment variable {shown} (ignored): {hint}")
+    return out
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:

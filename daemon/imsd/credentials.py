@@ -272,11 +272,17 @@ def decode(path: Path, data: bytes) -> dict[str, Any]:
     raise CredentialError(path, f"unsupported file type {path.suffix!r} (use .toml or .json)")
 
 
+def _msg(error: Any) -> str:
+    from imsd.config import pydantic_message  # the config's wording
+
+    return pydantic_message(error)
+
+
 def _validation_error(path: Path, err: ValidationError) -> CredentialError:
     first = err.errors(include_input=False, include_url=False)
     loc = ".".join(str(p) for p in first[0]["loc"]) or None
-    msgs = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in first[1:]]
-    message = first[0]["msg"] + ("" if not msgs else f" (also: {'; '.join(msgs)})")
+    msgs = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {_msg(e)}" for e in first[1:]]
+    message = _msg(first[0]) + ("" if not msgs else f" (also: {'; '.join(msgs)})")
     if first[0]["type"] == "extra_forbidden":
         message = "unknown field (a typo?)" + ("" if not msgs else f" (also: {'; '.join(msgs)})")
     return CredentialError(path, message, field=loc)
@@ -403,6 +409,18 @@ class _Secrets:
         return self._call(lambda v, f: self._r._keep(v, f), value, field)
 
 
+def _unknown_keys(path: Path, table: Mapping[str, Any], methods: Mapping[str, AuthMethod]) -> None:
+    """A key no field and no auth method knows: ``client_secert_file`` must be named as a
+    typo, not reported as a missing ``client_secret``."""
+    fields = {*_Native.model_fields, *(f for a in methods.values() for f in a.fields)}
+    stray = sorted(k for k in table if k not in fields)
+    if stray:
+        from imsd.config import unknown_key  # the config's wording
+
+        why = ": ".join(unknown_key(stray[0], fields, "the README's credential file section"))
+        raise CredentialError(path, why, field=stray[0])
+
+
 def _auth_options(m: _Native, r: _Resolver, methods: Mapping[str, AuthMethod]) -> Mapping[str, Any]:
     method = methods.get(m.auth)
     if method is None:
@@ -412,16 +430,11 @@ def _auth_options(m: _Native, r: _Resolver, methods: Mapping[str, AuthMethod]) -
         )
     extras = dict(m.model_extra or {})
     stray = sorted(set(extras) - method.fields)
-    if stray:
+    if stray:  # another method's field (_unknown_keys refused the others)
         owner = [n for n, other in sorted(methods.items()) if stray[0] in other.fields]
-        if owner:
-            why = f"applies to auth = {owner[0]!r}, not {m.auth!r}"
-        else:
-            from imsd.config import unknown_key  # the config's wording
-
-            fields = {*_Native.model_fields, *(f for a in methods.values() for f in a.fields)}
-            why = ": ".join(unknown_key(stray[0], fields, "the README's credential file section"))
-        raise CredentialError(r.path, why, field=stray[0])
+        raise CredentialError(
+            r.path, f"applies to auth = {owner[0]!r}, not {m.auth!r}", field=stray[0]
+        )
     table = {**m.model_dump(exclude={"client_secret"}), **extras, "scopes": tuple(m.scopes)}
     try:
         return dict(method.validate(table, _Secrets(r)))
@@ -549,6 +562,7 @@ def _build(
     resolver: _Resolver,
     auth_methods: Mapping[str, AuthMethod],
 ) -> Credential:
+    _unknown_keys(path, table, auth_methods)  # a typo first: it explains what follows
     try:
         m = _Native.model_validate(dict(table))
     except ValidationError as e:
