@@ -466,3 +466,49 @@ async def test_a_chain_link_whose_publish_failed_is_published_before_a_takeover(
         assert holder.role("alpha") == "follower"
         assert [k for k in await _redis_dump(redis.url) if k.endswith(b":lease")] == []
         tg.cancel_scope.cancel()
+
+
+# -- bounded reads: a value planted with SET costs at most MAX_REPLY ------------------------
+
+_READ_BIG = """
+import sys, anyio
+from imsd.fleet import Malformed
+from imsd.fleetredis import Fleet
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))  # KiB
+
+
+async def main():
+    f = Fleet(sys.argv[1])
+    async with f._client:
+        f._pool_ready.set()
+        before = hwm()
+        try:
+            await f._call(lambda: f._client.get("big"))
+            verdict = "read"
+        except Malformed:
+            verdict = "refused"
+        after = hwm()
+        small = await f._call(lambda: f._client.get("small"))
+        print("RESULT", verdict, (after - before) // 1024, small.decode())
+
+anyio.run(main)
+"""
+
+
+async def test_an_oversized_value_is_refused_at_the_protocol_reader(redis: RedisServer) -> None:
+    """Issue 23 #5: 300 MiB in the token key grew every node by ~1.2 GiB (read whole, then
+    copied). Now the reply ends its connection at MAX_REPLY; the next command still works."""
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis.url, verify_version=False)
+    async with client:
+        await client.set("big", b"x" * (64 << 20))
+        await client.set("small", b"ok")
+    with anyio.fail_after(60):
+        out = await anyio.run_process([sys.executable, "-c", _READ_BIG, redis.url], check=False)
+    lines = [line for line in out.stdout.decode().splitlines() if line.startswith("RESULT ")]
+    assert lines, (out.stdout + out.stderr)[-2000:].decode(errors="replace")
+    _, verdict, grown_mib, small = lines[-1].split()
+    assert (verdict, small) == ("refused", "ok"), out.stderr[-2000:].decode(errors="replace")
+    assert int(grown_mib) < 32, f"peak RSS grew by {grown_mib} MiB reading a 64 MiB value"

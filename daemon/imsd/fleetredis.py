@@ -28,6 +28,7 @@ import anyio.abc
 import coredis
 import structlog
 from coredis.exceptions import InvalidResponse, RedisError
+from coredis.parser import NotEnoughData, Parser
 
 from imsd import fleet
 from imsd.fleet import Deferred, FleetKeys, Malformed, Sealed, Tampered, Unavailable
@@ -43,11 +44,59 @@ log = structlog.get_logger("imsd.fleet")
 
 #: One Redis round trip may take this long before Redis counts as unreachable.
 OP_TIMEOUT: Final = 2.0
-#: The longest value read from Redis.
-MAX_REPLY: Final = 64 * 1024
+#: The longest reply read from Redis, on the wire: a sealed token from the largest IMS answer
+#: (exchange.MAX_BODY, 1 MiB) with room for JSON's escapes. A longer one (a value planted
+#: with SET, a PUBLISH) ends its connection once this much is buffered, instead of being read
+#: whole (300 MiB in the token key grew every node by ~1.2 GiB).
+MAX_REPLY: Final = 4 << 20
 #: Seconds between two log lines about refused channel messages (each one is counted): a
 #: publisher in a loop cannot fill the disk.
 REJECTED_LOG_EVERY: Final = 60.0
+
+
+class Oversized(InvalidResponse):
+    """A reply longer than :data:`MAX_REPLY`: its connection is dropped."""
+
+
+class BoundedParser:
+    """coredis's RESP parser (compiled: it cannot be subclassed) that refuses a reply once
+    more than *limit* bytes of it are buffered, so what a server sends costs at most *limit*
+    plus one read. Counted on the wire from the end of the last whole reply."""
+
+    def __init__(self, limit: int = MAX_REPLY) -> None:
+        self._inner = Parser()
+        self.limit = limit
+        self._pending = 0  # bytes fed since the last whole reply
+
+    def feed(self, data: bytes) -> None:
+        self._pending += len(data)
+        if self._pending > self.limit:
+            raise Oversized(f"a reply longer than {self.limit} bytes")
+        self._inner.feed(data)
+
+    def parse(self, decode: bool = False, encoding: str | None = None) -> Any:
+        out = self._inner.parse(decode, encoding)
+        if not isinstance(out, NotEnoughData):
+            self._pending = self._inner.bytes_written - self._inner.bytes_read
+        return out
+
+    def on_disconnect(self) -> None:
+        self._inner.on_disconnect()
+        self._pending = 0
+
+    def can_read(self) -> bool:
+        return self._inner.can_read()
+
+
+def _bounded(cls: type[Any]) -> type[Any]:
+    """*cls* (coredis's TCP or Unix connection) reading through a :class:`BoundedParser`."""
+
+    class Bounded(cls):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._parser = BoundedParser()
+
+    return Bounded
 
 
 class FleetObserver(Protocol):
@@ -86,6 +135,8 @@ class Fleet:
             stream_timeout=OP_TIMEOUT,
             verify_version=False,
         )
+        pool = self._client.connection_pool
+        pool.connection_class = _bounded(pool.connection_class)
         self._derived: dict[tuple[str, str], tuple[bytes, FleetKeys]] = {}
         self._names: dict[str, str] = {}  # token key -> credential name
         self._held: dict[str, tuple[FleetKeys, str]] = {}  # name -> (keys, "<node>:<fence>")
@@ -193,6 +244,9 @@ class Fleet:
         except Malformed as e:
             self._malformed(str(e))
             raise
+        except Oversized as e:
+            self._malformed(str(e))
+            raise Malformed("Oversized") from None
         except InvalidResponse:  # not RESP
             self._malformed("the reply is not RESP")
             raise Malformed("InvalidResponse") from None
