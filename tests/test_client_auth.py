@@ -4,10 +4,12 @@ them: against a running daemon and the fake IMS gateway, which refuses a revoked
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -249,3 +251,67 @@ def test_the_file_is_read_again_only_when_replaced(
         write_doc(tmp_path, "tok-2")  # as the daemon does: a new file renamed over it
         assert [c.get("http://api/").text for _ in range(2)] == ["Bearer tok-2"] * 2
         assert len(reads) == 2
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A server that records the Authorization headers it is sent; ``redirect`` set: it
+    answers 302 there, else 401 (the other host of issue 23 item 7)."""
+
+    seen: list[str | None]
+    redirect: str | None = None
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        if self.redirect:
+            self.send_response(302)
+            self.send_header("Location", self.redirect)
+        else:
+            self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _serve(seen: list[str | None], redirect: str | None) -> http.server.ThreadingHTTPServer:
+    handler = type("H", (_Recorder,), {"seen": seen, "redirect": redirect})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+async def test_a_401_after_a_cross_host_redirect_never_sends_the_token_there(
+    tmp_path: Path, fake: FakeIms, running: Any, kind: str
+) -> None:
+    """The app's request to host A is redirected to host B, which answers 401: the retry with a
+    fresh token goes to A's URL again (httpx's flow) or not at all, never to B (issue 23 #7:
+    RequestsAuth retried the redirected request itself, Bearer token included)."""
+    d = await start(tmp_path, fake, running, min_refresh_interval=0)
+    other: list[str | None] = []
+    b = _serve(other, None)
+    mine: list[str | None] = []
+    a = _serve(mine, f"http://localhost:{b.server_address[1]}/elsewhere")
+    url = f"http://127.0.0.1:{a.server_address[1]}/start"
+    options = where(d, "socket")
+    try:
+        if kind == "requests":
+            with requests.Session() as s:
+                s.auth = client.RequestsAuth("alpha", product="aep", **options)
+                r: Any = await blocking(lambda: s.get(url, timeout=30))
+        else:
+            auth = HttpxAuth("alpha", product="aep", **options)
+            if kind == "httpx":
+                with httpx.Client(auth=auth, follow_redirects=True, timeout=30) as c:
+                    r = await blocking(lambda: c.get(url))
+            else:
+                async with httpx.AsyncClient(auth=auth, follow_redirects=True, timeout=30) as ac:
+                    r = await ac.get(url)
+        assert r.status_code == 401
+        assert other  # the redirect was followed...
+        assert all(h is None for h in other)  # ...and B never saw a token
+        assert mine
+        assert all(h and h.startswith("Bearer ") for h in mine)
+    finally:
+        a.shutdown()
+        b.shutdown()

@@ -15,11 +15,13 @@ Or as an ``auth=`` that follows rotation and recovers from a 401 (see :class:`Ht
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import stat
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Generator
 from datetime import datetime
 from pathlib import Path
@@ -411,6 +413,13 @@ class HttpxAuth(httpx.Auth):
             yield request
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port: where a token was attached for."""
+    u = urllib.parse.urlsplit(url)
+    scheme = u.scheme.lower()
+    return scheme, (u.hostname or "").lower(), u.port or (443 if scheme == "https" else 80)
+
+
 def _requests_auth() -> type:
     """``RequestsAuth``, built on first use so that importing this module never imports
     ``requests`` (which is not a dependency of imsd)."""
@@ -435,11 +444,18 @@ def _requests_auth() -> type:
         def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
             sent = self._h.get()
             r.headers.update(sent)
-            r.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
+            hook = functools.partial(self._on_response, origin=_origin(str(r.url)))
+            r.register_hook("response", hook)  # type: ignore[no-untyped-call]
             return r
 
-        def _on_response(self, resp: requests.Response, **kwargs: Any) -> requests.Response:
-            if resp.status_code != 401:
+        def _on_response(
+            self, resp: requests.Response, *, origin: tuple[str, str, int], **kwargs: Any
+        ) -> requests.Response:
+            # The hook stays on the request through redirects (requests copies it): a 401
+            # from another origin is that host's, and retrying there would hand it the
+            # token, which requests itself stripped. HttpxAuth's retry goes to the URL the
+            # token was attached for (httpx runs the flow around the redirects).
+            if resp.status_code != 401 or _origin(str(resp.request.url)) != origin:
                 return resp
             failed = resp.request.headers.get("Authorization")
             try:
