@@ -44,7 +44,7 @@ from imsd.model import HttpResponse, Secret
 from imsd.persist import StateFile
 
 from tests.support import ORG, SCOPES, SECRET, force_refresh, live, wait_for
-from tests.test_attacks import SYSTEM_PYTHON, make_user  # noqa: F401
+from tests.test_attacks import SYSTEM_PYTHON, User, make_user  # noqa: F401
 
 LOOPBACK = r"http://(127\.0\.0\.1|localhost|\[::1\]):\d+/callback"
 PASTE = "https://localhost/imsd/callback"
@@ -389,6 +389,21 @@ while [ -e "$DIR/keep" ]; do sleep 0.05; done
 """
 
 
+def _as_other(user: User, code: str, *args: str) -> subprocess.Popen[str]:
+    """The system Python running *code* as the other local *user* (``make_user``), piped."""
+    assert SYSTEM_PYTHON is not None
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", code, *args],
+        user=user.uid,
+        group=user.gid,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+
 def _launcher(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     record = tmp_path / "launcher"
     record.mkdir()
@@ -409,10 +424,7 @@ def test_browser_gets_a_private_page_never_the_url_on_argv(
     proc = _login(tmp_path, "--browser", env=env)
     try:
         url = _authorize_url(proc, user_fake)
-        wait_for_file = time.monotonic() + 30
-        while not (record / "pid").exists():
-            assert time.monotonic() < wait_for_file, "the launcher did not run"
-            time.sleep(0.05)  # another process's file: polled, under a deadline
+        assert _launched(record, 30), "the launcher did not run"
         pid = int((record / "pid").read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
         secret_parts = [httpx.URL(url).params[k] for k in ("state", "code_challenge")]
@@ -494,16 +506,7 @@ def test_another_user_cannot_hijack_the_login_from_proc(
     assert SYSTEM_PYTHON is not None
     mallory = make_user()
     record, env = _launcher(tmp_path)
-    scanner = subprocess.Popen(
-        [SYSTEM_PYTHON, "-I", "-c", SCAN_PROC],
-        user=mallory.uid,
-        group=mallory.gid,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
+    scanner = _as_other(mallory, SCAN_PROC)
     _write_user(tmp_path / "creds", user_fake, "http://127.0.0.1:0/callback")
     proc = _login(tmp_path, *mode, env=env, no_browser=False)
     try:
@@ -627,16 +630,7 @@ def test_another_user_holding_ipv6_localhost_refuses_the_login(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    holder = subprocess.Popen(
-        [SYSTEM_PYTHON, "-I", "-c", HOLD_IPV6, str(port)],
-        user=mallory.uid,
-        group=mallory.gid,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
+    holder = _as_other(mallory, HOLD_IPV6, str(port))
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline() == "ready\n", holder.stderr

@@ -147,7 +147,7 @@ for _ in range(100):
         urllib.request.urlopen("{FAKE}/_fake/clients", data=body)
         break
     except OSError:
-        time.sleep(0.1)
+        time.sleep(0.1)  # a transient unit with no readiness notice: polled, 10 s at most
 else:
     sys.exit("the fake IMS did not answer")
 """

@@ -33,7 +33,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -58,6 +58,7 @@ __all__ = [
     "Request",
     "Response",
     "Slots",
+    "StreamWrapper",
     "bound_port",
     "peer_cred",
     "tcp_listener",
@@ -149,6 +150,30 @@ class _Reject(Exception):
 
 # Linux's SO_PEERGROUPS (4.13+); Python's socket module does not name it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+class StreamWrapper(anyio.abc.ByteStream):
+    """A byte stream passed through to *inner*: a subclass overrides what it changes (the
+    proxy's deadline on each write, the fake IMS's dripped answers) and nothing else."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self._inner = inner
+
+    async def send(self, item: bytes) -> None:
+        await self._inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._inner.extra_attributes
 
 
 def peer_cred(stream: anyio.abc.ByteStream) -> PeerCred | None:

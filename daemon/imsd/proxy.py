@@ -33,7 +33,7 @@ import structlog
 
 from imsd.admission import Refusal, admit
 from imsd.config import ProxySpec
-from imsd.httpserver import IDLE_TIMEOUT, PeerCred, Slots, peer_cred
+from imsd.httpserver import IDLE_TIMEOUT, PeerCred, Slots, StreamWrapper, peer_cred
 from imsd.logs import LogThrottle
 from imsd.metrics import Metrics
 from imsd.model import CredentialState
@@ -180,13 +180,14 @@ class _Refused(Exception):
         self.status, self.code, self.retry_after = status, code, retry_after
 
 
-class _Taken(anyio.abc.ByteStream):
+class _Taken(StreamWrapper):
     """A client's connection whose every write must be taken within the proxy's
     ``take_timeout`` (the slots' sweeper cancels it otherwise; it is sheddable meanwhile):
     a client that stops reading frees its slot and its upstream connection."""
 
     def __init__(self, stream: anyio.abc.ByteStream, proxy: Proxy, scope: anyio.CancelScope):
-        self._stream, self._proxy, self._scope = stream, proxy, scope
+        super().__init__(stream)
+        self._proxy, self._scope = proxy, scope
 
     def idle(self, seconds: float) -> None:
         self._proxy.slots.idle(self._scope, seconds)
@@ -197,22 +198,9 @@ class _Taken(anyio.abc.ByteStream):
     async def send(self, item: bytes) -> None:
         self.idle(self._proxy.take_timeout)
         try:
-            await self._stream.send(item)
+            await self._inner.send(item)
         finally:
             self.busy()
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self._stream.extra_attributes
 
 
 class Proxy:

@@ -16,7 +16,7 @@ import anyio.from_thread
 
 from imsd.fakeims.app import DRIP_HEADER, FakeImsApp
 from imsd.fakeims.state import FakeImsState
-from imsd.httpserver import HttpServer, bound_port, tcp_listener
+from imsd.httpserver import HttpServer, StreamWrapper, bound_port, tcp_listener
 
 __all__ = ["FakeIms", "run_fake_ims"]
 
@@ -31,13 +31,10 @@ DEMO_SCOPES: Final = (
 )
 
 
-class _DripStream(anyio.abc.ByteStream):
+class _DripStream(StreamWrapper):
     """A connection that sends an answer marked with :data:`DRIP_HEADER` head first, then
     its body one byte per that many seconds: every read gets a byte in time, so only an
     overall deadline ends the exchange. Anything else passes through unchanged."""
-
-    def __init__(self, inner: anyio.abc.ByteStream) -> None:
-        self._inner = inner
 
     async def send(self, item: bytes) -> None:
         head, sep, body = item.partition(b"\r\n\r\n")
@@ -49,19 +46,6 @@ class _DripStream(anyio.abc.ByteStream):
         for i in range(len(body)):
             await anyio.sleep(float(mark.group(1)))
             await self._inner.send(body[i : i + 1])
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self._inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self._inner.extra_attributes
 
 
 class _DripListener(anyio.abc.Listener[anyio.abc.ByteStream]):
